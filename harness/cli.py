@@ -1,0 +1,137 @@
+"""`python -m harness prepare|train|evaluate|report|log|bench|sample ...`
+
+User mistakes (harness.methods.UserError) print one line `error: ...` and exit with status 2;
+a preempted training job exits with harness.train.EXIT_PREEMPTED so the workflow retries it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from harness.methods import UserError
+
+
+def _cmd_prepare(args) -> int:
+    from harness.config import load_config
+    from harness.data import prepare
+
+    cfg = load_config(args.config)
+    manifest = prepare(cfg["data"], args.out)
+    splits = manifest.get("splits", {})
+    print(f"prepared {cfg['data']['corpus']['name']} -> {args.out}: " + ", ".join(f"{k}={v}" for k, v in _split_summary(splits).items()))
+    return 0
+
+
+def _split_summary(splits: dict) -> dict:
+    out = {}
+    for name, s in splits.items():
+        if isinstance(s, dict):
+            out[name] = s.get("documents", s.get("tokens", "?"))
+    return out
+
+
+def _cmd_train(args) -> int:
+    from harness.config import load_config
+    from harness.train import train
+
+    cfg = load_config(args.config)
+    summary = train(cfg, args.method, args.layout, args.seed, args.data, args.out, steps=args.steps, progress=not args.quiet)
+    msg = f"trained {summary['run']}: final loss {summary['final_loss']}, {summary['tokens_per_s']} tokens/s"
+    if "valid_nats_per_token" in summary:
+        msg += f", valid bound {summary['valid_nats_per_token']:.4f} nats/token (ppl {summary['valid_ppl']:.2f})"
+    print(msg)
+    return 0
+
+
+def _cmd_evaluate(args, rest) -> int:
+    from harness import evaluate
+
+    return evaluate.main(rest) or 0
+
+
+def _cmd_report(args) -> int:
+    import analysis
+    from harness.config import load_config
+
+    files = analysis.main(args.study_dir, load_config(args.config))
+    print(f"report: wrote {len(files)} files under {args.study_dir}")
+    return 0
+
+
+def _cmd_log(args) -> int:
+    from harness.config import load_config
+    from harness.tracking import log_study
+
+    summary = log_study(args.study_dir, load_config(args.config))
+    print("mlflow: " + json.dumps(summary, default=str))
+    if args.marker:
+        from harness.train import atomic_write_text
+
+        atomic_write_text(args.marker, json.dumps(summary, default=str) + "\n")
+    return 0
+
+
+def _cmd_bench(args, rest) -> int:
+    from harness import bench
+
+    return bench.main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description="didbench: DID vs masked-diffusion and insertion LMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="corpus -> tokenizer -> fixed/varlen token files + manifest")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", required=True, help="data directory, e.g. results/default/data")
+
+    s = sub.add_parser("train", help="train one (method, layout, seed) run of a study")
+    s.add_argument("--config", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--layout", required=True, choices=["fixed", "varlen"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=None, help="override train.steps (x step_multiplier)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("evaluate", help="evaluate a trained run: ppl|samples|genppl|mauve|diversity|lengths|speed|evaluator", add_help=False)
+
+    s = sub.add_parser("report", help="tables and figures of a study")
+    s.add_argument("--config", required=True)
+    s.add_argument("--study-dir", required=True)
+
+    s = sub.add_parser("log", help="log a study to MLflow (idempotent)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--study-dir", required=True)
+    s.add_argument("--marker", default=None, help="file written when logging completed")
+
+    sub.add_parser("bench", help="cost benchmark: methods interleaved in one process (train|sample)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] in ("evaluate", "bench"):
+            args = argparse.Namespace(command=argv[0])
+            rest = argv[1:]
+            return _cmd_evaluate(args, rest) if argv[0] == "evaluate" else _cmd_bench(args, rest)
+        args = parser.parse_args(argv)
+        handler = {"prepare": _cmd_prepare, "train": _cmd_train, "report": _cmd_report, "log": _cmd_log}[args.command]
+        return handler(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # preemption is not a failure of the code
+        from harness.train import EXIT_PREEMPTED, Preempted
+
+        if isinstance(err, Preempted):
+            print(f"preempted: {err}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        raise

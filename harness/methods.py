@@ -1,0 +1,147 @@
+"""The Method interface and the registry.
+
+A method turns the shared backbone into a language model. The training loop, evaluation and
+the workflow talk only to this interface, so adding a method is one new module plus one
+`@register("name")` line (and an import in `harness/registry_imports.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from harness.batch import Batch, Vocab
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing data): printed as one line, no traceback."""
+
+
+@dataclass
+class SampleResult:
+    """What `Method.sample` returns.
+
+    tokens: content token ids per sample (BOS removed, the method's own end-of-sequence cut
+            applied: AR stops at EOS, masked models cut at the first PAD, ...).
+    nfe:    number of network forward calls actually made for the whole batch of samples
+            (a call over a batch of sequences counts once).
+    trajectory: optional per-step sequence lengths [steps][n] (DID / ILM length growth).
+    """
+
+    tokens: list[list[int]]
+    nfe: int
+    trajectory: list[list[int]] | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, `layouts` and implement the four members below.
+
+    Construction: `Method(vocab, size, layout, max_len, **options)` where `size` names a
+    backbone size (harness.backbone.SIZES) and `max_len` is the longest sequence (BOS included)
+    the data can contain. Options come from the study config (`methods.<name>.options`).
+    """
+
+    name: ClassVar[str] = ""
+    layouts: ClassVar[tuple[str, ...]] = ("fixed", "varlen")
+    #: whether the network needs a time input (affects FLOPs estimate and caching)
+    time_conditioned: ClassVar[bool] = False
+
+    def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
+        super().__init__()
+        if layout not in self.layouts:
+            raise UserError(
+                f"method {self.name!r} does not support layout {layout!r} (supported: {', '.join(self.layouts)})"
+            )
+        self.vocab = vocab
+        self.size_name = size
+        self.layout = layout
+        self.max_len = max_len
+        self.options = dict(options)
+
+    # --- the interface -------------------------------------------------------------------
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Training objective for a batch: (scalar to minimise, dict of float stats)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sequence upper bound on -log p(x) in nats, float64 [B] (exact for AR).
+
+        `mc` Monte-Carlo samples per sequence, stratified per sequence. Divide by
+        `harness.batch.predicted_tokens(batch)` for nats/token.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int,
+        *,
+        generator: torch.Generator | None = None,
+        top_p: float = 1.0,
+        prompt: list[int] | None = None,
+        length: int | None = None,
+    ) -> SampleResult:
+        """Draw `n` samples with `steps` sampling steps, probabilities sampled in float64.
+
+        `prompt`: content token ids (no BOS) kept fixed at the start of every sample, for methods
+        that support prompting. `length`: total length (BOS included) for fixed-length methods;
+        defaults to `max_len`.
+        """
+        raise NotImplementedError
+
+    # --- helpers shared by every method ---------------------------------------------------
+    def flops_per_token(self, batch: Batch) -> float:
+        """Estimated training FLOPs per clean token (forward+backward = 3x forward), for DID-F."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+
+    for module in ("did.method", "baselines.mdlm", "baselines.radd", "baselines.ilm", "baselines.ar"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a method package not present in this checkout
+            if err.name and module.startswith(err.name):
+                continue
+            raise
+
+
+def available() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Method]:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def build(name: str, vocab: Vocab, size: str, layout: str, max_len: int, **options) -> Method:
+    return get(name)(vocab, size, layout, max_len, **options)

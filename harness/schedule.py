@@ -1,0 +1,71 @@
+"""The log-linear noise schedule shared by DID, MDLM and RADD (eps = 1e-3).
+
+alpha(t) = 1 - (1 - eps) t is the probability that a token is still clean (kept) at time t;
+sigma_bar(t) = -log alpha(t) is the cumulative noise, sigma(t) = d sigma_bar / dt the rate.
+For this schedule the ELBO weight sigma(t) / (exp(sigma_bar(t)) - 1) equals 1/t exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-3  # schedule epsilon: at t = 1 a token survives with probability EPS
+T_MIN = 1e-3  # training-time lower bound on t
+SAMPLING_EPS = 1e-5  # samplers stop at this t
+
+
+def alpha(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return 1 - (1 - eps) * t
+
+
+def sigma_bar(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return -torch.log1p(-(1 - eps) * t)
+
+
+def sigma(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return (1 - eps) / (1 - (1 - eps) * t)
+
+
+def elbo_weight(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """sigma(t) / expm1(sigma_bar(t)), computed stably; equals 1/t for the log-linear schedule."""
+    return sigma(t, eps) / torch.expm1(sigma_bar(t, eps))
+
+
+def stratified_uniform(n: int, generator: torch.Generator | None = None, device=None, dtype=torch.float64) -> torch.Tensor:
+    """n values in [0, 1), one per stratum [i/n, (i+1)/n), in a random order.
+
+    Used for t per sequence in a batch and for the K Monte-Carlo samples of one sequence.
+    """
+    u = torch.rand(n, generator=generator, dtype=dtype, device="cpu")
+    perm = torch.randperm(n, generator=generator, device="cpu")
+    return ((perm.to(dtype) + u) / n).to(device)
+
+
+def stratified_t(n: int, generator: torch.Generator | None = None, device=None, t_min: float = T_MIN) -> torch.Tensor:
+    """Stratified t in [t_min, 1] (the "vdm"/antithetic sampler), float64."""
+    return t_min + (1 - t_min) * stratified_uniform(n, generator, device)
+
+
+def time_grid(steps: int, kind: str = "uniform", t_end: float = SAMPLING_EPS) -> torch.Tensor:
+    """Sampling grid t_0 = 1 > t_1 > ... > t_steps = t_end (float64).
+
+    'cosine' puts denser steps near t = 1 (t <- cos(pi/2 (1 - t)) applied to a uniform grid).
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    u = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
+    if kind == "uniform":
+        return u
+    if kind == "cosine":
+        g = torch.cos(torch.pi / 2 * (1 - u))
+        g[-1] = t_end
+        return g
+    raise ValueError(f"unknown time grid {kind!r} (uniform|cosine)")
+
+
+def update_rate(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Probability that a token absent at time t appears by time s < t: (t - s) / t.
+
+    Equals both the 'euler' rate dt * sigma e^{-sb}/(1-e^{-sb}) and the 'tweedie' rate
+    (alpha(s) - alpha(t)) / (1 - alpha(t)) for the log-linear schedule (eps cancels).
+    """
+    return (t - s) / t

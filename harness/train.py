@@ -1,0 +1,505 @@
+"""One training loop for every method.
+
+AdamW with linear warm-up and optional cosine decay, gradient clipping, EMA weights, bf16
+autocast on GPU, deterministic seeding, atomic checkpoints with exact resume, and DDP under
+`torchrun` (detected from the environment, so the same entry point runs on a laptop, under
+torchrun and on a cluster).
+
+Determinism: the batch at step k is a pure function of (seed, k) (harness.data.batch_indices)
+and the method's randomness (t, deletions, masks, dropout) comes from the global RNG reseeded
+at every step from (seed, k, rank). Resuming from a checkpoint therefore reproduces an
+uninterrupted run exactly on CPU.
+
+Preemption: SIGTERM / SIGUSR1 (SLURM's warning signals) make the loop save a checkpoint at the
+next step boundary and exit with EXIT_PREEMPTED, which the workflow retries; the retry resumes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from harness import data as data_lib
+from harness import methods
+from harness.batch import Batch
+from harness.methods import UserError
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; Snakemake retries the job, which resumes
+STATE_FILE = "resume/state.pt"  # the resumable state; not a Snakemake output, so never deleted on failure
+HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "s_per_step", "wall_time"]
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was saved because the job received SIGTERM/SIGUSR1."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainSettings:
+    """The `train:` section of a study config (defaults live in the config schema)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 30
+    cosine: bool = True
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema: float = 0.99
+    dropout: float = 0.0
+    accumulate: int = 1
+    checkpoint_every: int = 100
+    log_every: int = 10
+    precision: str = "auto"
+    valid_mc: int = 4
+    valid_sequences: int = 64
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, section: dict) -> "TrainSettings":
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in section.items() if k in known}
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Linear warm-up to lr, then constant or cosine decay to lr * min_lr_ratio."""
+    if s.warmup > 0 and step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    if not s.cosine:
+        return s.lr
+    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 9_176 + rank * 7_919) % (2**62)
+
+
+class EMA:
+    """Exponential moving average of the parameters with the warm-up min(decay, (1+k)/(10+k))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        for k, v in self.shadow.items():
+            state[k].copy_(v.to(state[k].dtype))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write then rename: a checkpoint on disk is never half-written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path}: {err.strerror or err}") from None
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path}: {err.strerror or err}") from None
+
+
+def history_csv(rows: list[dict]) -> str:
+    fields = list(HISTORY_FIELDS)
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class _Distributed:
+    """DDP context from torchrun's environment (RANK/WORLD_SIZE/LOCAL_RANK); trivial otherwise."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """All-reduce gradients (mean over ranks) through one flat buffer.
+
+        Done by hand instead of wrapping in DistributedDataParallel because methods train
+        through `loss()`, not `forward()`; unused parameters simply contribute zeros.
+        """
+        if not self.enabled:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def all_sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _SignalFlag:
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (tests)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, dropout: float | None = None):
+    """Instantiate the registered method for this run from the study config."""
+    max_len = int(config["data"]["seq_len"] if layout == "fixed" else config["data"]["max_len"])
+    options = dict((config.get("methods") or {}).get(method, {}) or {})
+    if dropout is not None:
+        options.setdefault("dropout", dropout)
+    return methods.build(method, vocab, config.get("size", "tiny"), layout, max_len, **options)
+
+
+def train(
+    config: dict,
+    method_name: str,
+    layout: str,
+    seed: int,
+    data_dir: str,
+    out_dir: str,
+    steps: int | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train one (method, layout, seed) run of a study; returns the train.json summary.
+
+    `stop_after` (tests, fault injection) stops the process-local loop after that many steps
+    as if killed, leaving only what was checkpointed.
+    """
+    from harness.config import config_hash, run_name
+    from harness.results import provenance
+
+    settings = TrainSettings.from_config(config.get("train", {}))
+    multiplier = (config.get("train", {}).get("step_multiplier") or {}).get(method_name, 1)
+    total_steps = int(steps if steps is not None else round(settings.steps * multiplier))
+    settings.steps = total_steps
+    ctx = _Distributed()
+    device = ctx.device
+
+    manifest = data_lib.load_manifest(data_dir)
+    tokenizer = data_lib.load_tokenizer(data_dir)
+    train_data = data_lib.load_split(data_dir, "train", layout)
+    if len(train_data) < settings.batch_size:
+        raise UserError(
+            f"the train split has {len(train_data)} {layout} sequences, fewer than batch_size={settings.batch_size}"
+        )
+    if settings.batch_size % (ctx.world * settings.accumulate):
+        raise UserError(
+            f"train.batch_size={settings.batch_size} must be divisible by world size x accumulate = "
+            f"{ctx.world} x {settings.accumulate}"
+        )
+
+    torch.manual_seed(seed)
+    model = build_method(config, method_name, layout, manifest, tokenizer.vocab, settings.dropout).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=settings.betas,
+        eps=1e-8,
+    )
+    ema = EMA(model, settings.ema)
+    use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+
+    info = {
+        "run": run_name(method_name, layout, config.get("size", "tiny"), seed),
+        "study": config.get("study"),
+        "method": method_name,
+        "layout": layout,
+        "size": config.get("size", "tiny"),
+        "seed": seed,
+        "steps": total_steps,
+        "batch_size": settings.batch_size,
+        "max_len": model.max_len,
+        "vocab": tokenizer.vocab.to_dict(),
+        "options": model.options,
+        "params": sum(p.numel() for p in model.parameters()),
+        "config_hash": config_hash(config),
+        "world_size": ctx.world,
+        "precision": "bf16" if use_bf16 else "float32",
+        "data_hash": manifest.get("config_hash"),
+    }
+
+    state_path = os.path.join(out_dir, STATE_FILE)
+    start_step, history, wall_offset = 0, [], 0.0
+    if os.path.exists(state_path):
+        state = load_checkpoint(state_path, expect=info)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start_step, history, wall_offset = state["step"], state["history"], state["wall_time"]
+        if ctx.main and progress:
+            print(f"resuming {info['run']} from step {start_step}", flush=True)
+
+    def save_state(step: int, wall: float) -> None:
+        if ctx.main:
+            atomic_torch_save(
+                {
+                    "kind": "didbench.state/1",
+                    "info": info,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict(),
+                    "history": history,
+                    "wall_time": wall,
+                },
+                state_path,
+            )
+            atomic_write_text(os.path.join(out_dir, "history.csv"), history_csv(history))
+        ctx.barrier()
+
+    bar = None
+    if ctx.main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc=info["run"], unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter() - wall_offset
+    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    model.train()
+    with _SignalFlag() as flag:
+        for step in range(start_step, total_steps):
+            if stop_after is not None and step - start_step >= stop_after:
+                raise Preempted(f"stopped after {stop_after} steps (test hook)")
+            torch.manual_seed(step_seed(seed, step, ctx.rank))
+            idx = data_lib.batch_indices(len(train_data), settings.batch_size, seed, step, ctx.rank, ctx.world)
+            lr = lr_at(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            micro = [idx[i :: settings.accumulate] for i in range(settings.accumulate)]
+            loss_sum, stats_sum, tokens = 0.0, {}, 0
+            for part in micro:
+                batch = train_data.batch(part).to(device)
+                tokens += batch.clean_tokens()
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, stats = model.loss(batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"{info['run']}: non-finite loss ({float(loss)}) at step {step}; batch of {batch.size} "
+                        f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
+                        f"{int(batch.lengths.max())}; last good checkpoint kept at {state_path}"
+                    )
+                (loss / settings.accumulate).backward()
+                loss_sum += float(loss) / settings.accumulate
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / settings.accumulate
+            ctx.average_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            ema.update(model)
+
+            tokens = int(ctx.all_sum(tokens))
+            loss_avg = ctx.all_sum(loss_sum) / ctx.world
+            window_tokens += tokens
+            window_steps += 1
+            done = step + 1
+            if done % settings.log_every == 0 or done == total_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                elapsed = now - window_start
+                row = {
+                    "step": done,
+                    "loss": round(loss_avg, 6),
+                    "lr": lr,
+                    "grad_norm": round(float(grad_norm), 6),
+                    "tokens": tokens,
+                    "tokens_per_s": round(window_tokens / elapsed, 3),
+                    "s_per_step": round(elapsed / window_steps, 6),
+                    "wall_time": round(now - t0, 3),
+                }
+                row.update({k: round(v, 6) for k, v in stats_sum.items()})
+                history.append(row)
+                window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if done % settings.checkpoint_every == 0 and done < total_steps:
+                save_state(done, time.perf_counter() - t0)
+            if flag.received:
+                save_state(done, time.perf_counter() - t0)
+                raise Preempted(f"{info['run']}: received {flag.received} at step {done}; checkpoint saved")
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t0
+    save_state(total_steps, wall)
+
+    # final artefacts: EMA weights for evaluation, a quick validation bound, the summary
+    summary = dict(info)
+    summary.update(provenance(config, info))
+    summary.update(
+        {
+            "final_loss": history[-1]["loss"] if history else None,
+            "wall_seconds": round(wall, 3),
+            "tokens_per_s": _steady_tokens_per_s(history),
+        }
+    )
+    if ctx.main:
+        model.eval()
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ema.copy_to(model)
+        summary.update(validation_bound(model, data_dir, layout, settings, seed, device))
+        atomic_torch_save(
+            {"kind": "didbench.checkpoint/1", "info": info, "model": raw, "ema": model.state_dict(), "config": config},
+            os.path.join(out_dir, "checkpoint.pt"),
+        )
+        import json
+
+        atomic_write_text(os.path.join(out_dir, "train.json"), json.dumps(summary, indent=2, default=str))
+        import yaml
+
+        atomic_write_text(os.path.join(out_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+    ctx.close()
+    return summary
+
+
+def _steady_tokens_per_s(history: list[dict]) -> float | None:
+    """Median throughput after the first logging window (warm-up excluded)."""
+    rates = [r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history]
+    if not rates:
+        return None
+    rates = sorted(rates)
+    return rates[len(rates) // 2]
+
+
+@torch.no_grad()
+def validation_bound(model, data_dir: str, layout: str, s: TrainSettings, seed: int, device) -> dict:
+    """NLL bound on the first validation sequences (EMA weights): nats/token and perplexity."""
+    from harness.batch import predicted_tokens
+
+    valid = data_lib.load_split(data_dir, "valid", layout)
+    gen = torch.Generator().manual_seed(seed + 17)
+    total, count = 0.0, 0
+    for batch in data_lib.eval_batches(valid, s.batch_size, s.valid_sequences):
+        batch = batch.to(device)
+        nll = model.nll_bound(batch, s.valid_mc, gen)
+        total += float(nll.sum())
+        count += int(predicted_tokens(batch).sum())
+    if count == 0:
+        return {}
+    nats = total / count
+    return {"valid_nats_per_token": round(nats, 6), "valid_ppl": round(math.exp(min(nats, 700)), 4), "valid_mc": s.valid_mc}
+
+
+def load_checkpoint(path: str, expect: dict | None = None) -> dict:
+    """Load a state or final checkpoint, with one-line errors for corrupt or mismatched files."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated / not a torch file
+        raise UserError(f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}); delete it to start over") from None
+    if not isinstance(state, dict) or "info" not in state or "model" not in state:
+        raise UserError(f"{path} is not a didbench checkpoint")
+    if expect is not None:
+        got = state["info"]
+        for key in ("method", "layout", "size", "vocab", "max_len"):
+            if got.get(key) != expect.get(key):
+                raise UserError(
+                    f"checkpoint {path} does not match this run: {key} is {got.get(key)!r} there, {expect.get(key)!r} here"
+                )
+    return state
