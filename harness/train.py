@@ -378,14 +378,14 @@ def train(
                 tokens += batch.clean_tokens()
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, stats = model.loss(batch)
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss.detach()):
                     raise NonFiniteLoss(
                         f"{info['run']}: non-finite loss ({float(loss)}) at step {step}; batch of {batch.size} "
                         f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
                         f"{int(batch.lengths.max())}; last good checkpoint kept at {state_path}"
                     )
                 (loss / settings.accumulate).backward()
-                loss_sum += float(loss) / settings.accumulate
+                loss_sum += float(loss.detach()) / settings.accumulate
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / settings.accumulate
             ctx.average_gradients(params)
