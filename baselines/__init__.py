@@ -1,0 +1,1 @@
+"""Baseline methods on the shared backbone: MDLM, RADD, ILM and AR."""
