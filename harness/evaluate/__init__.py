@@ -1,0 +1,87 @@
+"""`python -m harness evaluate <what> ...`: the evaluation suite of one trained run.
+
+    ppl        --config C --run RUN --data DATA --out EVAL/ppl.json
+    samples    --config C --run RUN --data DATA --out EVAL/samples.json
+               [--jsonl EVAL/samples.jsonl] [--references EVAL/references.jsonl]
+    references --config C --data DATA --layout fixed|varlen --out FILE.jsonl
+    evaluator  --name smollm2 --out DIR                        (offline evaluator cache, built once)
+    genppl     --config C --evaluator-dir DIR --out EVAL/genppl.json [--samples EVAL/samples.json]
+               [--references EVAL/references.jsonl] [--features EVAL/features.npz]
+    mauve      --config C --out EVAL/mauve.json [--samples EVAL/samples.json] [--features EVAL/features.npz]
+    diversity  --config C --out EVAL/diversity.json [--samples ...] [--references ...]
+    lengths    --config C --out EVAL/lengths.json [--samples ...] [--references ...]
+    speed      --config C --run RUN --data DATA --out EVAL/speed.json
+
+Inputs left out default to the files next to --out (EVAL/samples.json, EVAL/references.jsonl,
+EVAL/features.npz), which is where `samples` and `genppl` write them; --run and --data are
+accepted by every command so one workflow template fits all. Every command writes its result
+through harness.results.write_result (provenance + settings + values) and prints one line.
+Modules are imported on use, so `--help` and light commands do not load torch/transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+COMMANDS = {
+    "ppl": ("harness.evaluate.ppl", "run", "NLL bound / perplexity on the test split"),
+    "samples": ("harness.evaluate.samples", "run", "unconditional samples per steps (+ the reference texts)"),
+    "references": ("harness.evaluate.samples", "run_references", "held-out reference texts only"),
+    "evaluator": ("harness.evaluate.evaluator", "run", "build the offline evaluator LM cache"),
+    "genppl": ("harness.evaluate.genppl", "run", "generative perplexity + entropy + MAUVE features"),
+    "mauve": ("harness.evaluate.mauve", "run", "MAUVE from the genppl features"),
+    "diversity": ("harness.evaluate.diversity", "run", "entropy, distinct-n, self-BLEU"),
+    "lengths": ("harness.evaluate.lengths", "run", "length distribution vs held-out data"),
+    "speed": ("harness.evaluate.speed", "run", "training throughput, sampling time/memory, FLOPs"),
+}
+NEEDS_RUN = {"ppl", "samples", "speed"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    p.add_argument("--config", help="study config (YAML); required except for `evaluator`")
+    p.add_argument("--run", help="run directory (checkpoint.pt, history.csv)")
+    p.add_argument("--data", help="prepared data directory")
+    p.add_argument("--out", required=True, help="result file (a folder for `evaluator`)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--jsonl", help="samples: the samples file (default: --out with suffix .jsonl)")
+    p.add_argument("--samples", help="the samples summary samples.json (samples.jsonl is found from it)")
+    p.add_argument("--references", help="references.jsonl (written by `samples`, read by genppl/diversity/lengths)")
+    p.add_argument("--features", help="evaluator features npz (written by genppl, read by mauve)")
+    p.add_argument("--evaluator-dir", help="evaluator cache folder (default resources/evaluators/<name>)")
+    p.add_argument("--layout", choices=["fixed", "varlen"], help="references: data layout")
+    p.add_argument("--name", help="evaluator: evaluator name or local model folder")
+    return p
+
+
+def _fill_defaults(args) -> None:
+    """Inputs not given default to the files next to --out."""
+    here = Path(args.out).parent
+    args.samples = args.samples or str(here / "samples.json")
+    args.references = args.references or str(here / "references.jsonl")
+    args.features = args.features or str(here / "features.npz")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.methods import UserError
+
+    args = build_parser().parse_args(argv)
+    config = {}
+    if args.config:
+        from harness.config import load_config
+
+        config = load_config(args.config)
+    elif args.what != "evaluator":
+        raise UserError(f"evaluate {args.what} needs --config")
+    if args.what in NEEDS_RUN and not (args.run and args.data):
+        raise UserError(f"evaluate {args.what} needs --run RUN_DIR and --data DATA_DIR")
+    if args.what == "references" and not args.data:
+        raise UserError("evaluate references needs --data DATA_DIR")
+    _fill_defaults(args)
+    module, func, _ = COMMANDS[args.what]
+    getattr(importlib.import_module(module), func)(args, config)
+    return 0

@@ -1,0 +1,256 @@
+"""Result files: one JSON schema for every number `evaluate` produces, written atomically.
+
+A result is only useful if it says where it came from, so every file carries its provenance
+(study, run, config hash, git commit, device, library versions) next to the settings that
+produced the values. Files are written to a temporary file in the same directory, fsync'ed and
+renamed over the target, so a crash or a full disk never leaves a half-written result that a
+later step (report, MLflow) would read as valid.
+
+Schema `didbench.result/1` (one JSON object per file)::
+
+    {
+      "schema":      "didbench.result/1",
+      "kind":        "ppl" | "samples" | "genppl" | "mauve" | "diversity" | "lengths" | "speed" | ...,
+      "study":       str,            # config["study"]
+      "run":         str | null,     # "<method>-<layout>-<size>-s<seed>"; null for data-only results
+      "method":      str | null,
+      "layout":      str | null,     # "fixed" | "varlen"
+      "size":        str | null,
+      "seed":        int | null,     # training seed of the run
+      "config_hash": str,            # sha256 (first 12 hex) of the canonical JSON of the study config
+      "git_commit":  str,            # `git rev-parse HEAD` of the harness checkout, or "unknown"
+      "device":      str,            # e.g. "cpu (x86_64)" or "cuda: NVIDIA H100 80GB HBM3"
+      "versions":    {package: version, ...},   # python, torch, transformers, mauve-text, ...
+      "created":     str,            # ISO-8601 UTC time of writing
+      "settings":    {...},          # every setting that produced the values
+      "values":      {...}           # the metric values (keys per kind: docs/architecture.md)
+    }
+
+Non-finite floats are stored as null (JSON has no NaN).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from harness.methods import UserError
+
+SCHEMA = "didbench.result/1"
+HEADER_KEYS = ("study", "run", "method", "layout", "size", "seed", "config_hash", "git_commit", "device", "versions", "created")
+REQUIRED_KEYS = ("schema", "kind", *HEADER_KEYS, "settings", "values")
+#: distributions whose versions go into every result (missing ones are recorded as null)
+VERSIONED = ("torch", "numpy", "transformers", "tokenizers", "mauve-text", "faiss-cpu", "nltk", "scipy", "gguf")
+
+
+# --- provenance -------------------------------------------------------------------------------
+def config_hash(config: dict) -> str:
+    """Stable short hash of a config (harness.config.config_hash: sha256 of canonical JSON, 12 hex)."""
+    from harness.config import config_hash as _hash
+
+    return _hash(config)
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str:
+    """HEAD commit of the checkout holding `path` (default: this package), or "unknown"."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else "unknown"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, the harness and the libraries that shape the numbers (no imports)."""
+    from harness import __version__
+
+    found: dict[str, str | None] = {"python": platform.python_version(), "harness": __version__}
+    for dist in VERSIONED:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def device_name(device: Any = None) -> str:
+    """Human-readable compute device; for CUDA the GPU model, which every timing must name."""
+    dev = str(device) if device is not None else None
+    if dev is None or dev.startswith("cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                index = torch.device(dev).index if dev else None
+                return f"cuda: {torch.cuda.get_device_name(index or 0)}"
+        except Exception:  # no torch / broken driver: fall through to the CPU description
+            pass
+    return f"cpu ({platform.machine() or 'unknown'})"
+
+
+def provenance(config: dict, info: dict | None = None, device: Any = None) -> dict:
+    """The header every result carries (see the module docstring).
+
+    `info` is the run's info dict (run, method, layout, size, seed, config_hash, ...); pass
+    None or {} for results that depend on the data only (e.g. the reference set).
+    """
+    info = dict(info or {})
+    return {
+        "study": config.get("study"),
+        "run": info.get("run"),
+        "method": info.get("method"),
+        "layout": info.get("layout"),
+        "size": info.get("size"),
+        "seed": info.get("seed"),
+        "config_hash": info.get("config_hash") or config_hash(config),
+        "git_commit": git_commit(),
+        "device": device_name(device if device is not None else info.get("device")),
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+def _finite(obj: Any) -> Any:
+    """A JSON-safe copy: NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / torch scalars and arrays
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` all-or-nothing: temp file in the same directory, fsync, rename.
+
+    Any OSError (disk full, permission, ...) removes the temp file, leaves an existing `path`
+    untouched and raises UserError("could not write PATH: reason").
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"could not write {path}: {reason}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (best effort: not every filesystem allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """One JSON object per line (non-finite floats as null), written atomically."""
+    text = "".join(json.dumps(_finite(row), ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_text(path, text)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines file; a missing or corrupt file is a UserError naming the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+# --- result files -----------------------------------------------------------------------------
+def write_result(path: str | os.PathLike, kind: str, header: dict, settings: dict, values: dict) -> dict:
+    """Write one result file atomically and return the object written.
+
+    `header` comes from `provenance` (or from another result's header); unknown header keys
+    are ignored so a header can be copied from an existing result.
+    """
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        raise ValueError(f"result header lacks {', '.join(missing)} (build it with harness.results.provenance)")
+    obj = {"schema": SCHEMA, "kind": kind, **{k: header[k] for k in HEADER_KEYS}}
+    obj["settings"] = settings
+    obj["values"] = values
+    obj = _finite(obj)
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    return obj
+
+
+def header_of(result: dict) -> dict:
+    """The provenance part of a result, to reuse for a result derived from it."""
+    return {k: result[k] for k in HEADER_KEYS}
+
+
+def read_result(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """Load and validate a result file (schema tag, required keys, optionally its kind)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
+        found = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path} is not a didbench result (schema {found!r}, expected {SCHEMA!r})")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise UserError(f"{path} lacks the result key(s) {', '.join(missing)}")
+    if kind is not None and obj["kind"] != kind:
+        raise UserError(f"{path} holds a {obj['kind']!r} result, expected {kind!r}")
+    return obj
+
+
+__all__ = [
+    "SCHEMA", "provenance", "config_hash", "git_commit", "versions", "device_name", "write_result", "read_result",
+    "header_of", "atomic_write_bytes", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
+]
