@@ -1,0 +1,303 @@
+"""Load every result of one study into tidy pandas DataFrames.
+
+Why a separate loader: tables, figures and MLflow logging all read the same files, and all of
+them must tolerate a study that skipped an evaluation or a method without some output. This
+module is the one place that knows the file layout; everything missing simply yields no rows
+(never a made-up number), and unreadable files are recorded in `Study.problems`.
+
+Layout read (see docs/architecture.md): results/<study>/data/manifest.json,
+runs/<run>/{train.json, history.csv, config.yaml, eval/*.json}, benchmarks/**/*.tsv, bench/*.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+#: identity columns every per-run frame starts with
+ID = ["run", "method", "layout", "size", "seed"]
+#: group key for aggregation over seeds
+GROUP = ["method", "layout", "size"]
+#: evaluation files, in the order a study produces them
+EVAL_FILES = ("ppl", "samples", "genppl", "mauve", "diversity", "lengths", "speed")
+
+_RUN_NAME = re.compile(r"^(?P<method>.+)-(?P<layout>fixed|varlen)-(?P<size>[^-]+)-s(?P<seed>\d+)$")
+
+
+@dataclass
+class Study:
+    """All results of one study. Every frame may be empty; per-run frames start with `ID`."""
+
+    root: Path
+    name: str
+    corpus: str | None = None
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    ppl: pd.DataFrame = field(default_factory=pd.DataFrame)
+    genppl: pd.DataFrame = field(default_factory=pd.DataFrame)
+    genppl_data: pd.DataFrame = field(default_factory=pd.DataFrame)
+    mauve: pd.DataFrame = field(default_factory=pd.DataFrame)
+    diversity: pd.DataFrame = field(default_factory=pd.DataFrame)
+    diversity_data: pd.DataFrame = field(default_factory=pd.DataFrame)
+    lengths: pd.DataFrame = field(default_factory=pd.DataFrame)
+    lengths_data: pd.DataFrame = field(default_factory=pd.DataFrame)
+    length_hist: pd.DataFrame = field(default_factory=pd.DataFrame)
+    samples: pd.DataFrame = field(default_factory=pd.DataFrame)
+    speed_train: pd.DataFrame = field(default_factory=pd.DataFrame)
+    speed_sample: pd.DataFrame = field(default_factory=pd.DataFrame)
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    benchmarks: pd.DataFrame = field(default_factory=pd.DataFrame)
+    problems: list[str] = field(default_factory=list)
+
+
+# --- small readers ---------------------------------------------------------------------------
+def read_json(path: Path, problems: list[str]) -> dict | None:
+    """The parsed JSON object at `path`, or None if absent; a broken file is noted, not raised."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable JSON ({exc})")
+        return None
+    if not isinstance(obj, dict):
+        problems.append(f"{path}: expected a JSON object")
+        return None
+    return obj
+
+
+def parse_run_name(name: str) -> dict:
+    """`<method>-<layout>-<size>-s<seed>` -> identity dict (empty if the name does not match)."""
+    m = _RUN_NAME.match(name)
+    if not m:
+        return {}
+    d = m.groupdict()
+    d["seed"] = int(d["seed"])
+    return d
+
+
+def num(x) -> float:
+    """A float, or NaN for anything that is not a finite-or-infinite number (None, text, lists)."""
+    if isinstance(x, bool) or x is None:
+        return math.nan
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def ci_bounds(value, ci) -> tuple[float, float]:
+    """(low, high) of a confidence interval given as [lo, hi] or as a half-width around `value`."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return num(ci[0]), num(ci[1])
+    h = num(ci)
+    v = num(value)
+    return v - h, v + h
+
+
+def _identity(run_dir: Path, train: dict | None, result: dict | None) -> dict:
+    """Run identity from the result file, else train.json, else the run directory name."""
+    ident = {"run": run_dir.name, **parse_run_name(run_dir.name)}
+    for src in (train, result):
+        if src:
+            for k in ("method", "layout", "size", "seed"):
+                if src.get(k) is not None:
+                    ident[k] = src[k]
+    for k in ID:
+        ident.setdefault(k, None)
+    return ident
+
+
+def _values(result: dict | None) -> dict:
+    v = (result or {}).get("values")
+    return v if isinstance(v, dict) else {}
+
+
+def _rows_by_steps(ident: dict, values: dict, keys: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for entry in values.get("by_steps") or []:
+        if isinstance(entry, dict):
+            rows.append({**ident, "steps": num(entry.get("steps")), **{k: num(entry.get(k)) for k in keys}})
+    return rows
+
+
+# --- per-file loaders: each returns rows for one or more frames ------------------------------
+_GENPPL_KEYS = ("gen_ppl", "gen_ppl_mean_per_sample", "entropy_nats", "entropy_bits", "n")
+_DIVERSITY_KEYS = ("entropy_nats", "entropy_bits", "distinct_1", "distinct_2", "distinct_3", "self_bleu")
+_LENGTH_KEYS = ("mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "max_rate")
+_PPL_KEYS = ("nats_per_token", "ppl", "stderr", "per_sequence_mean", "n_sequences", "n_tokens")
+
+
+def _genppl_row(base: dict, entry: dict) -> dict:
+    lo, hi = ci_bounds(entry.get("gen_ppl"), entry.get("ci95"))
+    return {**base, **{k: num(entry.get(k)) for k in _GENPPL_KEYS}, "ci95_lo": lo, "ci95_hi": hi}
+
+
+def _load_genppl(ident, values, out):
+    for entry in values.get("by_steps") or []:
+        if isinstance(entry, dict):
+            out["genppl"].append(_genppl_row({**ident, "steps": num(entry.get("steps"))}, entry))
+    if isinstance(values.get("data"), dict):
+        out["genppl_data"].append(_genppl_row(dict(ident), values["data"]))
+
+
+def _load_lengths(ident, values, out):
+    out["lengths"] += _rows_by_steps(ident, values, _LENGTH_KEYS)
+    if isinstance(values.get("data"), dict):
+        out["lengths_data"].append({**ident, **{k: num(values["data"].get(k)) for k in _LENGTH_KEYS[:5]}})
+    hist = values.get("histogram")
+    if not isinstance(hist, dict):
+        return
+    bins = [num(b) for b in hist.get("bins") or []]
+    series = [(str(s), c) for s, c in (hist.get("samples") or {}).items()]
+    if hist.get("data") is not None:
+        series.append(("data", hist["data"]))
+    for steps, counts in series:
+        counts = [num(c) for c in counts or []]
+        if len(bins) == len(counts) + 1:          # bins are edges
+            edges = list(zip(bins[:-1], bins[1:]))
+        elif len(bins) == len(counts):            # bins are left edges / integer lengths
+            edges = [(b, b + 1) for b in bins]
+        else:
+            out["problems"].append(f"{ident['run']}: lengths histogram has {len(bins)} bins for {len(counts)} counts")
+            continue
+        source = "data" if steps == "data" else "model"
+        for (lo, hi), c in zip(edges, counts):
+            out["length_hist"].append({**ident, "source": source, "steps": math.nan if source == "data" else num(steps),
+                                       "bin_lo": lo, "bin_hi": hi, "count": c})
+
+
+def _load_speed(ident, values, out):
+    train = values.get("train") if isinstance(values.get("train"), dict) else {}
+    out["speed_train"].append({**ident, "tokens_per_s": num(train.get("tokens_per_s")),
+                               "s_per_step": num(train.get("s_per_step")),
+                               "flops_per_token": num(values.get("flops_per_token"))})
+    for entry in values.get("sample") or []:
+        if isinstance(entry, dict):
+            out["speed_sample"].append({**ident, "steps": num(entry.get("steps")),
+                                        **{k: num(entry.get(k)) for k in ("s_per_sample", "nfe", "peak_mem_mb")}})
+
+
+def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
+    if kind == "ppl":
+        out["ppl"].append({**ident, **{k: num(values.get(k)) for k in _PPL_KEYS}})
+    elif kind == "genppl":
+        _load_genppl(ident, values, out)
+    elif kind == "mauve":
+        out["mauve"] += _rows_by_steps(ident, values, ("mauve",))
+    elif kind == "diversity":
+        out["diversity"] += _rows_by_steps(ident, values, _DIVERSITY_KEYS)
+        if isinstance(values.get("data"), dict):
+            out["diversity_data"].append({**ident, **{k: num(values["data"].get(k)) for k in _DIVERSITY_KEYS}})
+    elif kind == "lengths":
+        _load_lengths(ident, values, out)
+    elif kind == "speed":
+        _load_speed(ident, values, out)
+    elif kind == "samples":
+        out["samples"] += _rows_by_steps(ident, values, ("n", "mean_length", "nfe", "seconds_per_sample"))
+
+
+def read_history(path: Path, problems: list[str]) -> pd.DataFrame | None:
+    """history.csv as a DataFrame with numeric columns, or None if absent/unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable CSV ({exc})")
+        return None
+    return df.apply(pd.to_numeric, errors="coerce")
+
+
+def benchmark_files(study_dir: Path, run: str) -> list[Path]:
+    """Snakemake benchmark TSVs whose path names this run (the run name delimited, not a prefix)."""
+    root = Path(study_dir) / "benchmarks"
+    if not root.is_dir():
+        return []
+    pat = re.compile(r"(?<![A-Za-z0-9])" + re.escape(run) + r"(?![A-Za-z0-9])")
+    return sorted(p for p in root.rglob("*.tsv") if pat.search(str(p.relative_to(root))))
+
+
+def benchmark_rule(path: Path, root: Path, run: str) -> str:
+    """The rule a benchmark file belongs to: its path under benchmarks/ without the run name."""
+    rel = str(path.relative_to(root).with_suffix(""))
+    rest = re.sub(r"[^A-Za-z0-9_]+", " ", rel.replace(run, " ")).split()
+    return "_".join(rest) or "job"
+
+
+def _load_benchmarks(study_dir: Path, run: str, ident: dict, problems: list[str]) -> list[dict]:
+    rows = []
+    root = Path(study_dir) / "benchmarks"
+    for p in benchmark_files(study_dir, run):
+        try:
+            df = pd.read_csv(p, sep="\t")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{p}: unreadable benchmark TSV ({exc})")
+            continue
+        for _, r in df.iterrows():   # one row per repeat of the job
+            rows.append({**ident, "rule": benchmark_rule(p, root, run), "file": str(p),
+                         "s": num(r.get("s")), "max_rss_mb": num(r.get("max_rss"))})
+    return rows
+
+
+def _corpus_name(study_dir: Path, config: dict | None, problems: list[str]) -> str | None:
+    manifest = read_json(Path(study_dir) / "data" / "manifest.json", problems) or {}
+    for src in (manifest, (config or {}).get("data") or {}):
+        corpus = src.get("corpus")
+        if isinstance(corpus, dict):
+            corpus = corpus.get("name")
+        if corpus:
+            return str(corpus)
+    return None
+
+
+def run_dirs(study_dir: Path) -> list[Path]:
+    """Run directories of a study (those with a train.json, an eval/ folder or a history)."""
+    runs = Path(study_dir) / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(d for d in runs.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and any((d / f).exists() for f in ("train.json", "eval", "history.csv")))
+
+
+def load_study(study_dir, config: dict | None = None) -> Study:
+    """Read everything under results/<study>/ into a `Study`. Missing files yield no rows."""
+    study_dir = Path(study_dir)
+    problems: list[str] = []
+    name = (config or {}).get("study") or study_dir.name
+    names = ("runs", "ppl", "genppl", "genppl_data", "mauve", "diversity", "diversity_data", "lengths",
+             "lengths_data", "length_hist", "samples", "speed_train", "speed_sample", "benchmarks")
+    out: dict[str, list] = {k: [] for k in names}
+    out["problems"] = problems
+    histories = []
+    for run_dir in run_dirs(study_dir):
+        train = read_json(run_dir / "train.json", problems)
+        base = _identity(run_dir, train, None)
+        t = train or {}
+        out["runs"].append({**base, **{k: t.get(k) for k in (
+            "steps", "batch_size", "params", "final_loss", "wall_seconds", "tokens_per_s", "device",
+            "git_commit", "config_hash")}})
+        for kind in EVAL_FILES:
+            result = read_json(run_dir / "eval" / f"{kind}.json", problems)
+            if result is not None:
+                _load_eval(kind, _identity(run_dir, train, result), _values(result), out)
+        hist = read_history(run_dir / "history.csv", problems)
+        if hist is not None and len(hist):
+            for k in ID:
+                hist.insert(ID.index(k), k, base[k])
+            histories.append(hist)
+        out["benchmarks"] += _load_benchmarks(study_dir, run_dir.name, base, problems)
+    frames = {k: _frame(out[k]) for k in names}
+    frames["history"] = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=ID)
+    return Study(root=study_dir, name=str(name), corpus=_corpus_name(study_dir, config, problems),
+                 problems=problems, **frames)
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=ID)
+    if "steps" in df.columns and len(df):
+        df["steps"] = df["steps"].astype(float)
+    return df

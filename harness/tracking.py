@@ -1,0 +1,351 @@
+"""Log a finished study to MLflow: one experiment per study, one run per trained model.
+
+Why one sequential logger: cluster jobs write plain JSON/CSV results (DAG outputs), and this
+single local step copies them into MLflow, so no two processes ever write the SQLite store at
+once. It is idempotent: every MLflow run carries the tag `didbench.key` = "<study>/<run>" and a
+hash of everything it was logged from. A re-run skips runs that are FINISHED with the same hash,
+and deletes and re-logs runs that are unfinished (a crash half-way), failed, or stale, so after
+any interruption running it again completes the set without duplicates.
+
+Store: `sqlite:///<abs study_dir>/mlflow.db` with artifacts under `<study_dir>/mlartifacts`,
+unless MLFLOW_TRACKING_URI is set. Browse with
+`mlflow ui --backend-store-uri sqlite:///results/<study>/mlflow.db` (run from the repo root).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from analysis.collect import (EVAL_FILES, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name, read_json,
+                              run_dirs)
+
+#: bump when what a run records changes, so existing runs are logged again
+TRACKING_FORMAT = "1"
+KEY_TAG = "didbench.key"
+HASH_TAG = "didbench.content_hash"
+RULE_TAG = "didbench.rule"
+STUDY_RUN = "study"
+_MAX_PARAM_VALUE = 6000     # MLflow's limit on a parameter value
+_MAX_BATCH = 1000           # MLflow's limit on entities per log_batch call
+_MAX_PARAMS_PER_BATCH = 100
+
+# result-file keys -> metric names (suffix `_<steps>steps` for per-steps entries)
+_BY_STEPS = {
+    "genppl": {"gen_ppl": "gen_ppl", "gen_ppl_mean_per_sample": "gen_ppl_mean_per_sample",
+               "entropy_nats": "entropy_nats", "entropy_bits": "entropy_bits", "n": "gen_ppl_n"},
+    "mauve": {"mauve": "mauve"},
+    "diversity": {"entropy_nats": "div_entropy_nats", "entropy_bits": "div_entropy_bits", "distinct_1": "distinct_1",
+                  "distinct_2": "distinct_2", "distinct_3": "distinct_3", "self_bleu": "self_bleu"},
+    "lengths": {"mean": "len_mean", "sd": "len_sd", "q10": "len_q10", "q50": "len_q50", "q90": "len_q90",
+                "w1": "w1", "ks": "ks", "empty_rate": "empty_rate", "max_rate": "max_rate"},
+    "samples": {"n": "n_samples", "mean_length": "mean_length", "nfe": "samples_nfe",
+                "seconds_per_sample": "samples_s_per_sample"},
+}
+_PPL = {"nats_per_token": "nats_per_token", "ppl": "ppl", "stderr": "nats_per_token_stderr",
+        "per_sequence_mean": "nats_per_token_seq_mean", "n_sequences": "ppl_n_sequences", "n_tokens": "ppl_n_tokens"}
+_SPEED_SAMPLE = {"s_per_sample": "s_per_sample", "nfe": "nfe", "peak_mem_mb": "peak_mem_mb"}
+#: per-steps metrics also logged as a curve `steps/<name>` with step = sampling steps
+_CURVES = {"gen_ppl", "entropy_nats", "mauve", "w1", "s_per_sample", "distinct_2"}
+
+
+@dataclass
+class Payload:
+    """Everything one MLflow run records, computed before anything is written."""
+
+    name: str
+    key: str
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: list = field(default_factory=list)          # (key, value, step, timestamp_ms)
+    tags: dict[str, str] = field(default_factory=dict)
+    files: list[tuple[Path, str | None]] = field(default_factory=list)   # (local file, artifact dir)
+    dirs: list[tuple[Path, str]] = field(default_factory=list)           # (local dir, artifact dir)
+    content_hash: str = ""
+
+
+# --- store ------------------------------------------------------------------------------------
+def tracking_uri(study_dir) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite file inside the study directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env else f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+def _is_server(uri: str) -> bool:
+    return uri.split(":", 1)[0] in ("http", "https", "databricks", "uc")
+
+
+def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def _runs_by_key(client, exp_id: str) -> dict[str, list]:
+    """Active runs of the experiment grouped by their didbench.key tag."""
+    out: dict[str, list] = {}
+    token = None
+    while True:
+        page = client.search_runs([exp_id], max_results=1000, page_token=token)
+        for r in page:
+            out.setdefault(r.data.tags.get(KEY_TAG, ""), []).append(r)
+        token = page.token
+        if not token:
+            return out
+
+
+# --- building payloads ----------------------------------------------------------------------------
+def flatten(d, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"}; lists and other values as compact JSON/text."""
+    out: dict[str, str] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+            out[key] = text[:_MAX_PARAM_VALUE]
+    return out
+
+
+def clean_key(key: str) -> str:
+    """A name MLflow accepts (letters, digits, _ - . / space; at most 250 characters)."""
+    return re.sub(r"[^\w.\- /]", "_", str(key)).strip("/")[:250] or "_"
+
+
+def _hash(files: list[Path], extra: dict) -> str:
+    h = hashlib.sha256(TRACKING_FORMAT.encode())
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    for p in sorted(files, key=str):
+        h.update(f"{p.parent.name}/{p.name}".encode())   # not the absolute path: a moved study still matches
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _add(metrics: list, key: str, value, step: int = 0, ts: int | None = None) -> None:
+    v = num(value)
+    if math.isfinite(v):                      # missing or non-numeric: not logged, never invented
+        metrics.append((key, v, int(step), ts))
+
+
+def eval_metrics(kind: str, values: dict) -> list:
+    """Readable final metrics from one result file's `values` (see module constants)."""
+    m: list = []
+    if kind == "ppl":
+        for src, dst in _PPL.items():
+            _add(m, dst, values.get(src))
+    if kind in _BY_STEPS:
+        names = _BY_STEPS[kind]
+        for e in values.get("by_steps") or []:
+            if not isinstance(e, dict) or not math.isfinite(num(e.get("steps"))):
+                continue
+            s = int(num(e["steps"]))
+            for src, dst in names.items():
+                _add(m, f"{dst}_{s}steps", e.get(src))
+                if dst in _CURVES:
+                    _add(m, f"steps/{dst}", e.get(src), step=s)
+            if kind == "genppl" and e.get("ci95") is not None:
+                lo, hi = ci_bounds(e.get("gen_ppl"), e.get("ci95"))
+                _add(m, f"gen_ppl_ci95_lo_{s}steps", lo)
+                _add(m, f"gen_ppl_ci95_hi_{s}steps", hi)
+        data = values.get("data")
+        if isinstance(data, dict):
+            for src, dst in names.items():
+                _add(m, f"data/{dst}", data.get(src))
+    if kind == "speed":
+        train = values.get("train") if isinstance(values.get("train"), dict) else {}
+        _add(m, "tokens_per_s", train.get("tokens_per_s"))
+        _add(m, "s_per_step", train.get("s_per_step"))
+        _add(m, "flops_per_token", values.get("flops_per_token"))
+        for e in values.get("sample") or []:
+            if isinstance(e, dict) and math.isfinite(num(e.get("steps"))):
+                s = int(num(e["steps"]))
+                for src, dst in _SPEED_SAMPLE.items():
+                    _add(m, f"{dst}_{s}steps", e.get(src))
+                    if dst in _CURVES:
+                        _add(m, f"steps/{dst}", e.get(src), step=s)
+    return m
+
+
+def history_metrics(path: Path, t0_ms: int) -> list:
+    """The training curve: `train/<column>` at each logged step (timestamps follow wall_time)."""
+    m: list = []
+    if not path.is_file():
+        return m
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = num(row.get("step"))
+            if not math.isfinite(step):
+                continue
+            wall = num(row.get("wall_time"))
+            ts = t0_ms + int(1000 * wall) if math.isfinite(wall) else t0_ms
+            for col, value in row.items():
+                if col not in ("step", "wall_time") and col:
+                    _add(m, f"train/{col}", value, step=int(step), ts=ts)
+    return m
+
+
+def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None, t0_ms: int) -> Payload:
+    """What the MLflow run of one trained model records."""
+    problems: list[str] = []
+    train = read_json(run_dir / "train.json", problems) or {}
+    cfg_path = run_dir / "config.yaml"
+    try:
+        run_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else config
+    except yaml.YAMLError:
+        run_cfg = config                       # unreadable run config: the study config stands in
+    ident = {**parse_run_name(run_dir.name), **{k: train[k] for k in ("method", "layout", "size", "seed")
+                                                 if k in train}}
+    p = Payload(name=run_dir.name, key=f"{study}/{run_dir.name}")
+    p.params = {**flatten(run_cfg if isinstance(run_cfg, dict) else {}), **flatten(train)}
+    files: list[tuple[Path, str | None]] = [(run_dir / f, None) for f in ("train.json", "history.csv", "config.yaml")]
+    eval_dir = run_dir / "eval"
+    for kind in EVAL_FILES:
+        result = read_json(eval_dir / f"{kind}.json", problems)
+        if result is not None:
+            values = result.get("values") if isinstance(result.get("values"), dict) else {}
+            p.metrics += eval_metrics(kind, values)
+            for k in ("git_commit", "device", "config_hash"):
+                ident.setdefault(k, result.get(k))
+    if eval_dir.is_dir():
+        files += [(f, "eval") for f in sorted(eval_dir.iterdir()) if f.suffix in (".json", ".jsonl") and f.is_file()]
+    bench_root = Path(study_dir) / "benchmarks"
+    for b in benchmark_files(study_dir, run_dir.name):
+        rel = b.relative_to(bench_root).parent
+        files.append((b, "benchmarks" if rel == Path(".") else f"benchmarks/{rel.as_posix()}"))
+        rule = benchmark_rule(b, bench_root, run_dir.name)
+        _add(p.metrics, f"job_s/{rule}", _tsv_first(b, "s"))
+        _add(p.metrics, f"job_max_rss_mb/{rule}", _tsv_first(b, "max_rss"))
+    _add(p.metrics, "final_loss", train.get("final_loss"))
+    _add(p.metrics, "train_wall_seconds", train.get("wall_seconds"))
+    _add(p.metrics, "train_loop_tokens_per_s", train.get("tokens_per_s"))
+    p.metrics += history_metrics(run_dir / "history.csv", t0_ms)
+    p.files = [(f, d) for f, d in files if f.is_file()]
+    for k in ("git_commit", "device", "config_hash"):
+        ident[k] = train.get(k, ident.get(k))
+    p.tags = {KEY_TAG: p.key, RULE_TAG: "train", "didbench.format": TRACKING_FORMAT, "didbench.study": study,
+              **{k: str(v) for k, v in ident.items() if v is not None}}
+    if ident.get("git_commit"):
+        p.tags["mlflow.source.git.commit"] = str(ident["git_commit"])
+    p.content_hash = _hash([f for f, _ in p.files], p.params)
+    p.tags[HASH_TAG] = p.content_hash
+    return p
+
+
+def _tsv_first(path: Path, col: str):
+    try:
+        with open(path, newline="") as f:
+            row = next(csv.DictReader(f, delimiter="\t"), {})
+        return row.get(col)
+    except OSError:
+        return None
+
+
+def study_payload(study_dir: Path, study: str, config: dict | None, n_runs: int) -> Payload:
+    """The study-level run: the study config plus tables/, figures/ and summary.md as artifacts."""
+    p = Payload(name=STUDY_RUN, key=f"{study}/{STUDY_RUN}")
+    p.params = flatten(config or {})
+    for sub in ("tables", "figures", "bench"):
+        if (study_dir / sub).is_dir():
+            p.dirs.append((study_dir / sub, sub))
+    p.files = [(f, None) for f in (study_dir / "summary.md", study_dir / "data" / "manifest.json") if f.is_file()]
+    _add(p.metrics, "n_runs", n_runs)
+    hashed = [f for f, _ in p.files] + [f for d, _ in p.dirs for f in d.rglob("*") if f.is_file()]
+    p.content_hash = _hash(hashed, {"params": p.params, "n_runs": n_runs})
+    p.tags = {KEY_TAG: p.key, RULE_TAG: "log", "didbench.format": TRACKING_FORMAT, "didbench.study": study,
+              HASH_TAG: p.content_hash}
+    return p
+
+
+# --- writing ------------------------------------------------------------------------------------
+def _chunks(seq: list, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def log_payload(client, exp_id: str, p: Payload) -> str:
+    """Create one MLflow run from a payload; FINISHED only once everything is written."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = client.create_run(exp_id, run_name=p.name, tags=p.tags)
+    rid = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in {clean_key(k): v for k, v in p.params.items()}.items()]
+        for chunk in _chunks(params, _MAX_PARAMS_PER_BATCH):
+            client.log_batch(rid, params=chunk)
+        metrics = [Metric(clean_key(k), v, ts if ts is not None else now, s) for k, v, s, ts in p.metrics]
+        for chunk in _chunks(metrics, _MAX_BATCH):
+            client.log_batch(rid, metrics=chunk)
+        for f, d in p.files:
+            client.log_artifact(rid, str(f), d)
+        for d, name in p.dirs:
+            client.log_artifacts(rid, str(d), name)
+        client.log_batch(rid, tags=[RunTag("didbench.logged_at", time.strftime("%Y-%m-%dT%H:%M:%S"))])
+    except BaseException:
+        try:
+            client.set_terminated(rid, "FAILED")
+        finally:
+            raise
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def _sync(client, exp_id: str, p: Payload, existing: list, summary: dict) -> None:
+    """Skip if an identical FINISHED run exists, else replace whatever is there."""
+    good = [r for r in existing if r.info.status == "FINISHED" and r.data.tags.get(HASH_TAG) == p.content_hash]
+    if good:
+        for r in existing:
+            if r.info.run_id != good[0].info.run_id:      # duplicates from an older, non-idempotent log
+                client.delete_run(r.info.run_id)
+        summary["skipped"].append(p.name)
+        return
+    for r in existing:
+        client.delete_run(r.info.run_id)
+    if existing:
+        summary["replaced"].append(p.name)
+    log_payload(client, exp_id, p)
+    summary["logged"].append(p.name)
+
+
+def log_study(study_dir, config: dict | None) -> dict:
+    """Log every trained run of a study (plus a "study" run with tables and figures) to MLflow.
+
+    Returns {"experiment", "experiment_id", "tracking_uri", "logged", "skipped", "replaced",
+    "runs"} where "runs" is the number of model runs now in the experiment for this study.
+    """
+    from mlflow.tracking import MlflowClient
+
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        from harness.methods import UserError
+
+        raise UserError(f"study directory {study_dir} does not exist (run the workflow first)")
+    study = str((config or {}).get("study") or study_dir.name)
+    uri = tracking_uri(study_dir)
+    artifacts = None if _is_server(uri) else (study_dir / "mlartifacts").resolve().as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, study, artifacts)
+    existing = _runs_by_key(client, exp_id)
+    summary = {"experiment": study, "experiment_id": exp_id, "tracking_uri": uri, "logged": [], "skipped": [],
+               "replaced": []}
+    t0 = int(time.time() * 1000)
+    dirs = run_dirs(study_dir)
+    for run_dir in dirs:
+        p = run_payload(run_dir, study_dir, study, config, t0)
+        _sync(client, exp_id, p, existing.get(p.key, []), summary)
+    p = study_payload(study_dir, study, config, len(dirs))
+    _sync(client, exp_id, p, existing.get(p.key, []), summary)
+    keys = {f"{study}/{d.name}" for d in dirs}
+    summary["runs"] = sum(1 for k, rs in _runs_by_key(client, exp_id).items() if k in keys for _ in rs)
+    return summary

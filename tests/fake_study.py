@@ -1,0 +1,113 @@
+"""Build a FAKE study directory for the analysis and tracking tests.
+
+Every number here is made up from a simple formula of the run's index, so the tests can
+recompute what the tables must show. Nothing here is a real measurement and nothing outside
+the tests may use it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+RUNS = [
+    ("did", "varlen", 0), ("did", "varlen", 1), ("did-fixed", "fixed", 0), ("mdlm", "fixed", 0),
+    ("mdlm", "varlen", 0), ("ilm", "varlen", 0), ("ar", "fixed", 0), ("ar", "varlen", 0),
+]
+STEPS = (16, 64)
+#: evaluations each run skips by default (exercises "missing files are tolerated")
+MISSING = {"ar-fixed-tiny-s0": {"mauve"}, "ilm-varlen-tiny-s0": {"speed"}}
+BINS = list(range(0, 140, 10))
+
+
+def run_name(method, layout, seed, size="tiny"):
+    return f"{method}-{layout}-{size}-s{seed}"
+
+
+def fake_values(i: int, layout: str) -> dict:
+    """The (fake) values written for the run with index i."""
+    nats = 3.125 + 0.25 * i
+    gen = {s: 100.0 + 10 * i - s / 8 for s in STEPS}
+    v = {
+        "ppl": {"nats_per_token": nats, "ppl": math.exp(nats), "stderr": 0.011 + 0.001 * i,
+                "per_sequence_mean": nats + 0.5, "n_sequences": 64, "n_tokens": 4096},
+        "genppl": {"by_steps": [{"steps": s, "gen_ppl": gen[s], "gen_ppl_mean_per_sample": gen[s] + 7,
+                                 "ci95": [gen[s] - 5, gen[s] + 5] if i % 2 == 0 else 5.0,
+                                 "entropy_nats": 4.0 + 0.01 * i + s / 1000,
+                                 "entropy_bits": (4.0 + 0.01 * i + s / 1000) / math.log(2), "n": 32}
+                                for s in STEPS],
+                   "data": {"gen_ppl": 42.0, "gen_ppl_mean_per_sample": 45.0, "ci95": [40.0, 44.0],
+                            "entropy_nats": 4.5, "entropy_bits": 4.5 / math.log(2), "n": 32}},
+        "mauve": {"by_steps": [{"steps": s, "mauve": 0.5 + 0.01 * i + s / 1000} for s in STEPS]},
+        "diversity": {"by_steps": [{"steps": s, "entropy_nats": 5.0 + 0.01 * i, "entropy_bits": 7.0 + 0.01 * i,
+                                    "distinct_1": 0.3 + 0.01 * i, "distinct_2": 0.6, "distinct_3": 0.8,
+                                    "self_bleu": 0.25} for s in STEPS],
+                      "data": {"entropy_nats": 5.5, "entropy_bits": 7.5, "distinct_1": 0.35, "distinct_2": 0.65,
+                               "distinct_3": 0.85, "self_bleu": 0.2}},
+        "speed": {"train": {"tokens_per_s": 1000.0 * (i + 1), "s_per_step": 0.125 * (i + 1)},
+                  "sample": [{"steps": s, "s_per_sample": 0.001 * s * (i + 1), "nfe": s, "peak_mem_mb": 100.0 + i}
+                             for s in STEPS],
+                  "flops_per_token": 1.0e6 * (i + 1)},
+        "samples": {"by_steps": [{"steps": s, "n": 32, "mean_length": 30.0 + i, "nfe": s,
+                                  "seconds_per_sample": 0.002 * s} for s in STEPS]},
+    }
+    if layout == "varlen":
+        counts = {s: [(k + i + s) % 7 for k in range(len(BINS) - 1)] for s in STEPS}
+        v["lengths"] = {
+            "by_steps": [{"steps": s, "mean": 30.0 + i, "sd": 9.0, "q10": 12.0, "q50": 29.0, "q90": 51.0,
+                          "w1": 1.5 + 0.125 * i, "ks": 0.125 + 0.01 * i, "empty_rate": 0.0, "max_rate": 0.03}
+                         for s in STEPS],
+            "data": {"mean": 31.0, "sd": 10.0, "q10": 11.0, "q50": 30.0, "q90": 52.0},
+            "histogram": {"bins": BINS, "samples": {str(s): counts[s] for s in STEPS},
+                          "data": [(k * 3) % 8 + 1 for k in range(len(BINS) - 1)]},
+        }
+    return v
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def make_fake_study(root, study="fake", runs=RUNS, missing=MISSING) -> tuple[Path, dict, dict]:
+    """Write a fake results/<study>/ under `root`. Returns (study_dir, config, {run: values})."""
+    study_dir = Path(root) / study
+    config = {"study": study, "seeds": [0, 1], "size": "tiny",
+              "data": {"corpus": {"name": "fakecorpus"}, "seq_len": 128},
+              "runs": [{"method": m, "layout": l} for m, l, _ in runs],
+              "train": {"steps": 10, "batch_size": 4, "lr": 1e-3}}
+    _write_json(study_dir / "data" / "manifest.json", {"corpus": "fakecorpus", "note": "FAKE"})
+    written = {}
+    for i, (method, layout, seed) in enumerate(runs):
+        name = run_name(method, layout, seed)
+        rd = study_dir / "runs" / name
+        ident = {"run": name, "method": method, "layout": layout, "size": "tiny", "seed": seed}
+        _write_json(rd / "train.json", {**ident, "steps": 10, "batch_size": 4, "params": 12345 + i,
+                                        "config_hash": "fakehash", "git_commit": "0" * 40, "device": "cpu",
+                                        "final_loss": 2.5 - 0.1 * i, "wall_seconds": 10.0 + i,
+                                        "tokens_per_s": 900.0 * (i + 1), "versions": {"torch": "0.0-fake"}})
+        (rd / "config.yaml").write_text(yaml.safe_dump({**config, "method": method, "layout": layout, "seed": seed}))
+        lines = ["step,loss,lr,tokens_per_s,wall_time,grad_norm"]
+        lines += [f"{s},{3.0 - 0.1 * s + 0.01 * i},0.001,{900.0 * (i + 1)},{0.5 * s + 0.1 * i},1.0"
+                  for s in range(1, 11)]
+        (rd / "history.csv").write_text("\n".join(lines) + "\n")
+        values = fake_values(i, layout)
+        for kind, vals in values.items():
+            if kind in missing.get(name, ()):
+                continue
+            _write_json(rd / "eval" / f"{kind}.json", {
+                "schema": "didbench.result/1", "kind": kind, "study": study, **ident, "config_hash": "fakehash",
+                "git_commit": "0" * 40, "device": "cpu", "versions": {}, "created": "2000-01-01T00:00:00",
+                "settings": {"fake": True}, "values": vals})
+        if "samples" not in missing.get(name, ()):
+            (rd / "eval" / "samples.jsonl").write_text("".join(
+                json.dumps({"steps": s, "text": f"fake sample {k}"}) + "\n" for s in STEPS for k in range(2)))
+        for rule in ("train", "evaluate_ppl"):
+            bench = study_dir / "benchmarks" / rule / f"{name}.tsv"
+            bench.parent.mkdir(parents=True, exist_ok=True)
+            bench.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                             f"{12.5 + i}\t0:00:12\t{500.0 + i}\t900\t400\t450\t0\t1\t50\t10\n")
+        written[name] = values
+    return study_dir, config, written

@@ -1,0 +1,115 @@
+"""harness.tracking.log_study: one MLflow run per trained model, idempotent, crash-safe.
+
+MLflow takes seconds to create a SQLite store, so these tests are few and each checks a lot.
+The study is FAKE (tests/fake_study.py): 8 result sets, two evaluations missing.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_study import RUNS, make_fake_study, run_name  # noqa: E402
+
+pytest.importorskip("mlflow")
+from mlflow.entities import ViewType  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from harness import tracking  # noqa: E402
+
+MODEL_RUNS = {run_name(m, lay, s) for m, lay, s in RUNS}
+IDENT = {run_name(m, lay, s): (m, lay, str(s)) for m, lay, s in RUNS}
+
+
+def active_runs(uri: str, study: str) -> dict[str, list]:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    out: dict[str, list] = {}
+    for r in client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000):
+        out.setdefault(r.info.run_name, []).append(r)
+    return out
+
+
+def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study_dir, config, values = make_fake_study(tmp_path)
+    (study_dir / "tables").mkdir()
+    (study_dir / "tables" / "ppl.md").write_text("fake table\n")
+
+    first = tracking.log_study(study_dir, config)
+    uri = f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+    assert first["tracking_uri"] == uri and (study_dir / "mlflow.db").is_file()
+    assert sorted(first["logged"]) == sorted(MODEL_RUNS | {"study"}) and first["runs"] == 8
+    second = tracking.log_study(study_dir, config)
+    assert second["logged"] == [] and sorted(second["skipped"]) == sorted(MODEL_RUNS | {"study"})
+
+    runs = active_runs(uri, "fake")
+    assert set(runs) == MODEL_RUNS | {"study"} and all(len(v) == 1 for v in runs.values())   # N + 1 runs
+    client = MlflowClient(tracking_uri=uri)
+    for name in MODEL_RUNS:
+        r = runs[name][0]
+        v = values[name]
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["didbench.key"] == f"fake/{name}" and r.data.tags["didbench.rule"] == "train"
+        assert (r.data.tags["method"], r.data.tags["layout"], r.data.tags["seed"]) == IDENT[name]
+        assert r.data.tags["git_commit"] == "0" * 40 and r.data.tags["config_hash"] == "fakehash"
+        assert r.data.metrics["nats_per_token"] == pytest.approx(v["ppl"]["nats_per_token"])
+        assert r.data.metrics["gen_ppl_64steps"] == pytest.approx(v["genppl"]["by_steps"][1]["gen_ppl"])
+        assert r.data.metrics["entropy_nats_64steps"] == pytest.approx(v["genppl"]["by_steps"][1]["entropy_nats"])
+        assert ("mauve_64steps" in r.data.metrics) == (name != "ar-fixed-tiny-s0")      # missing file: no metric
+        assert ("w1_64steps" in r.data.metrics) == ("varlen" in name)
+        assert ("tokens_per_s" in r.data.metrics) == (name != "ilm-varlen-tiny-s0")
+        assert r.data.params["data.corpus.name"] == "fakecorpus" and r.data.params["seed"] == name[-1]
+    r, v = runs["did-varlen-tiny-s1"][0], values["did-varlen-tiny-s1"]
+    assert r.data.metrics["s_per_sample_16steps"] == pytest.approx(v["speed"]["sample"][0]["s_per_sample"])
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 11))
+    curve = client.get_metric_history(r.info.run_id, "steps/gen_ppl")
+    assert sorted((m.step, m.value) for m in curve) == [(b["steps"], b["gen_ppl"]) for b in v["genppl"]["by_steps"]]
+    arts = {a.path for d in (None, "eval") for a in client.list_artifacts(r.info.run_id, d)}
+    assert {"train.json", "history.csv", "eval/samples.jsonl", "eval/genppl.json", "benchmarks"} <= arts
+    assert (study_dir / "mlartifacts").is_dir()
+    study_run = runs["study"][0]
+    assert study_run.data.tags["didbench.rule"] == "log"
+    assert "tables/ppl.md" in {a.path for a in client.list_artifacts(study_run.info.run_id, "tables")}
+
+    # a changed result is re-logged in place: still exactly one run for that model
+    genppl = study_dir / "runs" / "mdlm-fixed-tiny-s0" / "eval" / "genppl.json"
+    genppl.write_text(genppl.read_text().replace('"n": 32', '"n": 33'))
+    third = tracking.log_study(study_dir, config)
+    assert third["replaced"] == ["mdlm-fixed-tiny-s0"] and third["runs"] == 8
+    runs = active_runs(uri, "fake")
+    assert len(runs["mdlm-fixed-tiny-s0"]) == 1
+    assert runs["mdlm-fixed-tiny-s0"][0].data.metrics["gen_ppl_n_16steps"] == 33
+
+
+def test_crash_half_way_then_rerun_completes(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    study_dir, config, _ = make_fake_study(tmp_path)
+    real = tracking.log_payload
+    calls = {"n": 0}
+
+    def crashing(client, exp_id, p):
+        calls["n"] += 1
+        if calls["n"] == 4:          # die in the middle of the 4th run: created, half logged, never finished
+            run = client.create_run(exp_id, run_name=p.name, tags=p.tags)
+            client.log_param(run.info.run_id, "half", "way")
+            raise KeyboardInterrupt("simulated crash")
+        return real(client, exp_id, p)
+
+    monkeypatch.setattr(tracking, "log_payload", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.log_study(study_dir, config)
+    runs = active_runs(uri, "fake")
+    assert len(runs) == 4 and sum(r.info.status != "FINISHED" for v in runs.values() for r in v) == 1
+    assert not (study_dir / "mlflow.db").exists()                          # the env URI was used
+
+    monkeypatch.setattr(tracking, "log_payload", real)
+    summary = tracking.log_study(study_dir, config)
+    assert len(summary["skipped"]) == 3 and len(summary["replaced"]) == 1 and summary["runs"] == 8
+    runs = active_runs(uri, "fake")
+    assert set(runs) == MODEL_RUNS | {"study"}
+    assert all(len(v) == 1 and v[0].info.status == "FINISHED" and "half" not in v[0].data.params
+               for v in runs.values())
