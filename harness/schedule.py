@@ -35,8 +35,9 @@ def stratified_uniform(n: int, generator: torch.Generator | None = None, device=
 
     Used for t per sequence in a batch and for the K Monte-Carlo samples of one sequence.
     """
-    u = torch.rand(n, generator=generator, dtype=dtype, device="cpu")
-    perm = torch.randperm(n, generator=generator, device="cpu")
+    where = generator.device if generator is not None else "cpu"  # draw where the generator lives
+    u = torch.rand(n, generator=generator, dtype=dtype, device=where)
+    perm = torch.randperm(n, generator=generator, device=where)
     return ((perm.to(dtype) + u) / n).to(device)
 
 

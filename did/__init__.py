@@ -1,0 +1,9 @@
+"""DID: Deletion-Insertion Diffusion language models (shared/spec/did-method.md).
+
+process  : forward deletion x0 -> x_t (packed survivors)
+counting : exact insertion targets r = N(Ins(x_t, i, v), x0) / N(x_t, x0) by a log-space DP
+heads    : csoftmax (variable length) and seqnorm (fixed length) output heads
+loss     : DISE and DICE, per sequence
+sampler  : parallel insertion sampler over a score function
+method   : the registered methods `did` and `did-fixed`
+"""
