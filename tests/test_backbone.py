@@ -14,9 +14,10 @@ def _model(**kw):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("time_cond", [False, True])
-def test_packed_equals_per_sequence(causal, time_cond):
+@pytest.mark.parametrize("lengths", [[5, 1, 9, 3, 16, 4], [7, 7, 7]])
+def test_packed_equals_per_sequence(causal, time_cond, lengths):
     model = _model(causal=causal, time_cond=time_cond)
-    lengths = torch.tensor([5, 1, 9, 3, 16, 4])
+    lengths = torch.tensor(lengths)
     tokens = torch.randint(0, 50, (int(lengths.sum()),))
     sigma = torch.rand(len(lengths)) if time_cond else None
     packed = model(tokens, lengths, sigma)
