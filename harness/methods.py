@@ -13,10 +13,7 @@ import torch
 from torch import nn
 
 from harness.batch import Batch, Vocab
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad config, missing data): printed as one line, no traceback."""
+from harness.errors import UserError  # re-exported: `from harness.methods import UserError` works
 
 
 @dataclass

@@ -1,0 +1,201 @@
+"""Study configs: validate against the workflow schema, fill defaults, name runs.
+
+The schema (workflow/schemas/config.schema.yaml) is the one place where config keys, their
+meaning and their defaults live. The Snakefile and every `python -m harness` command load a
+config through `load_config`, so a typo stops the work before any job starts, with one line
+that names the key, instead of surfacing hours later inside a training job.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from harness.errors import UserError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The study-config JSON schema (YAML on disk)."""
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+# --- defaults ---------------------------------------------------------------------------------
+def fill_defaults(instance, sch: dict, validator=None):
+    """`instance` with every missing key that has a schema default filled in, recursively.
+
+    Follows `properties`, `items`, `additionalProperties` and `allOf` branches whose `if`
+    holds (so corpus options get the defaults of the chosen corpus). Values of the wrong type
+    are left alone: validation reports them afterwards.
+    """
+    validator = validator or _validator()
+    if isinstance(instance, dict):
+        for key, sub in sch.get("properties", {}).items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                instance[key] = fill_defaults(instance[key], sub, validator)
+        extra = sch.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in instance:
+                if key not in sch.get("properties", {}):
+                    instance[key] = fill_defaults(instance[key], extra, validator)
+    elif isinstance(instance, list) and isinstance(sch.get("items"), dict):
+        instance[:] = [fill_defaults(v, sch["items"], validator) for v in instance]
+    for branch in sch.get("allOf", []):
+        if "if" in branch and "then" in branch:
+            if validator.evolve(schema=branch["if"]).is_valid(instance):
+                instance = fill_defaults(instance, branch["then"], validator)
+        else:
+            instance = fill_defaults(instance, branch, validator)
+    return instance
+
+
+# --- errors -----------------------------------------------------------------------------------
+def _where(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _names(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def describe_error(err) -> str:
+    """One line for a jsonschema ValidationError: `key.path: what is wrong`."""
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = list(err.schema.get("properties", {}))
+        extra = sorted(k for k in err.instance if k not in known)
+        return f"{_where(path + extra[:1])}: unknown key (known: {_names(known)})"
+    if "propertyNames" in err.schema_path:
+        bad = err.instance
+        return f"{_where(path + [bad])}: unknown key (known: {_names(err.schema.get('enum', []))})"
+    if err.validator == "enum":
+        return f"{_where(path)}: {err.instance!r} is not one of: {_names(err.validator_value)}"
+    if err.validator == "const" and "description" in err.schema:
+        return f"{_where(path)}: {err.instance!r} is not allowed here ({err.schema['description']})"
+    if err.validator == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        return f"{_where(path + [missing])}: missing required key"
+    if err.validator in ("anyOf", "oneOf"):
+        return f"{_where(path)}: {err.instance!r} has the wrong form ({err.schema.get('description', err.message)})"
+    return f"{_where(path)}: {err.message}"
+
+
+def _first_error(instance):
+    import jsonschema
+
+    errors = list(_validator().iter_errors(instance))
+    if not errors:
+        return None
+    # best_match prefers the deepest, most specific error; ties broken by path for determinism.
+    return jsonschema.exceptions.best_match(sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]))
+
+
+# --- the API ----------------------------------------------------------------------------------
+def read_yaml(path) -> dict:
+    """A YAML mapping from `path`; a missing file or a syntax error is a UserError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a study config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def check_config(cfg: dict) -> None:
+    """Schema validation plus the checks a schema cannot express; raises a one-line UserError."""
+    err = _first_error(cfg)
+    if err is not None:
+        raise UserError(describe_error(err))
+    seen: dict[tuple, int] = {}
+    for i, run in enumerate(cfg["runs"]):
+        key = (run["method"], run["layout"])
+        if key in seen:
+            raise UserError(f"runs[{i}]: duplicate of runs[{seen[key]}] ({key[0]}, {key[1]})")
+        seen[key] = i
+    if cfg["data"]["min_tokens"] > cfg["data"]["max_len"]:
+        raise UserError(
+            f"data.min_tokens: {cfg['data']['min_tokens']} is larger than data.max_len ({cfg['data']['max_len']})"
+        )
+    if cfg["data"]["valid_fraction"] + cfg["data"]["test_fraction"] >= 1:
+        raise UserError("data.valid_fraction + data.test_fraction must be below 1")
+
+
+def load_config(path_or_dict, source: str | None = None) -> dict:
+    """A validated study config with every default filled in (a new dict; the input is not changed).
+
+    `path_or_dict`: a YAML file or an already loaded mapping. `source` names it in error
+    messages (default: the path, or "config"). Mistakes raise UserError with one line such as
+    `config/default.yaml: train.lr: -1 is less than or equal to the minimum of 0`.
+    """
+    if isinstance(path_or_dict, (str, os.PathLike)):
+        source = source or str(path_or_dict)
+        raw = read_yaml(path_or_dict)
+    elif isinstance(path_or_dict, dict):
+        source = source or "config"
+        raw = copy.deepcopy(path_or_dict)
+    else:
+        raise UserError(f"a config must be a file or a mapping, got {type(path_or_dict).__name__}")
+    try:
+        cfg = fill_defaults(raw, schema())
+        check_config(cfg)
+    except UserError as err:
+        raise UserError(f"{source}: {err}") from None
+    return cfg
+
+
+def canonical_json(cfg) -> str:
+    """The config as canonical JSON (sorted keys, no spaces): equal configs, equal text."""
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def config_hash(cfg) -> str:
+    """First 12 hex digits of sha256(canonical JSON): names a config in results and run files."""
+    return hashlib.sha256(canonical_json(cfg).encode("utf-8")).hexdigest()[:12]
+
+
+def run_name(method: str, layout: str, size: str, seed: int) -> str:
+    """`<method>-<layout>-<size>-s<seed>`, e.g. did-varlen-tiny-s0."""
+    return f"{method}-{layout}-{size}-s{seed}"
+
+
+def study_runs(cfg: dict) -> list[dict]:
+    """Every trained model of a study: {name, method, layout, size, seed, steps}, in config order."""
+    out = []
+    multipliers = cfg["train"].get("step_multiplier", {})
+    for seed in cfg["seeds"]:
+        for run in cfg["runs"]:
+            m, layout = run["method"], run["layout"]
+            steps = int(round(cfg["train"]["steps"] * multipliers.get(m, 1)))
+            out.append(
+                {"name": run_name(m, layout, cfg["size"], seed), "method": m, "layout": layout,
+                 "size": cfg["size"], "seed": seed, "steps": max(1, steps)}
+            )
+    return out

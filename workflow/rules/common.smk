@@ -1,0 +1,229 @@
+"""Shared state of the workflow: the validated study config, its runs, paths and helpers.
+
+Config selection: `config/default.yaml` (the `configfile:` directive) unless `--configfile`
+is given, in which case those files REPLACE it (Snakemake would otherwise merge them key by
+key into the default study, silently inheriting its corpus options and method settings).
+`--config key=value` overrides apply on top in both cases.
+
+The resolved config (validated, every default filled in) is written once to
+results/<study>/config/<config_hash>.yaml, and every job reads that file. It is named by its
+content and never rewritten, so a dry run with an edited config cannot change what the jobs
+of a running workflow read. Which jobs re-run is decided by a param per job holding a hash of
+only the settings it depends on: editing e.g. the MAUVE settings re-runs MAUVE, not training.
+"""
+
+import os
+import re
+import shlex
+import sys
+
+REPO = workflow.basedir
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+# Jobs run `python -m harness` in the working directory, which need not be the repository
+# (--directory): put the repository on their PYTHONPATH. Snakemake's own prefix is kept.
+# (shell.prefix is formatted like a shell command: literal braces are doubled)
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(REPO).replace("{", "{{").replace("}", "}}")
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
+from harness.config import config_hash, load_config, study_runs
+from harness.errors import UserError
+
+
+def _shown(path):
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _study_config():
+    """The validated, default-filled study config, or a one-line error (no traceback)."""
+    cli_files = [_shown(str(f)) for f in workflow.overwrite_configfiles]
+    if cli_files:
+        raw = dict(workflow.config_settings.overwrite_config)
+        source = ", ".join(cli_files)
+    else:
+        raw = dict(config)
+        source = "config/default.yaml"
+    try:
+        return load_config(raw, source=source)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+
+
+CFG = _study_config()
+config.clear()
+config.update(CFG)
+
+STUDY = CFG["study"]
+RESULTS = f"results/{STUDY}"
+CONFIG_FILE = f"{RESULTS}/config/{config_hash(CFG)}.yaml"
+DATA_DIR = f"{RESULTS}/data"
+DATA_MARKER = f"{DATA_DIR}/manifest.json"
+RUNS_DIR = f"{RESULTS}/runs"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+MLFLOW_MARKER = f"{RESULTS}/mlflow.done"
+# evaluator LMs are cached once per machine, shared by studies (override: DIDBENCH_EVALUATORS)
+EVALUATORS = os.environ.get("DIDBENCH_EVALUATORS", "resources/evaluators")
+EVALUATOR = CFG["evaluate"]["genppl"]["evaluator"]
+METRICS = CFG["evaluate"]["metrics"]
+
+RUNS = {r["name"]: r for r in study_runs(CFG)}
+# software of every rule, relative to workflow/rules/ (only used with --sdm conda)
+CONDA_ENV = "../envs/didbench.yaml"
+
+
+def _write_resolved_config(path, cfg):
+    """Write `cfg` as YAML to `path` atomically unless it exists (the name is its hash)."""
+    import yaml
+
+    if os.path.exists(path):
+        return
+    text = "# resolved study config: validated, defaults filled (written by the Snakefile)\n"
+    text += yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=100)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+_write_resolved_config(CONFIG_FILE, CFG)
+
+
+wildcard_constraints:
+    run="|".join(re.escape(name) for name in sorted(RUNS)),
+    name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+# --- settings hashes (params): a job re-runs when the settings it depends on change ---------
+def settings_hash(*sections):
+    """Hash of the named config sections ('a.b' for nested keys)."""
+    picked = {}
+    for dotted in sections:
+        value = CFG
+        for key in dotted.split("."):
+            value = value[key]
+        picked[dotted] = value
+    return config_hash(picked)
+
+
+def train_settings(wildcards):
+    """Hash of everything one training run depends on (not the other runs, not evaluation)."""
+    run = RUNS[wildcards.run]
+    train = {k: v for k, v in CFG["train"].items() if k != "step_multiplier"}
+    picked = {
+        "data": CFG["data"],
+        "size": CFG["size"],
+        "train": train,
+        "steps": run["steps"],
+        "options": CFG["methods"].get(run["method"], {}),
+    }
+    return config_hash(picked)
+
+
+# --- per-run lookups ---------------------------------------------------------------------
+def run_method(wildcards):
+    return RUNS[wildcards.run]["method"]
+
+
+def run_layout(wildcards):
+    return RUNS[wildcards.run]["layout"]
+
+
+def run_seed(wildcards):
+    return RUNS[wildcards.run]["seed"]
+
+
+def run_steps(wildcards):
+    return RUNS[wildcards.run]["steps"]
+
+
+def study_config(wildcards, input):
+    """The resolved config file of this study (a function of `input` so that Snakemake does
+    not treat its hash-named path as a changed param: `settings` params decide re-runs)."""
+    return CONFIG_FILE
+
+
+# --- paths handed to the CLI, derived from the job's files (no hard-coded prefixes) -------
+def parent(path, levels=1):
+    for _ in range(levels):
+        path = os.path.dirname(path)
+    return path
+
+
+def input_data_dir(wildcards, input):
+    return parent(input.data)
+
+
+def marker_dir(wildcards, output):
+    """Directory a job's `marker` output marks as complete (data, evaluator cache, study)."""
+    return parent(output.marker)
+
+
+def train_run_dir(wildcards, output):
+    return parent(output.checkpoint)
+
+
+def report_study_dir(wildcards, output):
+    return parent(output.tables)
+
+
+def eval_run_dir(wildcards, output):
+    """RUN_DIR of an evaluation job (its result is RUN_DIR/eval/<what>.json)."""
+    return parent(output.result, 2)
+
+
+def input_evaluator_dir(wildcards, input):
+    return parent(input.evaluator)
+
+
+def launcher(wildcards, resources):
+    """`python`, or `torchrun --standalone` with one process per GPU when the job has >1 GPU.
+
+    Depends on resources only, so Snakemake does not count it as a changed param: moving a
+    run from 1 to 8 GPUs does not re-run finished jobs.
+    """
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus}"
+    return "python"
+
+
+# --- targets ------------------------------------------------------------------------------
+EVAL_FILES = {
+    "ppl": ["ppl.json"],
+    "samples": ["samples.json", "samples.jsonl", "references.jsonl"],
+    "genppl": ["genppl.json"],
+    "mauve": ["mauve.json"],
+    "diversity": ["diversity.json"],
+    "lengths": ["lengths.json"],
+    "speed": ["speed.json"],
+}
+
+
+def run_eval_files(name):
+    """The evaluation outputs of one run, as selected by evaluate.metrics (lengths: varlen only)."""
+    out = []
+    for metric in METRICS:
+        if metric == "lengths" and RUNS[name]["layout"] != "varlen":
+            continue
+        out += [f"{RUNS_DIR}/{name}/eval/{f}" for f in EVAL_FILES[metric]]
+    return out
+
+
+def study_results():
+    """Every file the report and MLflow read: training summaries, histories and evaluations."""
+    out = []
+    for name in RUNS:
+        out += [f"{RUNS_DIR}/{name}/train.json", f"{RUNS_DIR}/{name}/history.csv"]
+        out += run_eval_files(name)
+    return out
+
+
+def report_outputs():
+    return [f"{RESULTS}/tables", f"{RESULTS}/figures"]

@@ -1,0 +1,171 @@
+"""Evaluation: `python -m harness evaluate <what> ...`, one result JSON per (run, what).
+
+samples -> RUN/eval/samples.json + samples.jsonl (every step count of evaluate.samples.steps)
+           + references.jsonl (held-out texts through the same decode path: the "data" row of
+           genppl, the human side of MAUVE, the reference lengths)
+genppl  -> RUN/eval/genppl.json + features.npz (evaluator features of both, read by mauve)
+mauve, diversity, lengths (varlen runs only) -> from those; ppl, speed -> from the checkpoint
+"""
+
+
+rule eval_ppl:
+    input:
+        data=DATA_MARKER,
+        checkpoint=f"{RUNS_DIR}/{{run}}/checkpoint.pt",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/ppl.json",
+    params:
+        cfg=study_config,
+        run=eval_run_dir,
+        data=input_data_dir,
+        settings=settings_hash("evaluate.ppl"),
+    log:
+        f"{LOGS}/eval_ppl/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_ppl/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate ppl --config {params.cfg} --run {params.run} --data {params.data}"
+        " --out {output.result} > {log} 2>&1"
+
+
+rule eval_samples:
+    input:
+        data=DATA_MARKER,
+        checkpoint=f"{RUNS_DIR}/{{run}}/checkpoint.pt",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/samples.json",
+        samples=f"{RUNS_DIR}/{{run}}/eval/samples.jsonl",
+        references=f"{RUNS_DIR}/{{run}}/eval/references.jsonl",
+    params:
+        cfg=study_config,
+        run=eval_run_dir,
+        data=input_data_dir,
+        settings=settings_hash("evaluate.samples", "evaluate.references", "evaluate.mauve.human_samples",
+                               "evaluate.mauve.subsets"),
+    log:
+        f"{LOGS}/eval_samples/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_samples/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate samples --config {params.cfg} --run {params.run} --data {params.data}"
+        " --out {output.result} --jsonl {output.samples} --references {output.references} > {log} 2>&1"
+
+
+rule eval_genppl:
+    input:
+        samples=f"{RUNS_DIR}/{{run}}/eval/samples.json",
+        samples_jsonl=f"{RUNS_DIR}/{{run}}/eval/samples.jsonl",
+        references=f"{RUNS_DIR}/{{run}}/eval/references.jsonl",
+        evaluator=f"{EVALUATORS}/{EVALUATOR}/didbench_evaluator.json",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/genppl.json",
+        features=f"{RUNS_DIR}/{{run}}/eval/features.npz",
+    params:
+        cfg=study_config,
+        evaluator=input_evaluator_dir,
+        settings=settings_hash("evaluate.genppl"),
+    log:
+        f"{LOGS}/eval_genppl/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_genppl/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate genppl --config {params.cfg} --samples {input.samples}"
+        " --references {input.references} --evaluator-dir {params.evaluator}"
+        " --out {output.result} --features {output.features} > {log} 2>&1"
+
+
+rule eval_mauve:
+    input:
+        samples=f"{RUNS_DIR}/{{run}}/eval/samples.json",
+        features=f"{RUNS_DIR}/{{run}}/eval/features.npz",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/mauve.json",
+    params:
+        cfg=study_config,
+        settings=settings_hash("evaluate.mauve"),
+    log:
+        f"{LOGS}/eval_mauve/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_mauve/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate mauve --config {params.cfg} --samples {input.samples}"
+        " --features {input.features} --out {output.result} > {log} 2>&1"
+
+
+rule eval_diversity:
+    input:
+        samples=f"{RUNS_DIR}/{{run}}/eval/samples.json",
+        samples_jsonl=f"{RUNS_DIR}/{{run}}/eval/samples.jsonl",
+        references=f"{RUNS_DIR}/{{run}}/eval/references.jsonl",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/diversity.json",
+    params:
+        cfg=study_config,
+        settings=settings_hash("evaluate.diversity"),
+    log:
+        f"{LOGS}/eval_diversity/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_diversity/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate diversity --config {params.cfg} --samples {input.samples}"
+        " --references {input.references} --out {output.result} > {log} 2>&1"
+
+
+rule eval_lengths:
+    input:
+        samples=f"{RUNS_DIR}/{{run}}/eval/samples.json",
+        samples_jsonl=f"{RUNS_DIR}/{{run}}/eval/samples.jsonl",
+        references=f"{RUNS_DIR}/{{run}}/eval/references.jsonl",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/lengths.json",
+    params:
+        cfg=study_config,
+        settings=settings_hash("evaluate.lengths"),
+    log:
+        f"{LOGS}/eval_lengths/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_lengths/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate lengths --config {params.cfg} --samples {input.samples}"
+        " --references {input.references} --out {output.result} > {log} 2>&1"
+
+
+rule eval_speed:
+    input:
+        data=DATA_MARKER,
+        checkpoint=f"{RUNS_DIR}/{{run}}/checkpoint.pt",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/speed.json",
+    params:
+        cfg=study_config,
+        run=eval_run_dir,
+        data=input_data_dir,
+        settings=settings_hash("evaluate.speed", "evaluate.samples.steps"),
+    log:
+        f"{LOGS}/eval_speed/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_speed/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate speed --config {params.cfg} --run {params.run} --data {params.data}"
+        " --out {output.result} > {log} 2>&1"

@@ -1,0 +1,41 @@
+"""One training run per (method, layout, seed): checkpoint.pt, history.csv, train.json.
+
+`exec` hands the job's process to the trainer, so a SLURM signal (SIGTERM before the time
+limit, or on preemption) reaches it without a shell in between that would die first; the
+trainer then checkpoints and exits with a retryable status, and the retry resumes
+(resume/state.pt is not an output, so Snakemake never deletes it).
+With resources gpu > 1 the launcher is `torchrun --standalone` (see common.smk:launcher).
+"""
+
+
+rule train:
+    input:
+        data=DATA_MARKER,
+    output:
+        checkpoint=f"{RUNS_DIR}/{{run}}/checkpoint.pt",
+        history=f"{RUNS_DIR}/{{run}}/history.csv",
+        summary=f"{RUNS_DIR}/{{run}}/train.json",
+    params:
+        cfg=study_config,
+        launcher=launcher,
+        method=run_method,
+        layout=run_layout,
+        seed=run_seed,
+        steps=run_steps,
+        data=input_data_dir,
+        out=train_run_dir,
+        settings=train_settings,
+    log:
+        f"{LOGS}/train/{{run}}.log",
+    benchmark:
+        f"{BENCH}/train/{{run}}.tsv"
+    threads: 1
+    resources:
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "exec {params.launcher} -m harness train --config {params.cfg}"
+        " --method {params.method} --layout {params.layout} --seed {params.seed}"
+        " --steps {params.steps} --data {params.data} --out {params.out} --quiet"
+        " > {log} 2>&1"
