@@ -21,12 +21,20 @@ REPO = workflow.basedir
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 # Jobs run `python -m harness` in the working directory, which need not be the repository
-# (--directory): put the repository on their PYTHONPATH. Snakemake's own prefix is kept.
+# (--directory): put the repository on their PYTHONPATH, and the directory of the Python that
+# runs Snakemake first on PATH, so `.venv/bin/snakemake` works without activating the venv
+# (`python` and `torchrun` then come from the same environment).
 # (shell.prefix is formatted like a shell command: literal braces are doubled)
+def _shell_quote(path):
+    return shlex.quote(path).replace("{", "{{").replace("}", "}}")
+
+
 shell.prefix(
     "set -euo pipefail; export PYTHONPATH="
-    + shlex.quote(REPO).replace("{", "{{").replace("}", "}}")
-    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+    + _shell_quote(REPO)
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; export PATH="
+    + _shell_quote(os.path.dirname(sys.executable))
+    + ":$PATH; "
 )
 
 from harness.config import config_hash, load_config, study_runs
