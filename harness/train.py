@@ -8,7 +8,8 @@ torchrun and on a cluster).
 Determinism: the batch at step k is a pure function of (seed, k) (harness.data.batch_indices)
 and the method's randomness (t, deletions, masks, dropout) comes from the global RNG reseeded
 at every step from (seed, k, rank). Resuming from a checkpoint therefore reproduces an
-uninterrupted run exactly on CPU.
+uninterrupted run exactly on CPU. A resume state saved under another recipe (the config was
+edited since) is stale: it is ignored and the run starts over.
 
 Preemption: SIGTERM / SIGUSR1 (SLURM's warning signals) make the loop save a checkpoint at the
 next step boundary and exit with EXIT_PREEMPTED, which the workflow retries; the retry resumes.
@@ -20,8 +21,9 @@ import io
 import math
 import os
 import signal
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -48,10 +50,10 @@ class NonFiniteLoss(UserError):
 class TrainSettings:
     """The `train:` section of a study config (defaults live in the config schema)."""
 
-    steps: int = 300
-    batch_size: int = 32
+    steps: int = 200
+    batch_size: int = 16
     lr: float = 1e-3
-    warmup: int = 30
+    warmup: int = 20
     cosine: bool = True
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -121,35 +123,49 @@ class EMA:
             state[k].copy_(v.to(state[k].dtype))
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Write then rename: a checkpoint on disk is never half-written."""
+def _atomic_write(path: str, mode: str, write) -> None:
+    """`write(fh)` into a temp file next to `path`, fsync, rename: the file is never half-written.
+
+    Whatever interrupts the write (disk full, an exception inside torch.save, Ctrl-C) removes
+    the temp file and leaves an existing `path` untouched; an OSError becomes one UserError line.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+        with open(tmp, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except Exception as err:
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise UserError(f"could not write {path}: {cause.strerror or cause}") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write checkpoint {path}: {err.strerror or err}") from None
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind `err`, if any: torch.save reports a failed write (e.g. a full disk)
+    as a RuntimeError of its zip writer whose context is the OSError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a temp file and a rename: a checkpoint on disk is never half-written."""
+    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write {path}: {err.strerror or err}") from None
+    _atomic_write(path, "w", lambda fh: fh.write(text))
 
 
 def history_csv(rows: list[dict]) -> str:
@@ -323,11 +339,18 @@ def train(
         "precision": "bf16" if use_bf16 else "float32",
         "data_hash": manifest.get("config_hash"),
     }
+    info["recipe"] = recipe_hash(settings, seed, info)
 
     state_path = os.path.join(out_dir, STATE_FILE)
     start_step, history, wall_offset = 0, [], 0.0
-    if os.path.exists(state_path):
-        state = load_checkpoint(state_path, expect=info)
+    state = load_checkpoint(state_path) if os.path.exists(state_path) else None
+    if state is not None and _stale(state["info"], info):
+        if ctx.main:
+            print(f"{info['run']}: {state_path} was saved under another training recipe (config edited); "
+                  "starting over", file=sys.stderr, flush=True)
+        state = None
+    if state is not None:
+        check_matches(state["info"], info, state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -352,6 +375,14 @@ def train(
             )
             atomic_write_text(os.path.join(out_dir, "history.csv"), history_csv(history))
         ctx.barrier()
+
+    def _nonfinite(what: str, value: torch.Tensor, step: int, batch: Batch, lr: float) -> str:
+        """The one-line error of a NaN/inf step: where, on what batch, and what survives."""
+        kept = (f"last good checkpoint kept at {state_path} (step {load_checkpoint(state_path)['step']})"
+                if os.path.exists(state_path) else "no checkpoint was saved yet")
+        return (f"{info['run']}: non-finite {what} ({float(value.detach())}) at step {step}; batch of {batch.size} "
+                f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
+                f"{int(batch.lengths.max())}, lr {lr:.3g}; {kept}")
 
     bar = None
     if ctx.main and progress:
@@ -379,17 +410,15 @@ def train(
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, stats = model.loss(batch)
                 if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLoss(
-                        f"{info['run']}: non-finite loss ({float(loss)}) at step {step}; batch of {batch.size} "
-                        f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
-                        f"{int(batch.lengths.max())}; last good checkpoint kept at {state_path}"
-                    )
+                    raise NonFiniteLoss(_nonfinite("loss", loss, step, batch, lr))
                 (loss / settings.accumulate).backward()
                 loss_sum += float(loss.detach()) / settings.accumulate
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / settings.accumulate
             ctx.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):  # a step would poison the weights (and the next checkpoint)
+                raise NonFiniteLoss(_nonfinite("gradient norm", grad_norm, step, batch, lr))
             optimizer.step()
             ema.update(model)
 
@@ -487,6 +516,39 @@ def validation_bound(model, data_dir: str, layout: str, s: TrainSettings, seed: 
     return {"valid_nats_per_token": round(nats, 6), "valid_ppl": round(math.exp(min(nats, 700)), 4), "valid_mc": s.valid_mc}
 
 
+#: settings that change what is trained (checkpoint/log cadence and the validation bound do not)
+_NOT_RECIPE = ("checkpoint_every", "log_every", "valid_mc", "valid_sequences")
+
+
+def recipe_hash(settings: TrainSettings, seed: int, info: dict) -> str:
+    """Hash of everything the weights at step k depend on: settings, steps, seed, options, data.
+
+    A resume state with another recipe is stale (the config was edited after it was saved,
+    and Snakemake re-runs the job without deleting resume/); resuming it would mix two
+    recipes and label the result with the new one.
+    """
+    from harness.config import config_hash
+
+    recipe = {k: v for k, v in asdict(settings).items() if k not in _NOT_RECIPE}
+    recipe.update(seed=seed, **{k: info.get(k) for k in ("options", "data_hash", "vocab", "max_len")})
+    return config_hash(recipe)
+
+
+def _stale(saved: dict, info: dict) -> bool:
+    """Same run (method, layout, size) but another recipe; states without a recipe are trusted."""
+    same_run = all(saved.get(k) == info.get(k) for k in ("method", "layout", "size"))
+    return same_run and saved.get("recipe", info["recipe"]) != info["recipe"]
+
+
+def check_matches(got: dict, expect: dict, path: str) -> None:
+    """One-line UserError when a checkpoint belongs to another method/layout/size/vocabulary."""
+    for key in ("method", "layout", "size", "vocab", "max_len"):
+        if got.get(key) != expect.get(key):
+            raise UserError(
+                f"checkpoint {path} does not match this run: {key} is {got.get(key)!r} there, {expect.get(key)!r} here"
+            )
+
+
 def load_checkpoint(path: str, expect: dict | None = None) -> dict:
     """Load a state or final checkpoint, with one-line errors for corrupt or mismatched files."""
     try:
@@ -496,10 +558,5 @@ def load_checkpoint(path: str, expect: dict | None = None) -> dict:
     if not isinstance(state, dict) or "info" not in state or "model" not in state:
         raise UserError(f"{path} is not a didbench checkpoint")
     if expect is not None:
-        got = state["info"]
-        for key in ("method", "layout", "size", "vocab", "max_len"):
-            if got.get(key) != expect.get(key):
-                raise UserError(
-                    f"checkpoint {path} does not match this run: {key} is {got.get(key)!r} there, {expect.get(key)!r} here"
-                )
+        check_matches(state["info"], expect, path)
     return state

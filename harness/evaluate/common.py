@@ -11,22 +11,22 @@ import copy
 from harness.methods import UserError
 
 DEFAULTS: dict[str, dict] = {
-    "ppl": {"mc": 8, "max_sequences": 256, "batch_size": 32, "seed": 0, "split": "test"},
-    "samples": {"n": 32, "steps": [16, 64], "top_p": 1.0, "seed": 0, "batch_size": 32, "trajectory": True},
+    "ppl": {"mc": 4, "max_sequences": 128, "batch_size": 32, "seed": 0, "split": "test"},
+    "samples": {"n": 16, "steps": [16, 64], "top_p": 1.0, "seed": 0, "batch_size": 16, "trajectory": True},
     # n: None -> enough for the samples and for every MAUVE human subset
     "references": {"n": None, "split": "test", "seed": 0},
     "genppl": {
-        "evaluator": "smollm2", "batch_size": 8, "max_tokens": 256, "bootstrap": 1000, "seed": 0,
+        "evaluator": "smollm2", "batch_size": 8, "max_tokens": 160, "bootstrap": 1000, "seed": 0,
         "entropy_prefix": 128,
     },
     "mauve": {
-        "max_text_length": 128, "human_samples": 64, "subsets": 1, "seed": 25, "num_buckets": "auto",
+        "max_text_length": 128, "human_samples": 32, "subsets": 1, "seed": 25, "num_buckets": "auto",
         "pca_max_data": -1, "kmeans_explained_var": 0.9, "kmeans_num_redo": 5, "kmeans_max_iter": 500,
         "divergence_curve_discretization_size": 25, "mauve_scaling_factor": 5,
     },
     "diversity": {"self_bleu_samples": 128, "bleu_order": 4},
     "lengths": {"bins": 32},
-    "speed": {"warmup": 1, "repeats": 3, "n": 8, "skip_rows": 1},
+    "speed": {"warmup": 1, "repeats": 2, "n": 4, "skip_rows": 1},
 }
 
 
