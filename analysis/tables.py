@@ -8,8 +8,6 @@ Markdown/LaTeX. LaTeX is written by hand (no jinja2 dependency) and needs `bookt
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import GROUP, Study
+from harness.atomic import atomic_write_text  # noqa: F401 (used by analysis.__init__ too)
 
 DASH = "–"
 #: default reference ("DID") per layout for every ratio column; config `report.reference` overrides
@@ -440,21 +439,6 @@ def to_latex(table: Table) -> str:
     lines += [" & ".join(tex_escape(v) for v in row) + r" \\" for row in d.itertuples(index=False)]
     lines += ["\\bottomrule", "\\end{tabular}"] + [f"% {n}" for n in table.notes]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_table(table: Table, out_dir) -> list[Path]:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from harness.atomic import atomic_write, atomic_write_text
 from harness.batch import Batch, Vocab
 from harness.methods import UserError
 from harness.tokenizer import TextTokenizer, build_tokenizer
@@ -403,18 +404,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _quantiles(values: list[int]) -> dict:
     if not values:
         return {}
@@ -437,7 +426,6 @@ def prepare(data_cfg: dict, out_dir) -> dict:
     """
     cfg = resolve_data_config(data_cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     docs = load_corpus(cfg["corpus"])
     if not docs:
@@ -447,10 +435,12 @@ def prepare(data_cfg: dict, out_dir) -> dict:
         splits = cap_documents(splits, cfg["max_documents"])
 
     tokenizer = build_tokenizer(cfg["tokenizer"], [d.text for d in splits["train"]])
-    tokenizer.save(out / TOKENIZER_DIR)
     vocab = tokenizer.vocab
 
+    # everything is built and checked before anything is written, so a user error leaves no
+    # half-prepared directory behind (and never next to the manifest of an earlier prepare)
     info: dict[str, dict] = {}
+    payloads: dict[str, dict] = {}
     for split in SPLITS:
         encoded = tokenizer.encode_batch([d.text for d in splits[split]])
         fixed = build_fixed(encoded, vocab, cfg["seq_len"])
@@ -463,10 +453,9 @@ def prepare(data_cfg: dict, out_dir) -> dict:
         if lengths.numel() == 0:
             raise UserError(f"the {split} split has no document with at least min_tokens={cfg['min_tokens']} tokens")
         common = {"schema": SCHEMA, "split": split, "vocab": vocab.to_dict()}
-        _atomic_torch_save({**common, "layout": "fixed", "seq_len": cfg["seq_len"], "tokens": fixed},
-                           out / f"{split}.fixed.pt")
-        _atomic_torch_save({**common, "layout": "varlen", "max_len": cfg["max_len"], "tokens": tokens,
-                            "lengths": lengths}, out / f"{split}.varlen.pt")
+        payloads[f"{split}.fixed.pt"] = {**common, "layout": "fixed", "seq_len": cfg["seq_len"], "tokens": fixed}
+        payloads[f"{split}.varlen.pt"] = {**common, "layout": "varlen", "max_len": cfg["max_len"], "tokens": tokens,
+                                          "lengths": lengths}
         doc_tokens = [len(e) for e in encoded]
         info[split] = {
             "groups": len({d.group for d in splits[split]}),
@@ -481,6 +470,12 @@ def prepare(data_cfg: dict, out_dir) -> dict:
                 "dropped_short": dropped,
             },
         }
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new one is written
+    tokenizer.save(out / TOKENIZER_DIR)
+    for name, payload in payloads.items():
+        atomic_write(out / name, "wb", lambda fh: torch.save(payload, fh))
 
     files = sorted([f"{s}.{l}.pt" for s in SPLITS for l in LAYOUTS]) + [
         f"{TOKENIZER_DIR}/{n}" for n in sorted(os.listdir(out / TOKENIZER_DIR)) if not n.endswith(".tmp")
@@ -505,7 +500,7 @@ def prepare(data_cfg: dict, out_dir) -> dict:
         "splits": info,
         "files": {f: _sha256(out / f) for f in files},
     }
-    _atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 

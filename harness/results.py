@@ -36,12 +36,12 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness.methods import UserError
+from harness.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from harness.errors import UserError
 
 SCHEMA = "didbench.result/1"
 HEADER_KEYS = ("study", "run", "method", "layout", "size", "seed", "config_hash", "git_commit", "device", "versions", "created")
@@ -135,53 +135,6 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` all-or-nothing: temp file in the same directory, fsync, rename.
-
-    Any OSError (disk full, permission, ...) removes the temp file, leaves an existing `path`
-    untouched and raises UserError("could not write PATH: reason").
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise UserError(f"could not write {path}: {reason}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (best effort: not every filesystem allows opening a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:

@@ -2,7 +2,7 @@
 
 Why one sequential logger: cluster jobs write plain JSON/CSV results (DAG outputs), and this
 single local step copies them into MLflow, so no two processes ever write the SQLite store at
-once. It is idempotent: every MLflow run carries the tag `didbench.key` = "<study>/<run>" and a
+once (a lock file in the study directory makes concurrent `log` calls take turns). It is idempotent: every MLflow run carries the tag `didbench.key` = "<study>/<run>" and a
 hash of everything it was logged from. A re-run skips runs that are FINISHED with the same hash,
 and deletes and re-logs runs that are unfinished (a crash half-way), failed, or stale, so after
 any interruption running it again completes the set without duplicates.
@@ -13,6 +13,7 @@ unless MLFLOW_TRACKING_URI is set. Browse with
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -34,6 +35,7 @@ KEY_TAG = "didbench.key"
 HASH_TAG = "didbench.content_hash"
 RULE_TAG = "didbench.rule"
 STUDY_RUN = "study"
+LOCK_FILE = ".mlflow.lock"   # in the study directory: one logger at a time
 _MAX_PARAM_VALUE = 6000     # MLflow's limit on a parameter value
 _MAX_BATCH = 1000           # MLflow's limit on entities per log_batch call
 _MAX_PARAMS_PER_BATCH = 100
@@ -102,6 +104,27 @@ def _runs_by_key(client, exp_id: str) -> dict[str, list]:
         token = page.token
         if not token:
             return out
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive lock on `path` (flock) for the duration of the block.
+
+    Two loggers of one study (a re-run started while another still runs, two workflows on one
+    results directory) would both see no run for a key and both log it, or race to create the
+    SQLite tables; holding this lock makes them take turns, and the second one then skips.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one logger at a time is then the user's job)
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 # --- building payloads ----------------------------------------------------------------------------
@@ -324,13 +347,18 @@ def log_study(study_dir, config: dict | None) -> dict:
     Returns {"experiment", "experiment_id", "tracking_uri", "logged", "skipped", "replaced",
     "runs"} where "runs" is the number of model runs now in the experiment for this study.
     """
-    from mlflow.tracking import MlflowClient
-
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         from harness.methods import UserError
 
         raise UserError(f"study directory {study_dir} does not exist (run the workflow first)")
+    with _exclusive(study_dir / LOCK_FILE):
+        return _log_study(study_dir, config)
+
+
+def _log_study(study_dir: Path, config: dict | None) -> dict:
+    from mlflow.tracking import MlflowClient
+
     study = str((config or {}).get("study") or study_dir.name)
     uri = tracking_uri(study_dir)
     artifacts = None if _is_server(uri) else (study_dir / "mlartifacts").resolve().as_uri()

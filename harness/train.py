@@ -31,6 +31,7 @@ import torch.distributed as dist
 from harness import data as data_lib
 from harness import methods
 from harness.batch import Batch
+from harness.atomic import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 from harness.methods import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; Snakemake retries the job, which resumes
@@ -123,49 +124,9 @@ class EMA:
             state[k].copy_(v.to(state[k].dtype))
 
 
-def _atomic_write(path: str, mode: str, write) -> None:
-    """`write(fh)` into a temp file next to `path`, fsync, rename: the file is never half-written.
-
-    Whatever interrupts the write (disk full, an exception inside torch.save, Ctrl-C) removes
-    the temp file and leaves an existing `path` untouched; an OSError becomes one UserError line.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except Exception as err:
-        cause = _os_error(err)
-        if cause is None:
-            raise
-        raise UserError(f"could not write {path}: {cause.strerror or cause}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The OSError behind `err`, if any: torch.save reports a failed write (e.g. a full disk)
-    as a RuntimeError of its zip writer whose context is the OSError."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save through a temp file and a rename: a checkpoint on disk is never half-written."""
-    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, "w", lambda fh: fh.write(text))
+    atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def history_csv(rows: list[dict]) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 
 from harness import methods
 from harness.backbone import Backbone, backbone_config
-from harness.batch import Batch, predicted_tokens
+from harness.batch import Batch
 from harness.methods import Method, UserError, register
 from harness.train import Preempted, load_checkpoint, train
 
@@ -61,7 +61,7 @@ def test_registry_lists_and_rejects():
 
 def test_loss_falls_and_outputs(toy_config, toy_data, tmp_path):
     cfg = _cfg(toy_config, steps=30, lr=3e-3, checkpoint_every=10, log_every=5)
-    s = train(cfg, "toy-test", "fixed", 0, str(toy_data), str(tmp_path), progress=False)
+    train(cfg, "toy-test", "fixed", 0, str(toy_data), str(tmp_path), progress=False)
     hist = (tmp_path / "history.csv").read_text().splitlines()
     assert hist[0].startswith("step,loss,lr")
     assert len(hist) == 1 + 6
