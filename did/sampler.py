@@ -54,16 +54,14 @@ def _draw(log_scores, rho, blocked, forbidden, top_p, gen) -> torch.Tensor:
         if forbidden is not None:
             probs[:, forbidden] = 0.0
         total = probs.sum(-1)
-        if top_p < 1.0:  # decide insert-vs-VOID first, then a nucleus over the token distribution
-            u = torch.rand(total.shape, generator=gen, dtype=torch.float64, device=total.device)
-            insert = u < total.clamp(max=1.0)
-            tok = torch.full_like(insert, -1, dtype=torch.long)
-            if insert.any():
-                tok[insert] = sampling.sample_categorical(probs[insert], gen, top_p=top_p)
-        else:
-            void = (1.0 - total).clamp_min(0.0)
-            choice = sampling.exp_race(torch.cat([probs, void[:, None]], dim=1), gen)
-            tok = torch.where(choice < V, choice, -1)
+        # Two stages, exactly the joint race over (rho*s, VOID = 1 - sum): insert with probability
+        # min(1, sum), then the token from rho*s / sum. Tokens are only drawn for inserting slots,
+        # which keeps the float64 race off the (mostly VOID) rest of the [R, V] scores.
+        u = torch.rand(total.shape, generator=gen, dtype=torch.float64, device=total.device)
+        insert = u < total.clamp(max=1.0)
+        tok = torch.full_like(insert, -1, dtype=torch.long)
+        if insert.any():
+            tok[insert] = sampling.sample_categorical(probs[insert], gen, top_p=top_p)
         out[lo : lo + chunk] = tok
     return out.masked_fill(blocked, -1)
 

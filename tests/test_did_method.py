@@ -125,7 +125,7 @@ def overfit(name, layout, steps):
         opt.step()
         decay.step()
     after = bound()
-    samples = m.sample(4, 32, generator=torch.Generator().manual_seed(2)).tokens
+    samples = m.sample(16, 32, generator=torch.Generator().manual_seed(2)).tokens
     return before, after, samples, sentence
 
 
