@@ -191,10 +191,8 @@ def test_schema_defaults_match_the_code_defaults():
 def test_schema_method_layouts_match_the_registry():
     from harness import methods
 
-    try:
-        names = methods.available()
-    except Exception as err:  # method packages still missing
-        pytest.skip(f"method registry not importable: {err}")
+    # the shipped methods (tests may register test doubles such as "toy-test" in the same session)
+    names = [n for n in methods.available() if methods.get(n).__module__.split(".")[0] in ("did", "baselines")]
     run_schema = schema()["properties"]["runs"]["items"]
     assert sorted(run_schema["properties"]["method"]["enum"]) == sorted(names)
     for name in names:
