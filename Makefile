@@ -40,10 +40,14 @@ test-faults: $(STAMP)
 test-slurm: $(STAMP)
 	$(VENV)/bin/pytest -q -m slurm
 
-## cost benchmark on this machine (DID vs baselines, interleaved)
+## cost benchmark on this machine (DID vs baselines, interleaved); needs `make study` first
+## (prepared data and trained runs); figures: `$(PY) -m analysis results/default`
 bench: $(STAMP)
-	$(PY) -m harness bench train --sizes tiny small --out results/bench/train-cpu.json
-	$(PY) -m harness bench sample --out results/bench/sample-cpu.json
+	$(PY) -m harness bench train --data results/default/data --sizes tiny small --fixed-lengths 128 1024 \
+		--methods did-fixed radd mdlm did ilm --out results/default/bench/train-cpu.json
+	$(PY) -m harness bench sample --study-dir results/default --steps 16 64 --n 8 --repeats 2 \
+		--out results/default/bench/sample-cpu.json
+	$(PY) -m analysis results/default
 
 clean-study:
 	rm -rf results/default/data results/default/runs .snakemake
