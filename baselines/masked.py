@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from harness.batch import Batch, Vocab, predicted_tokens
 from harness.methods import Method, SampleResult, UserError
+from harness import sampling
 from harness.sampling import sample_categorical, top_p_filter
 from harness.schedule import elbo_weight, sigma_bar
 
@@ -169,15 +170,6 @@ def stratified_levels(b: int, k: int, generator: torch.Generator | None = None, 
     return (torch.arange(k, dtype=torch.float64, device=device)[None, :] + u) / k
 
 
-def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    """A generator usable on `device`: the given one, or one seeded from it (deterministic)."""
-    if generator is None or generator.device.type == torch.device(device).type:
-        return generator
-    g = torch.Generator(device=device)
-    g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    return g
-
-
 # --- the shared method ------------------------------------------------------------------------
 class MaskedDiffusion(Method):
     """Backbone (no time input) + linear head over the vocabulary on a masked canvas.
@@ -315,7 +307,7 @@ class MaskedDiffusion(Method):
         rates, final_argmax = self.sampling_rates(steps)
         x, nfe = ancestral_unmask(
             self.hidden, self.head, x, self.vocab.mask, self.forbidden, rates,
-            generator=device_generator(generator, dev), top_p=top_p, final_argmax=final_argmax,
+            generator=sampling.generator_on(dev, generator), top_p=top_p, final_argmax=final_argmax,
         )
         tokens = []
         for row in x[:, 1:].tolist():

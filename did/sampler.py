@@ -36,14 +36,6 @@ class Sampled:
     info: dict = field(default_factory=dict)
 
 
-def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    """A generator on `device`, seeded from `generator` when that one lives elsewhere."""
-    if generator is None or generator.device == device:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _draw(log_scores, rho, blocked, forbidden, top_p, gen) -> torch.Tensor:
     """One draw per slot: the inserted token id, or -1 for VOID. log_scores [R, V]."""
     R, V = log_scores.shape
@@ -126,7 +118,7 @@ def sample(
     if cache and time_conditioned:
         raise ValueError("score caching needs a time-independent score function")
     device = torch.device(device)
-    gen = _device_generator(generator, device)
+    gen = sampling.generator_on(device, generator)
     prompt = list(prompt or [])
     start = torch.tensor([bos] + prompt, dtype=torch.long, device=device)
     if len(start) > cap:

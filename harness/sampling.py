@@ -8,6 +8,15 @@ from __future__ import annotations
 import torch
 
 
+def generator_on(device, generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator usable on `device`: the given one, or one seeded from it (deterministic), so a
+    CPU generator can drive sampling on a GPU and vice versa."""
+    if generator is None or generator.device.type == torch.device(device).type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def exp_race(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample an index per row with probability proportional to the non-negative `weights`.
 

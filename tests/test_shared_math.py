@@ -1,0 +1,45 @@
+"""The shared math of harness/schedule.py and harness/sampling.py (baselines spec 6.9 item 5)."""
+import torch
+
+from harness import sampling, schedule
+
+
+def test_elbo_weight_is_one_over_t():
+    t = torch.tensor([1e-3, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(schedule.elbo_weight(t), 1 / t)
+    # the same identity written with alpha: -alpha'(t) / (1 - alpha(t))
+    torch.testing.assert_close((1 - schedule.EPS) / (1 - schedule.alpha(t)), 1 / t)
+
+
+def test_stratified_uniform_has_one_value_per_stratum():
+    u = schedule.stratified_uniform(8, torch.Generator().manual_seed(0))
+    assert sorted(torch.floor(u * 8).long().tolist()) == list(range(8))
+
+
+def test_exp_race_matches_probabilities_in_float64():
+    p = torch.tensor([0.5, 0.3, 0.2 - 1e-5, 1e-5], dtype=torch.float64)
+    n = 1_000_000
+    draws = sampling.exp_race(p.expand(n, 4), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4).double()
+    sd = torch.sqrt(n * p * (1 - p))
+    assert bool(((counts - n * p).abs() <= 3 * sd + 1).all()), counts
+
+
+def test_float64_exponential_reaches_below_float32_floor():
+    """float32 -log(U) never goes below ~2^-24; the float64 draws used by the samplers do."""
+    e = torch.empty(10_000_000, dtype=torch.float64).exponential_(1.0, generator=torch.Generator().manual_seed(1))
+    assert float(e.min()) < 2.0**-24
+
+
+def test_top_p_keeps_the_nucleus_and_renormalises():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    out = sampling.top_p_filter(p, 0.8)
+    torch.testing.assert_close(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(sampling.top_p_filter(p, 1.0), p)
+
+
+def test_generator_on_the_same_device_is_the_given_one():
+    """(The cross-device branch, a CPU generator driving GPU sampling, needs a GPU: not tested here.)"""
+    g = torch.Generator().manual_seed(3)
+    assert sampling.generator_on("cpu", g) is g
+    assert sampling.generator_on("cpu", None) is None
