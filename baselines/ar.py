@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.batch import Batch, Vocab
-from harness.methods import Method, SampleResult, UserError, register
+from harness.methods import Method, SampleResult, UserError, check_convention, register
 from harness.sampling import sample_categorical
 
 
@@ -91,6 +91,7 @@ class AR(Method):
 
     layouts = ("fixed", "varlen")
     time_conditioned = False
+    paper_equals_strict = True  # the NLL is exact: nothing to truncate
     OPTIONS = {"temperature": 1.0, "dropout": 0.0}
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
@@ -125,12 +126,19 @@ class AR(Method):
         return loss, {"nll": float(loss.detach()), "tokens": float(len(targets))}
 
     @torch.no_grad()
-    def nll_bound(self, batch: Batch, mc: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Exact -log p(x) per sequence, float64 (`mc` and `generator` are ignored)."""
+    def nll_bound(self, batch: Batch, mc: int = 1, generator: torch.Generator | None = None,
+                  convention: str = "strict") -> torch.Tensor:
+        """Exact -log p(x) per sequence, float64 (`mc`, `generator` and `convention` are ignored:
+        both conventions are the exact NLL)."""
+        check_convention(convention)
         self._check(batch)
         inputs, lengths, targets = causal_inputs(batch, self.vocab.eos)
         nll = token_nll_float64(self.logits(inputs, lengths), targets)
         return per_sequence_sum(nll, lengths)
+
+    def bound_omits(self, convention: str = "strict") -> str:
+        check_convention(convention)
+        return "nothing: the exact NLL of the model (both conventions)"
 
     @torch.no_grad()
     def sample(

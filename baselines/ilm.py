@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from baselines.ar import on_generator_device, row_logsumexp, suppress
 from harness.batch import Batch, Vocab
-from harness.methods import Method, SampleResult, UserError, register
+from harness.methods import Method, SampleResult, UserError, check_convention, register
 from harness.sampling import exp_race, sample_categorical
 from harness.schedule import stratified_uniform
 
@@ -138,15 +138,17 @@ class ILM(Method):
     Options:
       slot_policy    'joint' (default: slot from the marginal of the joint softmax, token given
                      the slot; unbiased at top_p = 1) | 'argmax' (most likely slot, spec 3.f stories)
-      stop_policy    'threshold' (default: stop when p_stop >= stop_threshold) | 'sample'
-                     (stop with probability p_stop: the ancestral sampler of the bound)
-      stop_threshold 0.5
+      stop_policy    'sample' (default: stop with probability p_stop, the ancestral sampler
+                     whose law is the model's, the one the bound of spec 3.e bounds) |
+                     'threshold' (stop when p_stop >= stop_threshold, spec 3.f stories)
+      stop_threshold 0.5 (used by stop_policy 'threshold' only)
       dropout        backbone dropout, 0.0
     """
 
     layouts = ("varlen",)
     time_conditioned = False
-    OPTIONS = {"slot_policy": "joint", "stop_policy": "threshold", "stop_threshold": 0.5, "dropout": 0.0}
+    paper_equals_strict = True  # no time variable to truncate, no prior term
+    OPTIONS = {"slot_policy": "joint", "stop_policy": "sample", "stop_threshold": 0.5, "dropout": 0.0}
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
         super().__init__(vocab, size, layout, max_len, **options)
@@ -210,8 +212,15 @@ class ILM(Method):
         return loss, stats
 
     @torch.no_grad()
-    def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(L+1) * mean_j (CE + BCE)(k_j, D_j) - lgamma(L+1), k_j stratified over {0..L}, float64."""
+    def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None,
+                  convention: str = "strict") -> torch.Tensor:
+        """(L+1) * mean_j (CE + BCE)(k_j, D_j) - lgamma(L+1), k_j stratified over {0..L}, float64.
+
+        Both conventions are this value: the bound has no continuous time to truncate and no
+        prior term (every trajectory starts at [BOS] and the stop head ends it), so the ELBO of
+        spec 3.e is strict as it stands.
+        """
+        check_convention(convention)
         self._check(batch)
         if mc < 1:
             raise UserError("mc must be >= 1")
@@ -222,6 +231,11 @@ class ILM(Method):
             ce, bce, _ = self._terms(batch, uniform_k(content, u[:, j]), generator, torch.float64)
             total += ce + bce
         return bound_from_terms(total / mc, content)
+
+    def bound_omits(self, convention: str = "strict") -> str:
+        check_convention(convention)
+        return ("nothing beyond the ELBO's own gap: uniform insertion orders as the variational posterior "
+                "(spec 3.e; no time truncation, no prior term; both conventions)")
 
     @torch.no_grad()
     def sample(
@@ -234,24 +248,36 @@ class ILM(Method):
         prompt: list[int] | None = None,
         length: int | None = None,
     ) -> SampleResult:
-        """One insertion per step per sequence, float64, until the stop head fires.
+        """Ancestral insertion sampling in float64: one (slot, token) insertion per network call.
 
-        `steps` is the insertion budget (at most `steps` content tokens); max_len caps the
-        length. Both cuts are counted in info. NFE = forward calls (tokens generated + 1 for a
-        batch whose longest sample stopped via its head). `length` is ignored (varlen only).
+        Each call on the still-active sequences gives p_stop; with stop_policy 'sample' (the
+        default) a sequence stops with probability p_stop, so the length law is the model's (given
+        its trajectory x^0 = [BOS], x^1, ...):
+            P(length = l | x^0..x^l) = prod_{j<l} (1 - p_stop(x^j)) * p_stop(x^l)
+        ('threshold': stop when p_stop >= stop_threshold). The only cap is the model length: a
+        sample that reaches max_len - 1 content tokens (max_len counts BOS) stops there, i.e. the
+        model is forced to stop at the cap (p_stop := 1 at max_len - 1 content tokens, no call is
+        made for that decision). Counted in info as stopped_by_head / stopped_at_max_len.
+
+        `steps` is ignored: ILM inserts one token per network call by construction, so it has no
+        step budget to trade (spec 3.f, 3.g: report ILM against NFE). It is recorded in
+        info['requested_steps']. NFE = network forward calls made for the batch = longest sample
+        + 1 if that sample stopped via its head, max_len - 1 if it hit the cap.
+        `length` is ignored (varlen only).
         """
         if prompt:
             raise UserError("ilm does not support prompts")
-        if n < 1 or steps < 1:
-            raise UserError("ilm sample needs n >= 1 and steps >= 1")
+        if n < 1:
+            raise UserError("ilm sample needs n >= 1")
         dev = self.device
         x = torch.full((n, 1), self.vocab.bos, dtype=torch.long, device=dev)
         active = torch.ones(n, dtype=torch.bool, device=dev)
         final: list[torch.Tensor | None] = [None] * n
         trajectory: list[list[int]] = []
-        nfe = inserted = 0
+        nfe = 0
         stopped_by_head = 0
-        while active.any() and inserted < steps and x.shape[1] < self.max_len:
+        # all active rows have the same length (one insertion each per call); x.shape[1] counts BOS
+        while active.any() and x.shape[1] < self.max_len:
             logits, stop = self._heads(self.backbone(x), None)  # [A, n, V], [A, 2]
             nfe += 1
             p_stop = torch.softmax(stop.double(), -1)[:, STOP]
@@ -279,10 +305,9 @@ class ILM(Method):
             token_p = torch.softmax(logits[torch.arange(a, device=dev), slot].double(), -1)
             token = sample_categorical(on_generator_device(token_p, generator), generator, top_p).to(dev)
             x = insert_tokens(x, slot, token)
-            inserted += 1
             trajectory.append([x.shape[1] - 1 if on else -1 for on in active.tolist()])  # -1: done
-        cut = active.nonzero().squeeze(-1).tolist()
-        for i, row in enumerate(cut):
+        capped = active.nonzero().squeeze(-1).tolist()  # still running: reached max_len - 1 content tokens
+        for i, row in enumerate(capped):
             final[row] = x[i, 1:].clone()
         lengths_now = [len(t) for t in final]
         trajectory = [[lengths_now[j] if v < 0 else v for j, v in enumerate(step)] for step in trajectory]
@@ -290,13 +315,16 @@ class ILM(Method):
             "sampler": "insertion",
             "slot_policy": self.slot_policy,
             "stop_policy": self.stop_policy,
-            "stop_threshold": self.stop_threshold,
+            "stop_threshold": self.stop_threshold if self.stop_policy == "threshold" else None,
             "top_p": float(top_p),
             "float64": True,
-            "insertion_budget": int(steps),
+            "steps_ignored": True,
+            "requested_steps": int(steps),
+            "steps_note": "ilm inserts one token per network call; only max_len - 1 content tokens cap it",
+            "max_content_tokens": self.max_len - 1,
             "stopped_by_head": stopped_by_head,
-            "truncated_budget": len(cut) if x.shape[1] < self.max_len else 0,
-            "truncated_max_len": len(cut) if x.shape[1] >= self.max_len else 0,
+            "stopped_at_max_len": len(capped),
+            "mean_generated_tokens": sum(lengths_now) / n,
         }
         return SampleResult(tokens=[t.tolist() for t in final], nfe=nfe, trajectory=trajectory, info=info)
 

@@ -23,10 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import Method, SampleResult, UserError
+from harness.methods import Method, SampleResult, UserError, check_convention
 from harness import sampling
-from harness.sampling import sample_categorical, top_p_filter
-from harness.schedule import elbo_weight, sigma_bar
+from harness.sampling import bernoulli_at_least_one, sample_categorical, top_p_filter
+from harness.schedule import T_MIN, alpha, elbo_weight, sigma_bar
 
 #: Logit given to impossible tokens (MDLM's SUBS constant). Log-softmax runs in float32, where
 #: -1e6 is safe; float16 overflows it to -inf and NaNs follow (mdlm #7), so use -1e3 there.
@@ -240,25 +240,50 @@ class MaskedDiffusion(Method):
 
     # --- NLL bound (spec 6.2) ---
     @torch.no_grad()
-    def nll_bound(self, batch: Batch, mc: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(1/K) sum_k (1/lambda_k) sum_{l in M_k} -log c(x^l | x with M_k masked), float64 [B].
+    def nll_bound(self, batch: Batch, mc: int = 1, generator: torch.Generator | None = None,
+                  convention: str = "strict") -> torch.Tensor:
+        """Per-sequence bound [B], float64, K = `mc` draws stratified per sequence.
 
-        lambda_k = (k + u_k)/K stratified per sequence; M_k ~ Bernoulli(lambda_k) over the
-        predictable positions. Its expectation is the average over orders of the any-order AR
-        NLL (spec 2.b), an upper bound on -log p(x). One network call per k (batch-wide).
-        The estimate is unbiased, but the lowest stratum (lambda near 0, weight 1/lambda) has a
-        heavy tail (log-divergent second moment), so standard errors converge slowly.
+        strict: (1/K) sum_k (1/lambda_k) sum_{l in M_k} -log c(x^l | x with M_k masked), with
+        lambda_k = (k + u_k)/K and M_k ~ Bernoulli(lambda_k) over the predictable positions: the
+        exact NELBO with alpha(1) = 0 (the chain starts from the all-MASK canvas the sampler
+        starts from, so there is no prior term) and no time truncation. Its expectation is the
+        average over orders of the any-order AR NLL (spec 2.b), an upper bound on -log p(x).
+        Unbiased; drawing the mask conditioned on at least one masked position keeps the lowest
+        stratum (weight 1/lambda) from the heavy tail a plain draw has there.
+
+        paper: MDLM/RADD's evaluation, t_k stratified in [1e-3, 1], mask probability
+        1 - alpha(t) = (1 - eps) t, weight 1/t: drops t < 1e-3 and the prior term (at t = 1 each
+        token is still clean with probability eps). Not guaranteed to be a bound.
+        One network call per draw (batch-wide).
         """
+        check_convention(convention)
         if mc < 1:
             raise UserError("mc must be >= 1")
         canvas, predictable = self.canvas(batch)
         dev = canvas.device
-        lam = stratified_levels(canvas.shape[0], mc, generator, dev)
         total = torch.zeros(canvas.shape[0], dtype=torch.float64, device=dev)
-        for k in range(mc):
-            masked = bernoulli_mask(predictable, lam[:, k], generator)
-            total += lambda_dce(self.masked_nll(canvas, masked), lam[:, k])
+        # each draw masks conditioned on at least one mask, weighted by its probability
+        # (harness.sampling.bernoulli_at_least_one): nothing masked scores 0, so this is the
+        # same expectation as a plain draw without the heavy 1/lambda tail at small lambda
+        if convention == "strict":
+            lam = stratified_levels(canvas.shape[0], mc, generator, dev)
+            for k in range(mc):
+                masked, p_any = bernoulli_at_least_one(predictable, lam[:, k], generator)
+                total += p_any * lambda_dce(self.masked_nll(canvas, masked), lam[:, k])
+        else:
+            t = T_MIN + (1 - T_MIN) * stratified_levels(canvas.shape[0], mc, generator, dev)
+            for k in range(mc):
+                masked, p_any = bernoulli_at_least_one(predictable, 1 - alpha(t[:, k]), generator)
+                total += p_any * continuous_nelbo(self.masked_nll(canvas, masked), t[:, k])
         return total / mc
+
+    def bound_omits(self, convention: str = "strict") -> str:
+        check_convention(convention)
+        if convention == "strict":
+            return "nothing: the exact continuous-time NELBO with alpha(1) = 0 (lambda over (0, 1], no prior term)"
+        return ("times t < 1e-3 and the prior term at t = 1 (each token stays clean with probability 1e-3), "
+                "as MDLM/RADD's code evaluates; not guaranteed to be an upper bound")
 
     # --- sampling ---
     def sampling_rates(self, steps: int) -> tuple[list[float], bool]:
@@ -282,8 +307,11 @@ class MaskedDiffusion(Method):
         """Ancestral unmasking with caching, probabilities sampled in float64.
 
         The canvas has `length` positions (BOS included; default max_len). fixed: every sample
-        has length-1 content tokens. varlen: the canvas is cut at the first PAD. `prompt`
-        (content ids) is clamped right after BOS and never masked.
+        has length-1 content tokens. varlen: the canvas is cut at the first PAD (spec 6.1) and
+        what the cut drops is reported per sample (spec 6.6) in `per_sample`:
+        "content_after_pad" (bool: some non-PAD token follows the first PAD) and
+        "tokens_after_pad" (how many); the fixed layout has no PAD canvas and reports neither.
+        `prompt` (content ids) is clamped right after BOS and never masked.
         """
         if n < 1:
             raise UserError("number of samples must be >= 1")
@@ -309,14 +337,16 @@ class MaskedDiffusion(Method):
             self.hidden, self.head, x, self.vocab.mask, self.forbidden, rates,
             generator=sampling.generator_on(dev, generator), top_p=top_p, final_argmax=final_argmax,
         )
-        tokens = []
-        for row in x[:, 1:].tolist():
-            if self.layout == "varlen" and self.vocab.pad in row:
-                row = row[: row.index(self.vocab.pad)]
-            tokens.append(row)
+        rows = x[:, 1:].tolist()
+        per_sample: dict[str, list] = {}
+        if self.layout == "varlen":
+            tokens, after = cut_at_first_pad(rows, self.vocab.pad)
+            per_sample = {"content_after_pad": [k > 0 for k in after], "tokens_after_pad": after}
+        else:
+            tokens = rows
         info = {"steps": int(steps), "top_p": float(top_p), "float64": True, "cache": True, "canvas": total}
         info.update(self.sampler_info())
-        return SampleResult(tokens=tokens, nfe=nfe, trajectory=None, info=info)
+        return SampleResult(tokens=tokens, nfe=nfe, trajectory=None, info=info, per_sample=per_sample)
 
     def flops_per_token(self, batch: Batch) -> float:
         """3 x forward FLOPs of the backbone on the canvas + head at the masked positions, per clean token.
@@ -328,6 +358,24 @@ class MaskedDiffusion(Method):
         lengths = torch.full((b,), n, dtype=torch.long)
         head = 2 * self.backbone.cfg.d_model * self.vocab.size * (b * n) / 2
         return 3.0 * (float(self.backbone.forward_flops(lengths)) + head) / batch.clean_tokens()
+
+
+def cut_at_first_pad(rows: list[list[int]], pad: int) -> tuple[list[list[int]], list[int]]:
+    """(each row cut before its first PAD, non-PAD tokens each cut dropped) for varlen canvases.
+
+    The second list counts "content after the first PAD" (baselines spec 6.6): the cut keeps
+    the text before the first PAD, so anything the sampler put after it is lost and counted.
+    """
+    tokens, after = [], []
+    for row in rows:
+        if pad in row:
+            at = row.index(pad)
+            tokens.append(row[:at])
+            after.append(sum(t != pad for t in row[at + 1 :]))
+        else:
+            tokens.append(list(row))
+            after.append(0)
+    return tokens, after
 
 
 def ancestral_unmask(

@@ -10,11 +10,15 @@ Options (`methods.<name>.options` in the study config):
   dropout (float), threshold (sparse target cut, 1e-6), grid ("uniform" | "cosine" sampling
   grid), sample_batch_size (sequences per sampler call inside sample(), default 64).
 
-What the bound omits (spec §12.4), the paper's convention, kept here: the chain is started at
-the deterministic state [BOS], but under eps = 1e-3 the forward marginal at t = 1 still holds
-a token with probability 1 - (1 - eps)^(m - 1) (0.64 for m = 1024), so the prior term is not
-zero (strictly it is unbounded); and times t < 1e-3 are never sampled. `prior_mass(batch)`
-reports that probability; `last_bound_stats` carries its mean for the last nll_bound call.
+Two likelihood numbers (`nll_bound(..., convention=)`; derivation in `strict_bound_note`):
+
+* strict: a valid upper bound on -log p(x) of the model the sampler runs, the continuous-time
+  insertion process from [BOS] at t = 1 to t = 0 with rates s(x_t, sigma_bar(t)) / t and no
+  insertion beyond the length cap. The forward process deletes with probability t (eps = 0),
+  so x_1 = [BOS] exactly and the prior term is zero; t covers (1e-6, 1].
+* paper: the DID code's evaluation (spec §8.2): deletion probability (1 - 1e-3) t, t in
+  [1e-3, 1], DICE for did-fixed, the prior term at t = 1 dropped (spec §12.4: x_1 != [BOS] with
+  probability 1 - (1 - eps)^(m - 1), 0.64 for m = 1024). Not guaranteed to be a bound.
 """
 from __future__ import annotations
 
@@ -27,9 +31,44 @@ from did.heads import CSoftmaxHead, SeqNormHead, prompt_blocked_slots, suppresse
 from harness import schedule
 from harness.backbone import Backbone, backbone_config
 from harness.batch import Batch, Vocab
-from harness.methods import Method, SampleResult, UserError, register
+from harness.methods import Method, SampleResult, UserError, check_convention, register
+from harness.sampling import bernoulli_at_least_one
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+strict_bound_note = """Why the strict DID number is an upper bound (and how it is estimated).
+
+Model. The sampler simulates a continuous-time Markov chain on token sequences from [BOS] at
+t = 1 down to t = 0: in state x at time t, action (slot i, token v) fires at rate
+R(x, t)[i, v] = s(x, sigma_bar_eps(t))[i, v] / t (the tau-leaping probability Delta t / t per
+step), and no action fires once |x| reaches the length cap (the sampler drops insertions
+beyond it). The network input sigma_bar_eps(t) = -log(1 - (1 - eps) t) is just the network's
+time feature; the model is defined by it whatever the forward process is.
+
+ELBO. For any forward process q that ends at [BOS] at t = 1 and whose reverse conditional rates
+given x0 are Rq, the path-space KL gives -log p(x0) <= KL(q(x_1|x0) || delta_BOS)
++ int_0^1 E_{x_t ~ q_t(.|x0)} sum_y [R(y) - Rq(y) log R(y) + Rq(y)(log Rq(y) - 1)] dt.
+Take deletion with probability t (eps = 0): q(x_1|x0) = delta_BOS, so the first term is 0, and
+Rq(x_t -> y) = (1/t) N(x_t, y) N(y, x0) / N(x_t, x0) (alpha/(1 - alpha) times the deletion rate
+1/(1 - t)). Each of the N(x_t, y) actions (i, v) giving y has the same count ratio
+r[i, v] = N(y, x0)/N(x_t, x0), so the log t terms cancel and the integrand is the DSE of spec
+§4.1 with weight 1/t. Jensen on log sum_{(i,v) -> y} s (spec §4.1) bounds it by DISE:
+(1/t) sum_{i,v} [s - r log s + r (log r - 1)], equality when s is proportional to r within every
+y (true of the exact scores). With the cap, rows with |x_t| = cap have s = 0 and r = 0 (the
+data never exceed the cap), so they contribute 0. did-fixed: DISE of the seqnorm head =
+DICE + (1/t) 1e-4 on every row with |x_t| < L (the head's mass is L - n + 1e-4 while
+sum r = L - n): the "seqnorm cap term".
+
+Estimate. The integral is taken over [T_FLOOR, 1] = [1e-6, 1] with K times per sequence from
+harness.schedule.bound_times: stratified, uniform above 1e-3 and log-uniform on
+[1e-6, 1e-3] (a quarter of the strata), each draw weighted by dt/du, so the estimate is
+unbiased whatever the integrand. Below 1e-3 a well-fitted model predicts about t (m - 1)
+insertions, the integrand is bounded and the slice (0, 1e-6) is negligible (< 1e-6 x that
+bound). A model that still predicts c > 0 insertions as t -> 0 pays about
+c ln(1e-3 / 1e-6) = 6.9 c nats in the slice (and without the clamp the bound would be
+infinite: such a model inserts infinitely often near t = 0); `insertion_mass_at_t0` in the
+result file reports c.
+"""
 _OPTIONS = {"loss", "dp_dtype", "dropout", "threshold", "grid", "sample_batch_size"}
 
 
@@ -85,11 +124,21 @@ class _DIDBase(Method):
     def _sigma(self, t: torch.Tensor) -> torch.Tensor | None:
         return schedule.sigma_bar(t).float() if self.time_conditioned else None
 
-    def _per_sequence(self, batch: Batch, t, generator, weight_kind: str, dp_dtype, acc_dtype):
-        """One x_t per sequence and its loss [B]; also the DP and forward times."""
+    def _per_sequence(self, batch: Batch, t, generator, weight_kind: str, dp_dtype, acc_dtype,
+                      eps: float = schedule.EPS, loss_name: str | None = None, capped: bool = False):
+        """One x_t ~ q_t(. | x0) per sequence and its loss [B]; also the DP and forward times."""
+        d = process.delete(batch.x0, batch.lengths, t, generator=generator, eps=eps)
+        return self._loss_at(batch, d, weight_kind, dp_dtype, acc_dtype, loss_name, capped)
+
+    def _loss_at(self, batch: Batch, d, weight_kind: str, dp_dtype, acc_dtype, loss_name: str | None = None,
+                 capped: bool = False):
+        """(loss [B], d, DP seconds, forward seconds) of the given x_t (a process.Deleted).
+
+        `loss_name`: dise | dice (default: the method's own). `capped`: sequences with |x_t|
+        at the length cap contribute 0 (the capped model inserts nothing there; strict bound).
+        """
         device = batch.x0.device
         t0 = time.perf_counter()
-        d = process.delete(batch.x0, batch.lengths, t, generator=generator)
         targets = counting.sparse_insertion_targets(
             batch.x0, d.keep, batch.lengths, self.vocab.size, dp_dtype=dp_dtype, threshold=self.threshold
         )
@@ -98,10 +147,30 @@ class _DIDBase(Method):
         log_s = self.score(d.tokens, d.lengths, self._sigma(d.t))
         weight = schedule.elbo_weight(d.t) if weight_kind == "default" else torch.ones_like(d.t)
         weight = weight.to(acc_dtype) if acc_dtype == torch.float64 else weight.float()
-        per_seq = losses.LOSSES[self.loss_name](log_s, targets, d.row_sequence(), weight, acc_dtype=acc_dtype)
+        per_seq = losses.LOSSES[loss_name or self.loss_name](log_s, targets, d.row_sequence(), weight, acc_dtype=acc_dtype)
+        if capped:
+            per_seq = torch.where(d.lengths >= self.max_len, torch.zeros_like(per_seq), per_seq)
         _sync(device)
         t2 = time.perf_counter()
         return per_seq, d, t1 - t0, t2 - t1
+
+    def _bound_draw(self, batch: Batch, t: torch.Tensor, generator, *, eps: float, loss_name: str, capped: bool):
+        """Unbiased estimate [B] of E_{x_t ~ q_t(. | x0)}[loss(x_t, t)] at times t [B] (float64).
+
+        E = P(nothing deleted) loss(x0) + P(>= 1 deleted) E[loss | >= 1 deleted], with the second
+        x_t drawn conditioned on a deletion (harness.sampling.bernoulli_at_least_one): same
+        expectation as one plain draw, without its heavy 1/t tail at small t.
+        """
+        f64 = torch.float64
+        x0, lengths = batch.x0, batch.lengths
+        hit, p_any = bernoulli_at_least_one(process.deletable(lengths, x0.shape[1]), (1 - eps) * t, generator)
+        valid = batch.valid_mask()
+        some, *_ = self._loss_at(batch, process.from_keep(x0, valid & ~hit, t), "default", f64, f64, loss_name, capped)
+        # nothing deleted: r = 0, so DICE is 0 and DISE is (1/t) sum s(x0); capped full rows are 0 too
+        none = torch.zeros_like(some)
+        if loss_name != "dice" and not (capped and bool((lengths >= self.max_len).all())):
+            none, *_ = self._loss_at(batch, process.from_keep(x0, valid, t), "default", f64, f64, loss_name, capped)
+        return (1 - p_any) * none + p_any * some
 
     # --- the interface -------------------------------------------------------------------
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -116,29 +185,66 @@ class _DIDBase(Method):
         return per_seq.mean(), stats
 
     @torch.no_grad()
-    def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(1/K) sum_k DISE/DICE at K times stratified per sequence, weight 1/t, float64."""
+    def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None,
+                  convention: str = "strict") -> torch.Tensor:
+        """Per-sequence bound [B], float64, K = `mc` times per sequence (weight 1/t).
+
+        strict (see `strict_bound_note`): DISE of the capped model, deletion probability t,
+        (1/K) sum_k DISE(t_k) dt/du_k with t_k from harness.schedule.bound_times over [1e-6, 1].
+        paper: (1/K) sum_k DISE/DICE(t_k), t_k stratified in [1e-3, 1], deletion (1 - 1e-3) t.
+        """
+        check_convention(convention)
         self._check_layout(batch)
         if mc < 1:
             raise UserError("mc must be >= 1")
         cpu_gen = _cpu_generator(generator)
-        B = batch.size
-        t = torch.stack([schedule.stratified_t(mc, cpu_gen) for _ in range(B)]).to(batch.x0.device)  # [B, K]
-        total = torch.zeros(B, dtype=torch.float64, device=batch.x0.device)
-        for k in range(mc):
-            per_seq, *_ = self._per_sequence(batch, t[:, k], generator, "default", torch.float64, torch.float64)
-            total += per_seq
-        prior = self.prior_mass(batch)
-        self.last_bound_stats = {
-            "mc": mc,
-            "omitted": "prior term at t=1 and times t < 1e-3 (paper convention)",
-            "mean_p_x1_not_bos": float(prior.mean()),
-        }
+        B, dev = batch.size, batch.x0.device
+        total = torch.zeros(B, dtype=torch.float64, device=dev)
+        stats: dict = {"mc": mc, "convention": convention}
+        if convention == "strict":
+            t, jac = schedule.bound_times(B, mc, cpu_gen)
+            t, jac = t.to(dev), jac.to(dev)
+            low = torch.zeros(B, dtype=torch.float64, device=dev)
+            for k in range(mc):
+                value = self._bound_draw(batch, t[:, k], cpu_gen, eps=0.0, loss_name="dise", capped=True) * jac[:, k]
+                total += value
+                low += torch.where(t[:, k] < schedule.T_MIN, value, torch.zeros_like(value))
+            stats["low_slice_per_sequence"] = (low / mc).tolist()  # part of the bound from t < 1e-3
+            stats["insertion_mass_at_t0"] = self.insertion_mass(batch).tolist()
+        else:
+            t = torch.stack([schedule.stratified_t(mc, cpu_gen) for _ in range(B)]).to(dev)  # [B, K]
+            for k in range(mc):
+                total += self._bound_draw(batch, t[:, k], cpu_gen, eps=schedule.EPS, loss_name=self.loss_name,
+                                          capped=False)
+            stats["mean_p_x1_not_bos"] = float(self.prior_mass(batch).mean())
+        self.last_bound_stats = stats
         return total / mc
+
+    def bound_omits(self, convention: str = "strict") -> str:
+        check_convention(convention)
+        if convention == "strict":
+            return ("times t < 1e-6 (negligible unless the model still inserts as t -> 0: see "
+                    "insertion_mass_at_t0); prior term zero by construction (deletion probability t)")
+        return ("times t < 1e-3 and the prior term at t = 1 (x_1 != [BOS] with probability 1 - (1 - 1e-3)^(m - 1)), "
+                "as the DID paper's code evaluates" + ("; DICE drops the seqnorm head's 1e-4 mass term"
+                                                        if self.loss_name == "dice" else "")
+                + "; not guaranteed to be an upper bound")
+
+    @torch.no_grad()
+    def insertion_mass(self, batch: Batch, t: float = schedule.T_FLOOR) -> torch.Tensor:
+        """[B] total predicted insertions sum_{i,v} s(x0, sigma_bar(t)) on the clean sequences at a
+        tiny t: the c of `strict_bound_note` (0 for a model that knows a sequence is complete)."""
+        tt = torch.full((batch.size,), float(t), dtype=torch.float64, device=batch.x0.device)
+        x = batch.x0[batch.valid_mask()]
+        log_s = self.score(x, batch.lengths, self._sigma(tt))
+        mass = torch.logsumexp(log_s.double(), dim=-1).exp()
+        seq = torch.repeat_interleave(torch.arange(batch.size, device=x.device), batch.lengths)
+        out = torch.zeros(batch.size, dtype=torch.float64, device=x.device).index_add(0, seq, mass)
+        return torch.where(batch.lengths >= self.max_len, torch.zeros_like(out), out)  # capped: nothing inserted
 
     @staticmethod
     def prior_mass(batch: Batch, eps: float = schedule.EPS) -> torch.Tensor:
-        """[B] float64: P(x_1 != [BOS]) = 1 - (1 - eps)^(m - 1), the mass the bound ignores."""
+        """[B] float64: P(x_1 != [BOS]) = 1 - (1 - eps)^(m - 1), the mass the paper convention ignores."""
         deletable = (batch.lengths - 1).to(torch.float64)
         return 1 - (1 - eps) ** deletable
 

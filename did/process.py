@@ -69,4 +69,15 @@ def delete(
     protect_t = torch.as_tensor(protect, device=device).clamp_min(1)
     protected = pos[None, :] < protect_t.reshape(-1, 1)
     keep = (keep | protected) & valid
-    return Deleted(tokens=x0[keep], lengths=keep.sum(1), keep=keep, t=t)
+    return from_keep(x0, keep, t)
+
+
+def from_keep(x0: torch.LongTensor, keep: torch.BoolTensor, t: torch.Tensor) -> Deleted:
+    """The Deleted record of a given survival mask [B, Lmax] (False beyond each row's length)."""
+    return Deleted(tokens=x0[keep], lengths=keep.sum(1), keep=keep, t=t.to(device=x0.device, dtype=torch.float64))
+
+
+def deletable(lengths: torch.LongTensor, width: int, protect: int = 1) -> torch.BoolTensor:
+    """[B, width] True on the positions the forward process may delete (not BOS / a prompt)."""
+    pos = torch.arange(width, device=lengths.device)
+    return (pos[None, :] >= protect) & (pos[None, :] < lengths[:, None])

@@ -25,12 +25,18 @@ class SampleResult:
     nfe:    number of network forward calls actually made for the whole batch of samples
             (a call over a batch of sequences counts once).
     trajectory: optional per-step sequence lengths [steps][n] (DID / ILM length growth).
+    info:   facts about the sampling call (settings, and counts for this call only).
+    per_sample: optional per-sample facts, {name: list of n JSON values} in sample order, e.g.
+            the masked models' {"content_after_pad": [bool], "tokens_after_pad": [int]}.
+            harness.evaluate.samples copies each into its samples.jsonl row, so unlike `info`
+            they stay correct when a sample set is drawn in several calls.
     """
 
     tokens: list[list[int]]
     nfe: int
     trajectory: list[list[int]] | None = None
     info: dict = field(default_factory=dict)
+    per_sample: dict[str, list] = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -45,6 +51,9 @@ class Method(nn.Module):
     layouts: ClassVar[tuple[str, ...]] = ("fixed", "varlen")
     #: whether the network needs a time input (affects FLOPs estimate and caching)
     time_conditioned: ClassVar[bool] = False
+    #: True when the paper convention truncates nothing for this method (AR: exact NLL; ILM: no
+    #: continuous time), so its paper-convention value IS the strict bound (computed once)
+    paper_equals_strict: ClassVar[bool] = False
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
         super().__init__()
@@ -64,12 +73,27 @@ class Method(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sequence upper bound on -log p(x) in nats, float64 [B] (exact for AR).
+    def nll_bound(
+        self, batch: Batch, mc: int, generator: torch.Generator | None = None, convention: str = "strict"
+    ) -> torch.Tensor:
+        """Per-sequence estimate of -log p(x) in nats, float64 [B] (exact for AR).
 
         `mc` Monte-Carlo samples per sequence, stratified per sequence. Divide by
-        `harness.batch.predicted_tokens(batch)` for nats/token.
+        `harness.batch.predicted_tokens(batch)` for nats/token. `convention` (BOUND_CONVENTIONS):
+
+        * "strict": an unbiased estimate of a valid upper bound on -log p(x) of the generative
+          model the sampler runs: the whole time range, the prior term included (or zero by
+          construction). This is the number every table reports first.
+        * "paper": the convention of the DID/RADD/MDLM papers' code (t >= 1e-3, the prior term
+          at t = 1 dropped), the same truncation for every method, only for comparison with
+          published numbers. It is NOT guaranteed to be an upper bound.
+
+        `bound_omits(convention)` says in one sentence what a value leaves out.
         """
+        raise NotImplementedError
+
+    def bound_omits(self, convention: str = "strict") -> str:
+        """One sentence: what the `convention` value of `nll_bound` leaves out (for the result file)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -99,6 +123,16 @@ class Method(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+#: the likelihood conventions every method reports (see Method.nll_bound)
+BOUND_CONVENTIONS = ("strict", "paper")
+
+
+def check_convention(convention: str) -> str:
+    if convention not in BOUND_CONVENTIONS:
+        raise UserError(f"unknown bound convention {convention!r} (known: {', '.join(BOUND_CONVENTIONS)})")
+    return convention
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -50,3 +50,36 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None, top_p: float = 1.0) -> torch.Tensor:
     """Draw one index per row from (unnormalised) probabilities, optionally nucleus-filtered."""
     return exp_race(top_p_filter(probs, top_p) if top_p < 1.0 else probs, generator)
+
+
+def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=where).to(device)
+
+
+def bernoulli_at_least_one(eligible: torch.Tensor, rate: torch.Tensor,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hit [B, L] bool, p_any [B] float64): independent Bernoulli(rate[b]) hits over the eligible
+    positions of each row, conditioned on at least one hit, and the probability of that event.
+
+    Why: the likelihood bounds weight a corruption at time t by 1/t, and at small t a corruption
+    is rare (probability ~ t x length), so the plain estimator has a heavy tail. Splitting
+    E[f(x_t)] = P(none) f(x0) + P(>= 1) E[f(x_t) | >= 1] and sampling the second term
+    conditioned keeps every draw of order 1 (P(>= 1) / t stays bounded) with the same expectation.
+
+    Exact sampler: the first hit J among the D eligible positions is truncated-geometric,
+    P(J = j | >= 1) = q (1 - q)^j / p_any, and the positions after J are independent Bernoulli(q).
+    Rows with no eligible position get no hit and p_any = 0.
+    """
+    q = rate.to(torch.float64).to(eligible.device).clamp(0.0, 1.0)
+    n_eligible = eligible.sum(1).to(torch.float64)
+    log_keep = torch.log1p(-q.clamp_max(1 - 1e-16))
+    p_any = -torch.expm1(n_eligible * log_keep)
+    u = _uniform(q.shape, generator, eligible.device)
+    first = torch.floor(torch.log1p(-u * p_any) / log_keep)
+    first = torch.minimum(first, (n_eligible - 1).clamp_min(0)).nan_to_num(0.0).long()
+    rank = torch.cumsum(eligible.long(), 1) - 1
+    later = _uniform(eligible.shape, generator, eligible.device) < q[:, None]
+    hit = eligible & ((rank == first[:, None]) | ((rank > first[:, None]) & later))
+    hit &= (n_eligible > 0)[:, None]
+    return hit, p_any

@@ -6,6 +6,8 @@ For this schedule the ELBO weight sigma(t) / (exp(sigma_bar(t)) - 1) equals 1/t 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-3  # schedule epsilon: at t = 1 a token survives with probability EPS
@@ -44,6 +46,36 @@ def stratified_uniform(n: int, generator: torch.Generator | None = None, device=
 def stratified_t(n: int, generator: torch.Generator | None = None, device=None, t_min: float = T_MIN) -> torch.Tensor:
     """Stratified t in [t_min, 1] (the "vdm"/antithetic sampler), float64."""
     return t_min + (1 - t_min) * stratified_uniform(n, generator, device)
+
+
+#: strict DID bound: smallest time integrated (numerical clamp; see bound_times)
+T_FLOOR = 1e-6
+#: strict DID bound: share of the strata spent on the slice [T_FLOOR, T_MIN]
+LOW_SLICE_SHARE = 0.25
+
+
+def bound_times(b: int, k: int, generator: torch.Generator | None = None, device=None,
+                t_floor: float = T_FLOOR, t_split: float = T_MIN, low_share: float = LOW_SLICE_SHARE):
+    """(t [b, k], jac [b, k]): times for an unbiased stratified estimate of an integral over
+    [t_floor, 1], as mean_j f(t_j) * jac_j (float64).
+
+    u is stratified per row (k strata of [0, 1)) and mapped by a monotone change of variables:
+    u < low_share -> log-uniform on [t_floor, t_split] (the slice where a 1/t weight makes plain
+    uniform draws useless: an integrand like c/t gets the constant f * jac = c ln(t_split/t_floor)
+    / low_share); u >= low_share -> uniform on [t_split, 1]. jac = dt/du, so E[f(t) jac] is
+    exactly the integral of f over [t_floor, 1] whatever f is.
+    """
+    if not 0 < t_floor < t_split < 1 or not 0 < low_share < 1:
+        raise ValueError("need 0 < t_floor < t_split < 1 and 0 < low_share < 1")
+    u = torch.stack([stratified_uniform(k, generator) for _ in range(b)]).to(device) if b else \
+        torch.zeros(0, k, dtype=torch.float64, device=device)
+    span = math.log(t_split / t_floor)
+    low = u < low_share
+    t_low = t_floor * torch.exp(span * u / low_share)
+    t_high = t_split + (1 - t_split) * (u - low_share) / (1 - low_share)
+    t = torch.where(low, t_low, t_high)
+    jac = torch.where(low, t_low * span / low_share, torch.full_like(u, (1 - t_split) / (1 - low_share)))
+    return t, jac
 
 
 def time_grid(steps: int, kind: str = "uniform", t_end: float = SAMPLING_EPS) -> torch.Tensor:

@@ -100,6 +100,9 @@ def test_bound_is_deterministic_per_generator_and_positive(name, layout):
     assert a.dtype == torch.float64 and a.shape == (batch.size,)
     torch.testing.assert_close(a, b)
     assert bool((a > 0).all())  # even [BOS] alone costs the mass the model puts on insertions
+    assert m.last_bound_stats["convention"] == "strict" and len(m.last_bound_stats["insertion_mass_at_t0"]) == batch.size
+    paper = m.nll_bound(batch, 3, torch.Generator().manual_seed(5), convention="paper")
+    assert paper.shape == a.shape and bool((paper > 0).all())
     p = m.last_bound_stats["mean_p_x1_not_bos"]
     assert p == pytest.approx(float((1 - (1 - 1e-3) ** (batch.lengths - 1).double()).mean()))
 

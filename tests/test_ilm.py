@@ -253,6 +253,11 @@ def test_registered_varlen_only(micro):
         build("ilm", VOCAB, "micro", "varlen", 8, slot_policy="greedy")
     with pytest.raises(UserError):
         build("ilm", VOCAB, "micro", "varlen", 8, bogus=1)
+    with pytest.raises(UserError):
+        build("ilm", VOCAB, "micro", "varlen", 8, stop_policy="greedy")
+    # the default samples the stop head (the model's own law); 'threshold' stays an option
+    assert build("ilm", VOCAB, "micro", "varlen", 8).stop_policy == "sample"
+    assert build("ilm", VOCAB, "micro", "varlen", 8, stop_policy="threshold").stop_policy == "threshold"
 
 
 def test_loss_finite_and_backward(micro):
@@ -306,15 +311,17 @@ def test_overfits_one_sentence_and_samples_it(micro):
 
 
 def test_joint_sampler_matches_the_model_distribution(micro):
-    # stop sampled with p_stop, slot from the joint marginal, token given slot, budget 2
-    model = build("ilm", VOCAB, "micro", "varlen", 8, stop_policy="sample").eval()
+    # default policy: stop sampled with p_stop, slot from the joint marginal, token given slot;
+    # max_len 3 caps at 2 content tokens, where the model is forced to stop
+    model = build("ilm", VOCAB, "micro", "varlen", 3).eval()
     with torch.no_grad():
         model.head.weight.mul_(8.0)  # peaked, non-uniform slot and token distributions
         model.stop_head.bias.copy_(torch.tensor([-1.0, 0.0]))
     reach = model_reach(model, 2)
     want = {s: p * (model_p_stop(model, s) if len(s) < 2 else 1.0) for s, p in reach.items()}
     n = 20000
-    out = model.sample(n, 2, generator=torch.Generator().manual_seed(3))
+    out = model.sample(n, 1, generator=torch.Generator().manual_seed(3))  # steps=1 is ignored
+    assert out.info["stop_policy"] == "sample"
     got: dict[tuple, float] = {}
     for t in out.tokens:
         got[tuple(t)] = got.get(tuple(t), 0.0) + 1 / n
@@ -324,25 +331,110 @@ def test_joint_sampler_matches_the_model_distribution(micro):
     assert out.nfe == 2
 
 
-def test_sampler_stops_via_head_budget_and_max_len(micro):
-    model = build("ilm", VOCAB, "micro", "varlen", 6).eval()
+def test_sampler_stops_via_head_or_max_len_not_steps(micro):
+    model = build("ilm", VOCAB, "micro", "varlen", 6).eval()  # at most 5 content tokens
     torch.nn.init.zeros_(model.stop_head.weight)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        model.stop_head.bias.copy_(torch.tensor([10.0, 0.0]))  # p_stop ~ 1: stop at once
+        model.stop_head.bias.copy_(torch.tensor([30.0, 0.0]))  # p_stop ~ 1: stop at once
     out = model.sample(5, 10, generator=gen)
     assert out.tokens == [[]] * 5 and out.nfe == 1 and out.info["stopped_by_head"] == 5
+    assert out.info["stopped_at_max_len"] == 0 and out.info["mean_generated_tokens"] == 0.0
     with torch.no_grad():
-        model.stop_head.bias.copy_(torch.tensor([-10.0, 0.0]))  # never stops
+        model.stop_head.bias.copy_(torch.tensor([-30.0, 0.0]))  # never stops
+    # steps = 3 is no budget any more: every sample runs to the max_len cap, one token per call
     out = model.sample(5, 3, generator=gen)
-    assert [len(t) for t in out.tokens] == [3] * 5 and out.nfe == 3 and out.info["truncated_budget"] == 5
+    assert [len(t) for t in out.tokens] == [5] * 5 and out.nfe == 5
+    assert out.info["stopped_at_max_len"] == 5 and out.info["stopped_by_head"] == 0
+    assert out.info["steps_ignored"] and out.info["requested_steps"] == 3
+    assert out.info["max_content_tokens"] == 5 and out.info["mean_generated_tokens"] == 5.0
     assert all(4 <= tok < VOCAB.size for t in out.tokens for tok in t)
-    assert len(out.trajectory) == 3 and out.trajectory[-1] == [3] * 5
+    assert out.trajectory == [[k] * 5 for k in range(1, 6)]
     out = model.sample(5, 100, generator=gen, top_p=0.5)
-    assert [len(t) for t in out.tokens] == [5] * 5 and out.info["truncated_max_len"] == 5
+    assert [len(t) for t in out.tokens] == [5] * 5 and out.info["stopped_at_max_len"] == 5 and out.nfe == 5
     model.slot_policy = "argmax"
     out = model.sample(3, 4, generator=gen)
-    assert [len(t) for t in out.tokens] == [4] * 3
+    assert [len(t) for t in out.tokens] == [5] * 3
+    model.stop_policy = "threshold"  # the old default: p_stop < 0.5 never stops, capped the same way
+    out = model.sample(3, 2, generator=gen)
+    assert [len(t) for t in out.tokens] == [5] * 3 and out.info["stopped_at_max_len"] == 3
+    assert out.info["stop_threshold"] == 0.5
+
+
+# --- the length law on a toy model whose stop probability depends on the length only -------------
+TOY_IDS = torch.tensor([4, 5, 6])  # the spec 3.e toy's a, b, c inside VOCAB
+
+
+def toy_stop_p(n: int, shift: float = 2.2) -> float:
+    """p_stop of the toy at n tokens incl. BOS: softmax([0.3 n - shift, 0.2])[0] (spec 3.e toy, shifted)."""
+    return torch.softmax(toy_stop(n) - torch.tensor([shift, 0.0], dtype=torch.float64), 0)[0].item()
+
+
+def toy_ilm(max_len: int) -> ILM:
+    """An ILM whose network is the spec 3.e toy: insertion logits toy_logits(n) over a, b, c and a
+    stop probability that depends on the current length n only."""
+    model = build("ilm", VOCAB, "micro", "varlen", max_len).eval()
+    model.backbone = torch.nn.Identity()  # hidden = the token ids [A, n]
+
+    def heads(hidden: torch.Tensor, bos_rows):
+        a, n = hidden.shape
+        logits = torch.full((a, n, VOCAB.size), float("-inf"))
+        logits[:, :, TOY_IDS] = toy_logits(n).float()
+        stop = (toy_stop(n) - torch.tensor([2.2, 0.0], dtype=torch.float64)).float().expand(a, 2)
+        return logits, stop
+
+    model._heads = heads
+    return model
+
+
+def exact_length_law(max_len: int) -> list[float]:
+    """P(length = l), l = 0..max_len-1: prod_{j<l} (1 - p_stop(j)) * p_stop(l), forced stop at the cap."""
+    cap = max_len - 1
+    law, alive = [], 1.0
+    for l in range(cap + 1):
+        p = 1.0 if l == cap else toy_stop_p(l + 1)  # l content tokens = l + 1 tokens incl. BOS
+        law.append(alive * p)
+        alive *= 1.0 - p
+    return law
+
+
+def test_sampled_length_law_matches_the_exact_law(micro):
+    from scipy.stats import chisquare
+
+    max_len = 8  # cap at 7 content tokens, P(cap) ~ 0.13
+    law = exact_length_law(max_len)
+    assert sum(law) == pytest.approx(1.0, abs=1e-12) and min(law) > 0.05
+    model = toy_ilm(max_len)
+    n = 4000
+    out = model.sample(n, 16, generator=torch.Generator().manual_seed(11))
+    lengths = [len(t) for t in out.tokens]
+    counts = [lengths.count(l) for l in range(max_len)]
+    assert sum(counts) == n  # nothing outside 0..cap
+    stat = chisquare(counts, [n * p for p in law])
+    assert stat.pvalue > 1e-3, (counts, [round(n * p, 1) for p in law])
+    assert all(set(t) <= set(TOY_IDS.tolist()) for t in out.tokens)
+    assert out.info["stopped_at_max_len"] == counts[-1] and out.info["stopped_by_head"] == n - counts[-1]
+    assert out.info["mean_generated_tokens"] == pytest.approx(sum(lengths) / n)
+    assert out.nfe == max_len - 1  # one call per content length 0..cap-1; no call at the forced stop
+    # 'threshold' stays available: stop at the first length whose p_stop >= 0.4 (7 tokens incl. BOS)
+    model.stop_policy, model.stop_threshold = "threshold", 0.4
+    assert toy_stop_p(6) < 0.4 <= toy_stop_p(7)
+    out = model.sample(4, 1, generator=torch.Generator().manual_seed(0))
+    assert [len(t) for t in out.tokens] == [6] * 4 and out.nfe == 7 and out.info["stopped_by_head"] == 4
+
+
+def test_small_steps_do_not_truncate_samples(micro):
+    model = toy_ilm(12)
+    law = exact_length_law(12)
+    mean_law = sum(l * p for l, p in enumerate(law))
+    assert mean_law > 3  # the typical length is far above steps = 1
+    n = 1000
+    out = model.sample(n, 1, generator=torch.Generator().manual_seed(5))
+    lengths = [len(t) for t in out.tokens]
+    assert max(lengths) > 1 and sum(l > 1 for l in lengths) > 0.5 * n
+    assert sum(lengths) / n == pytest.approx(mean_law, abs=0.25)  # sd ~ 2.5 / sqrt(1000)
+    assert out.info["requested_steps"] == 1 and out.info["steps_ignored"]
+    assert out.nfe == max(lengths) + (0 if max(lengths) == 11 else 1)
 
 
 def test_flops_per_token_counts_about_half_the_sequence(micro):

@@ -1,4 +1,6 @@
 """The shared math of harness/schedule.py and harness/sampling.py (baselines spec 6.9 item 5)."""
+import math
+
 import torch
 
 from harness import sampling, schedule
@@ -43,3 +45,43 @@ def test_generator_on_the_same_device_is_the_given_one():
     g = torch.Generator().manual_seed(3)
     assert sampling.generator_on("cpu", g) is g
     assert sampling.generator_on("cpu", None) is None
+
+
+def test_bernoulli_at_least_one_is_the_conditional_law():
+    import itertools
+
+    from harness.sampling import bernoulli_at_least_one
+
+    n, q = 20000, torch.tensor([0.3, 1e-4, 0.9, 0.5], dtype=torch.float64)
+    eligible = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    hit, p_any = bernoulli_at_least_one(eligible.repeat_interleave(n, 0), q.repeat_interleave(n), torch.Generator().manual_seed(0))
+    expected_any = 1 - (1 - q[:3]) ** 3
+    torch.testing.assert_close(p_any.view(4, n)[:3, 0], expected_any)
+    assert p_any.view(4, n)[3].eq(0).all() and not hit.view(4, n, 4)[3].any()   # nothing eligible
+    hit = hit.view(4, n, 4)
+    assert not hit[..., 0].any() and hit[:3].any(-1).all()                          # never BOS, always >= 1
+    for row in range(3):
+        counts = {}
+        for pattern in hit[row, :, 1:].tolist():
+            counts[tuple(pattern)] = counts.get(tuple(pattern), 0) + 1
+        qq = float(q[row])
+        for pattern in itertools.product((False, True), repeat=3):
+            if not any(pattern):
+                continue
+            k = sum(pattern)
+            p = qq**k * (1 - qq) ** (3 - k) / float(expected_any[row])
+            assert abs(counts.get(pattern, 0) / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-4
+
+
+def test_bound_times_integrate_over_floor_to_one():
+    t, jac = schedule.bound_times(2000, 8, torch.Generator().manual_seed(0))
+    assert t.min() >= schedule.T_FLOOR and t.max() < 1
+    assert ((t < schedule.T_MIN).double().mean() - schedule.LOW_SLICE_SHARE).abs() < 1e-12   # stratified
+    for f, exact in ((lambda x: torch.ones_like(x), 1 - schedule.T_FLOOR),
+                     (lambda x: x**2, (1 - schedule.T_FLOOR**3) / 3),
+                     (lambda x: -torch.log(x), 1 + schedule.T_FLOOR * (math.log(schedule.T_FLOOR) - 1))):
+        est = (f(t) * jac).mean()
+        assert abs(float(est) - exact) < 0.01 * exact
+    # a c / t integrand costs the same on every draw of the slice: c ln(T_MIN / T_FLOOR) / share
+    low = t < schedule.T_MIN
+    torch.testing.assert_close((jac / t)[low], torch.full_like(t[low], math.log(1e3) / schedule.LOW_SLICE_SHARE))
