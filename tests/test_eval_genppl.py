@@ -82,6 +82,15 @@ def test_truncation_counts_bos():
     assert s.truncated and s.length == 6 and s.n_targets == 3 and s.targets == _encode("abc")
 
 
+def test_token_nll_is_the_causal_prefix_nll():
+    """Per-token NLLs sum to the text's NLL, and their prefix is the NLL of the cut text (no new pass)."""
+    ev = _evaluator()
+    full, cut = genppl.score(ev, [["abcdefg"], ["abc"]], max_tokens=16, batch_size=2)
+    assert len(full.token_nll) == full.n_targets == 7 and sum(full.token_nll) == pytest.approx(full.nll)
+    assert genppl._prefix(full, 3)[:2] == (pytest.approx(cut.nll, rel=1e-5), 3)
+    assert genppl._prefix(full, 3)[2] == cut.targets
+
+
 def test_summarize_hand_values():
     S = genppl.Scored
     scored = [S(1.0, 1, [5], 1, False), S(6.0, 3, [1, 1, 2], 3, True), S(0.0, 0, [], 0, False)]
@@ -95,6 +104,9 @@ def test_summarize_hand_values():
     assert v["truncation_rate"] == pytest.approx(1 / 3) and v["mean_length"] == pytest.approx(4 / 3)
     lo, hi = v["ci95"]
     assert lo <= v["gen_ppl"] <= hi
+    for key, point in (("entropy_ci95", "entropy_nats"), ("gen_ppl_mean_per_sample_ci95", "gen_ppl_mean_per_sample")):
+        assert v[key][0] <= v[point] <= v[key][1]
+    assert v["per_sample"] == {"nll": [1.0, 6.0, 0.0], "n_targets": [1, 3, 0], "entropy_nats": [0.0, pytest.approx(h), None]}
     assert genppl.summarize(scored, bootstrap=200, seed=0, prefix=2)["ci95"] == [lo, hi]  # fixed seed
 
 
@@ -168,7 +180,7 @@ def test_cli_genppl_mauve_diversity_lengths(tmp_path, fake_evaluator_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"study": "t", "evaluate": {
         "genppl": {"batch_size": 4, "max_tokens": 16, "bootstrap": 50},
-        "mauve": {"max_text_length": 8, "human_samples": 12, "kmeans_num_redo": 1},
+        "mauve": {"max_text_length": 8, "human_samples": 12, "subsets": 1, "min_samples": 12, "kmeans_num_redo": 1},
         "diversity": {"self_bleu_samples": 6}, "lengths": {"bins": 4}}}))
     base = ["--config", str(cfg), "--run", str(tmp_path / "run"), "--data", str(tmp_path / "data")]
     timings = {}
@@ -185,22 +197,35 @@ def test_cli_genppl_mauve_diversity_lengths(tmp_path, fake_evaluator_dir):
     for row in [*g["values"]["by_steps"], g["values"]["data"]]:
         assert {"gen_ppl", "gen_ppl_mean_per_sample", "ci95", "entropy_nats", "entropy_bits", "n"} <= set(row)
         assert row["gen_ppl"] > 1 and row["ci95"][0] <= row["gen_ppl"] <= row["ci95"][1]
+        assert row["entropy_ci95"][0] <= row["entropy_nats"] <= row["entropy_ci95"][1]
+        assert {"nll", "n_targets", "entropy_nats"} == set(row["per_sample"]) and len(row["per_sample"]["nll"]) == row["n"]
+    for e in g["values"]["by_steps"]:
+        lm = e["length_matched_data"]
+        assert lm["n"] == e["n"] - e["n_empty"] and lm["note"] == "distinct references" and lm["n_short"] >= 0
+        assert lm["ci95"][0] <= lm["gen_ppl"] <= lm["ci95"][1] and lm["entropy_ci95"][0] <= lm["entropy_nats"]
+        assert len(set(lm["per_sample"]["reference_index"])) == lm["n"]  # 24 references for 12 samples: distinct
     with np.load(ev_dir / "features.npz") as z:
         assert sorted(z.files) == ["p", "q_4", "q_8"] and z["p"].shape == (24, 16) and z["q_4"].shape == (12, 16)
 
     m = read_result(ev_dir / "mauve.json", kind="mauve")
     assert [e["steps"] for e in m["values"]["by_steps"]] == [4, 8]
     assert all(0 < e["mauve"] <= 1 + 1e-9 for e in m["values"]["by_steps"])  # area quadrature may overshoot 1 by ~1e-16
+    assert all(e["mauve_sd"] is None and e["uncertainty"] == "none (one human subset)" for e in m["values"]["by_steps"])
     assert m["settings"]["mauve_scaling_factor"] == 5 and m["settings"]["kmeans_num_redo"] == 1
 
     dv = read_result(ev_dir / "diversity.json", kind="diversity")
     keys = {"steps", "entropy_nats", "entropy_bits", "distinct_1", "distinct_2", "distinct_3", "self_bleu"}
     assert all(keys <= set(e) for e in dv["values"]["by_steps"]) and dv["values"]["data"]["n"] == 12
+    for e in dv["values"]["by_steps"]:
+        assert e["self_bleu_ci95"][0] <= e["self_bleu"] <= e["self_bleu_ci95"][1]
+        assert e["distinct_2_ci95"][0] <= e["distinct_2"] <= e["distinct_2_ci95"][1]
 
     ln = read_result(ev_dir / "lengths.json", kind="lengths")
     e = ln["values"]["by_steps"][0]
     assert {"steps", "mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "max_rate"} <= set(e)
-    assert {"mean", "sd", "q10", "q50", "q90"} <= set(ln["values"]["data"])
+    assert {"mean", "sd", "q10", "q50", "q90", "mean_ci95", "lengths"} <= set(ln["values"]["data"])
+    assert len(e["lengths"]) == 12 and e["w1_ci95"] is not None and e["ks_ci95"] is not None
+    assert e["content_after_pad_rate"] is None and e["content_after_pad_count"] is None  # rows without the flag
     assert ln["values"]["histogram"]["bins"][0] == 0
 
 

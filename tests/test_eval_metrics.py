@@ -43,9 +43,15 @@ class FakeMethod(torch.nn.Module):
     def device(self):
         return self.w.device
 
-    def nll_bound(self, batch, mc, generator=None):
+    paper_equals_strict = False
+
+    def nll_bound(self, batch, mc, generator=None, convention="strict"):
         noise = torch.rand(batch.size, generator=generator, dtype=torch.float64)
-        return 2.0 * predicted_tokens(batch).double() + noise
+        per_token = 2.0 if convention == "strict" else 1.5   # the paper convention truncates 0.5 nats/token
+        return per_token * predicted_tokens(batch).double() + noise
+
+    def bound_omits(self, convention="strict"):
+        return f"fake {convention}"
 
     def sample(self, n, steps, *, generator=None, top_p=1.0, prompt=None, length=None):
         self.calls += 1
@@ -156,10 +162,11 @@ def test_mauve_subsets_are_disjoint_and_reported():
     assert len(mauve.human_subsets(50, 30, 3, seed=1)) == 1  # only one full subset fits
     rng = np.random.default_rng(1)
     p = rng.normal(size=(60, 8))
-    s = {**_mauve_settings(), "human_samples": 20, "subsets": 3}
+    s = {**_mauve_settings(), "human_samples": 20, "subsets": 3, "min_samples": 20}
     out = mauve.evaluate_mauve(p, {16: p[:20] + 0.01}, s)
     assert out[0]["steps"] == 16 and len(out[0]["mauve_subsets"]) == 3 and out[0]["mauve_sd"] is not None
-    assert out[0]["n_p"] == 20 and out[0]["n_q"] == 20
+    assert out[0]["n_p"] == 20 and out[0]["n_q"] == 20 and out[0]["n_subsets"] == 3 and out[0]["reason"] is None
+    assert out[0]["uncertainty"] == "sd (ddof=1) over 3 disjoint human subsets"
 
 
 # --- ppl ---------------------------------------------------------------------------------------
@@ -184,6 +191,21 @@ def test_evaluate_ppl_is_seeded_and_token_weighted():
     g = torch.Generator().manual_seed(3)
     noise = torch.cat([torch.rand(2, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64)])
     assert a["n_tokens"] == n_tok and a["nats_per_token"] == pytest.approx(2.0 + float(noise.sum()) / n_tok)
+    # the paper convention: its own seeded draws (seed + 1), same rows, labelled
+    g = torch.Generator().manual_seed(4)
+    noise_p = torch.cat([torch.rand(2, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64)])
+    pc = a["paper_convention"]
+    assert pc["nats_per_token"] == pytest.approx(1.5 + float(noise_p.sum()) / n_tok) and pc["stderr"] is not None
+    assert a["convention"] == "strict" and a["omits"] == "fake strict" and pc["omits"] == "fake paper"
+    assert not pc["same_as_strict"]
+    per = a["per_sequence"]
+    assert per["index"] == [0, 1, 2, 3, 4] and sum(per["n_tokens"]) == n_tok
+    assert sum(per["strict"]) / n_tok == pytest.approx(a["nats_per_token"])
+    assert sum(per["paper"]) / n_tok == pytest.approx(pc["nats_per_token"])
+    # a method whose paper convention truncates nothing reports the strict values twice
+    method.paper_equals_strict = True
+    d = ppl.evaluate_ppl(method, batches(), mc=4, seed=3)
+    assert d["paper_convention"]["nats_per_token"] == d["nats_per_token"] and d["paper_convention"]["same_as_strict"]
 
 
 # --- samples and references -----------------------------------------------------------------

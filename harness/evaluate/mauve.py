@@ -8,6 +8,13 @@ with another featurizer, truncation length, scaling factor or n are not comparab
 With `subsets` > 1 the references are split into that many disjoint human sets of
 `human_samples` texts each (a seeded permutation) and MAUVE is reported as mean and sd over them
 (baselines spec 6.5). q always holds every sample of the steps setting.
+
+Enough samples (issue 11): a MAUVE value is computed only when the human set (n_p, the size of
+one subset) and the sample set (n_q) both hold at least `min_samples` texts (default 256). Below
+that, MAUVE of a few dozen points is noise (k-means on ~50 points makes 2 buckets), so the entry
+is "mauve": null, "mauve_sd": null with a "reason", and mauve-text is not called at all. With one
+human subset a computed value has no uncertainty estimate: "mauve_sd": null and "uncertainty"
+says so.
 """
 from __future__ import annotations
 
@@ -37,18 +44,41 @@ def human_subsets(n_p: int, size: int, count: int, seed: int) -> list[np.ndarray
     return [np.sort(perm[i * size : (i + 1) * size]) for i in range(count)]
 
 
+def too_small(n_p: int, n_q: int, need: int) -> str | None:
+    """The reason a MAUVE value is not computed, or None when both sets are large enough."""
+    if n_p >= need and n_q >= need:
+        return None
+    return f"n too small (n_p={n_p}, n_q={n_q}, need >= {need} each)"
+
+
 def evaluate_mauve(p: np.ndarray, q_by_steps: dict[int, np.ndarray], s: dict) -> list[dict]:
-    """MAUVE per steps; `s` is the merged `evaluate.mauve` settings."""
+    """MAUVE per steps; `s` is the merged `evaluate.mauve` settings.
+
+    Entry: steps, mauve (mean over human subsets, or null), mauve_sd (ddof=1; null with one
+    subset or no value), mauve_subsets (one score per subset; [] when not computed), n_p (texts
+    per human subset), n_q, n_subsets (subsets actually used: fewer than asked when the
+    references run out), reason (null, or why there is no value) and uncertainty (what mauve_sd
+    measures; null when there is no value).
+    """
     from harness.evaluate.common import progress
 
     subsets = human_subsets(len(p), int(s["human_samples"]), int(s["subsets"]), int(s["seed"]))
     params = {k: s[k] for k in MAUVE_KEYS}
+    need = int(s.get("min_samples", 256))
     out = []
     for k in progress(sorted(q_by_steps), desc="mauve", unit="steps"):
-        scores = [mauve_score(p[idx], q_by_steps[k], seed=int(s["seed"]), **params) for idx in subsets]
-        out.append({"steps": k, "mauve": float(np.mean(scores)),
-                    "mauve_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
-                    "mauve_subsets": scores, "n_p": len(subsets[0]), "n_q": int(len(q_by_steps[k]))})
+        n_p, n_q = int(len(subsets[0])), int(len(q_by_steps[k]))
+        entry = {"steps": k, "mauve": None, "mauve_sd": None, "mauve_subsets": [], "n_p": n_p, "n_q": n_q,
+                 "n_subsets": len(subsets), "reason": too_small(n_p, n_q, need), "uncertainty": None}
+        if entry["reason"] is None:
+            scores = [mauve_score(p[idx], q_by_steps[k], seed=int(s["seed"]), **params) for idx in subsets]
+            entry.update(mauve=float(np.mean(scores)), mauve_subsets=scores)
+            if len(scores) > 1:
+                entry.update(mauve_sd=float(np.std(scores, ddof=1)),
+                             uncertainty=f"sd (ddof=1) over {len(scores)} disjoint human subsets")
+            else:
+                entry["uncertainty"] = "none (one human subset)"
+        out.append(entry)
     return out
 
 
@@ -69,6 +99,7 @@ def run(args, config: dict) -> dict:
                     "p": "references (human)", "q": "samples", "seconds": time.perf_counter() - t0,
                     "n_references": int(len(p))}
     write_result(args.out, "mauve", header, settings_out, {"by_steps": by_steps})
-    print(f"mauve {header.get('run')}: " + ", ".join(f"steps={e['steps']} {e['mauve']:.3f}" for e in by_steps)
+    fmt = lambda e: "n too small" if e["mauve"] is None else f"{e['mauve']:.3f}"  # noqa: E731
+    print(f"mauve {header.get('run')}: " + ", ".join(f"steps={e['steps']} {fmt(e)}" for e in by_steps)
           + f" -> {args.out}")
     return {"by_steps": by_steps}

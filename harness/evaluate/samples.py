@@ -7,6 +7,12 @@ batch), so a rerun reproduces the file and adding a steps value leaves the other
 The reference set ("data" row, baselines spec 6.3.2) is held-out data passed through the same
 path as samples: content ids (BOS removed) -> `render` (decode without specials; segments split
 at EOS). It depends on the data only, so one file serves every run of a layout.
+
+Per-sample facts a method returns in `SampleResult.per_sample` (e.g. the masked models'
+`content_after_pad` / `tokens_after_pad`, baselines spec 6.6) are copied into each row; every
+row has `content_after_pad` (null for methods without a PAD canvas), and the summary gives its
+count and rate per steps. A sample set is drawn in several calls: `sampler_info` keeps the first
+call's settings, with the per-call counts in COUNT_KEYS summed over calls.
 """
 from __future__ import annotations
 
@@ -24,6 +30,48 @@ def batch_seed(seed: int, steps: int, batch_index: int) -> int:
     """A 63-bit seed for one sampling call, distinct for every (seed, steps, batch)."""
     state = np.random.SeedSequence([int(seed), int(steps), int(batch_index)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+#: per-call counts some methods put in SampleResult.info; summed over the calls of a steps setting
+COUNT_KEYS = ("sequence_evaluations", "reached_length_cap", "insertions_dropped_by_cap", "stopped_by_head",
+              "stopped_at_max_len", "truncated_budget", "truncated_max_len", "truncated")
+
+
+#: samples.jsonl fields a method's per_sample entries may not overwrite
+RESERVED_ROW_KEYS = ("steps", "index", "token_ids", "text", "segments", "length", "nfe", "batch_size", "seconds",
+                     "seed", "top_p", "trajectory")
+
+
+def merge_info(infos: list[dict]) -> dict:
+    """One sampler_info for the calls of a steps setting (see the module docstring).
+
+    Keys in COUNT_KEYS holding numbers are summed; any other key whose value differs between
+    calls is listed per call under "varies_by_call", so nothing is silently taken from call 1.
+    """
+    if not infos:
+        return {}
+    out = dict(infos[0])
+    varies = {}
+    for key in set().union(*infos):
+        vals = [i.get(key) for i in infos]
+        if key in COUNT_KEYS and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = sum(vals)
+        elif any(v != vals[0] for v in vals):
+            varies[key] = vals
+    if varies:
+        out["varies_by_call"] = varies
+    return out
+
+
+def content_after_pad_summary(flags: list) -> dict:
+    """{"content_after_pad_count", "content_after_pad_rate"} of per-sample flags (None = not reported).
+
+    Both null when no sample reports the flag (methods without a PAD canvas).
+    """
+    known = [bool(f) for f in flags if f is not None]
+    if not known:
+        return {"content_after_pad_count": None, "content_after_pad_rate": None}
+    return {"content_after_pad_count": int(sum(known)), "content_after_pad_rate": sum(known) / len(known)}
 
 
 def _jsonable(obj):
@@ -46,7 +94,7 @@ def generate(method, tokenizer, *, steps: list[int], n: int, batch_size: int, se
     rows: list[dict] = []
     summary: list[dict] = []
     for k in steps:
-        t_all, nfes, lengths, info = 0.0, [], [], None
+        t_all, nfes, lengths, infos, flags = 0.0, [], [], [], []
         starts = list(range(0, n, batch_size))
         for b, start in enumerate(progress(starts, desc=f"samples steps={k}", unit="batch")):
             size = min(batch_size, n - start)
@@ -59,13 +107,21 @@ def generate(method, tokenizer, *, steps: list[int], n: int, batch_size: int, se
             dt = time.perf_counter() - t0
             t_all += dt
             nfes.append(int(res.nfe))
-            if info is None:
-                info = _jsonable(dict(res.info or {}))
+            infos.append(_jsonable(dict(res.info or {})))
             if len(res.tokens) != size:
                 raise RuntimeError(f"{type(method).__name__}.sample returned {len(res.tokens)} samples, asked {size}")
+            per_sample = dict(getattr(res, "per_sample", None) or {})
+            for key, vals in per_sample.items():
+                if key in RESERVED_ROW_KEYS:
+                    raise RuntimeError(f"{type(method).__name__}.sample: per_sample key {key!r} is a samples.jsonl field")
+                if len(vals) != size:
+                    raise RuntimeError(f"{type(method).__name__}.sample returned {len(vals)} values of "
+                                       f"per_sample[{key!r}] for {size} samples")
             for i, ids in enumerate(res.tokens):
                 row = {"steps": k, "index": start + i, "token_ids": [int(t) for t in ids], **render(ids, tokenizer),
-                       "nfe": int(res.nfe), "batch_size": size, "seconds": dt / size, "seed": s, "top_p": top_p}
+                       "nfe": int(res.nfe), "batch_size": size, "seconds": dt / size, "seed": s, "top_p": top_p,
+                       "content_after_pad": None, **{key: _jsonable(vals[i]) for key, vals in per_sample.items()}}
+                flags.append(row["content_after_pad"])
                 if trajectory and res.trajectory is not None:
                     row["trajectory"] = [int(step[i]) for step in res.trajectory]
                 lengths.append(row["length"])
@@ -73,7 +129,8 @@ def generate(method, tokenizer, *, steps: list[int], n: int, batch_size: int, se
         summary.append({
             "steps": k, "n": n, "mean_length": float(np.mean(lengths)) if lengths else None,
             "nfe": float(np.mean(nfes)), "nfe_total": int(sum(nfes)), "batches": len(nfes),
-            "seconds_per_sample": t_all / n if n else None, "sampler_info": info,
+            "seconds_per_sample": t_all / n if n else None, **content_after_pad_summary(flags),
+            "sampler_info": merge_info(infos),
         })
     return rows, summary
 
@@ -159,7 +216,10 @@ def run(args, config: dict) -> dict:
                     "float64_sampling": True, "seeding": "SeedSequence([seed, steps, batch])",
                     "max_length": int(loaded.method.max_len) - 1, "tokenizer": getattr(loaded.tokenizer, "name", None),
                     "specials": list(loaded.tokenizer.vocab.specials), "references": str(args.references),
-                    "n_references": len(refs)}
+                    "n_references": len(refs),
+                    "content_after_pad": "varlen masked models: samples with a non-PAD token after the first PAD "
+                    "(dropped by the cut at the first PAD); null for methods without a PAD canvas",
+                    "sampler_info": f"first call's info, {', '.join(COUNT_KEYS)} summed over calls"}
     write_result(out, "samples", provenance(config, loaded.info, device), settings_out, {"by_steps": by_steps})
     print(f"samples {loaded.info.get('run')}: " + ", ".join(
         f"steps={e['steps']} n={e['n']} len={e['mean_length']:.1f} nfe={e['nfe']:.0f} {e['seconds_per_sample']:.3f}s/sample"
