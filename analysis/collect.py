@@ -6,7 +6,8 @@ module is the one place that knows the file layout; everything missing simply yi
 (never a made-up number), and unreadable files are recorded in `Study.problems`.
 
 Layout read (see docs/architecture.md): results/<study>/data/manifest.json,
-runs/<run>/{train.json, history.csv, config.yaml, eval/*.json}, benchmarks/**/*.tsv, bench/*.json.
+runs/<run>/{train.json, history.csv, config.yaml, eval/*.json}, cost/<layout>.json (the study's
+interleaved cost job, harness/cost.py), benchmarks/**/*.tsv, bench/*.json.
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ import pandas as pd
 ID = ["run", "method", "layout", "size", "seed"]
 #: group key for aggregation over seeds
 GROUP = ["method", "layout", "size"]
-#: evaluation files, in the order a study produces them
-EVAL_FILES = ("ppl", "samples", "genppl", "mauve", "diversity", "lengths", "speed")
+#: evaluation files every run of a default study has, in the order a study produces them
+EVAL_FILES = ("ppl", "samples", "genppl", "mauve", "diversity", "lengths")
+#: opt-in per-run evaluations (evaluate.metrics): read when present, never reported as missing
+OPTIONAL_EVAL_FILES = ("speed",)
+#: every per-run evaluation file the loaders read
+ALL_EVAL_FILES = EVAL_FILES + OPTIONAL_EVAL_FILES
+#: study-level cost files: results/<study>/cost/<layout>.json (harness/cost.py)
+COST_DIR = "cost"
 
 _RUN_NAME = re.compile(r"^(?P<method>.+)-(?P<layout>fixed|varlen)-(?P<size>[^-]+)-s(?P<seed>\d+)$")
 
@@ -48,8 +55,16 @@ class Study:
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     speed_train: pd.DataFrame = field(default_factory=pd.DataFrame)
     speed_sample: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the interleaved cost job (cost/<layout>.json), one row per (method, layout, size): COST_TRAIN_COLS
+    cost_train: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the same per (method, layout, size, steps): COST_SAMPLE_COLS
+    cost_sample: pd.DataFrame = field(default_factory=pd.DataFrame)
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
     benchmarks: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: per-sequence bounds (ID + index, n_tokens, strict, paper): the same rows for every method
+    ppl_seq: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: per-sample evaluator scores (ID + steps, sample, nll, n_targets, entropy_nats)
+    genppl_samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     problems: list[str] = field(default_factory=list)
 
 
@@ -131,15 +146,40 @@ _LENGTH_KEYS = ("mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "ma
 _PPL_KEYS = ("nats_per_token", "ppl", "stderr", "per_sequence_mean", "n_sequences", "n_tokens")
 
 
+def _ci(entry: dict, key: str, value_key: str, prefix: str) -> dict:
+    lo, hi = ci_bounds(entry.get(value_key), entry.get(key)) if entry.get(key) is not None else (math.nan, math.nan)
+    return {f"{prefix}_lo": lo, f"{prefix}_hi": hi}
+
+
 def _genppl_row(base: dict, entry: dict) -> dict:
-    lo, hi = ci_bounds(entry.get("gen_ppl"), entry.get("ci95"))
-    return {**base, **{k: num(entry.get(k)) for k in _GENPPL_KEYS}, "ci95_lo": lo, "ci95_hi": hi}
+    row = {**base, **{k: num(entry.get(k)) for k in _GENPPL_KEYS}, **_ci(entry, "ci95", "gen_ppl", "ci95"),
+           **_ci(entry, "entropy_ci95", "entropy_nats", "entropy_ci95")}
+    matched = entry.get("length_matched_data")
+    if isinstance(matched, dict):   # held-out text cut to the samples' lengths (same steps)
+        row.update({"lm_gen_ppl": num(matched.get("gen_ppl")), **_ci(matched, "ci95", "gen_ppl", "lm_ci95"),
+                    "lm_entropy_nats": num(matched.get("entropy_nats")),
+                    **_ci(matched, "entropy_ci95", "entropy_nats", "lm_entropy_ci95"),
+                    "lm_n_short": num(matched.get("n_short"))})
+    return row
+
+
+def _per_sample_rows(base: dict, per: dict | None, keys: tuple[str, ...]) -> list[dict]:
+    """Tidy rows (one per sample) from a {key: [values]} block; empty if absent or ragged."""
+    if not isinstance(per, dict):
+        return []
+    cols = [per.get(k) for k in keys]
+    if any(not isinstance(c, list) for c in cols) or len({len(c) for c in cols}) != 1:
+        return []
+    return [{**base, "sample": i, **{k: num(c[i]) for k, c in zip(keys, cols)}} for i in range(len(cols[0]))]
 
 
 def _load_genppl(ident, values, out):
+    keys = ("nll", "n_targets", "entropy_nats")
     for entry in values.get("by_steps") or []:
         if isinstance(entry, dict):
-            out["genppl"].append(_genppl_row({**ident, "steps": num(entry.get("steps"))}, entry))
+            base = {**ident, "steps": num(entry.get("steps"))}
+            out["genppl"].append(_genppl_row(base, entry))
+            out["genppl_samples"] += _per_sample_rows(base, entry.get("per_sample"), keys)
     if isinstance(values.get("data"), dict):
         out["genppl_data"].append(_genppl_row(dict(ident), values["data"]))
 
@@ -181,13 +221,93 @@ def _load_speed(ident, values, out):
                                         **{k: num(entry.get(k)) for k in ("s_per_sample", "nfe", "peak_mem_mb")}})
 
 
+# --- the study's cost files ---------------------------------------------------------------------
+#: columns of Study.cost_train (after the ID columns: the run whose checkpoint was measured)
+COST_TRAIN_COLS = [
+    "s_per_step_min", "s_per_step_median", "s_per_step_max", "tokens_per_s_min", "tokens_per_s_median",
+    "tokens_per_s_max", "ratio_min", "ratio_median", "ratio_max", "reference", "dp_fraction_median",
+    "flops_per_token", "peak_mem_mb", "params", "batch_size", "clean_tokens", "repeats", "precision", "device",
+    "threads", "wall_seconds", "file"]
+#: columns of Study.cost_sample (after the ID columns)
+COST_SAMPLE_COLS = [
+    "steps", "n", "s_per_sample_min", "s_per_sample_median", "s_per_sample_max", "gen_tokens_per_s_min",
+    "gen_tokens_per_s_median", "gen_tokens_per_s_max", "nfe", "nfe_min", "nfe_max", "mean_length",
+    "mean_length_min", "mean_length_max", "ratio_min", "ratio_median", "ratio_max", "reference", "peak_mem_mb",
+    "repeats", "device", "threads", "file"]
+
+
+def _stat(d, prefix: str) -> dict:
+    """{prefix_min, prefix_median, prefix_max} from a {min, median, max} dict (NaN where absent)."""
+    d = d if isinstance(d, dict) else {}
+    return {f"{prefix}_{k}": num(d.get(k)) for k in ("min", "median", "max")}
+
+
+def _cost_ident(row: dict, values: dict, layout) -> dict:
+    run = row.get("run")
+    ident = {"run": run, **(parse_run_name(run) if isinstance(run, str) else {})}
+    ident.update({"method": row.get("method"), "layout": layout,
+                  "size": row.get("size") or values.get("size") or ident.get("size")})
+    ident.setdefault("seed", None)
+    return {k: ident.get(k) for k in ID}
+
+
+def cost_files(study_dir) -> list[Path]:
+    """results/<study>/cost/*.json, sorted."""
+    root = Path(study_dir) / COST_DIR
+    return sorted(p for p in root.glob("*.json") if p.is_file()) if root.is_dir() else []
+
+
+def _load_cost(path: Path, obj: dict, out: dict) -> None:
+    """Rows of cost_train / cost_sample from one cost/<layout>.json (see docs/architecture.md)."""
+    values = _values(obj)
+    layout = values.get("layout") or obj.get("layout") or path.stem
+    ref = values.get("reference")
+    common = {"device": values.get("device") or obj.get("device"), "threads": num(values.get("threads")),
+              "file": str(path)}
+    train = values.get("train") if isinstance(values.get("train"), dict) else {}
+    for r in train.get("rows") or []:
+        if not isinstance(r, dict):
+            continue
+        dp = r.get("dp_fraction") if isinstance(r.get("dp_fraction"), dict) else {}
+        out["cost_train"].append({
+            **_cost_ident(r, values, layout), **_stat(r.get("s_per_step"), "s_per_step"),
+            **_stat(r.get("tokens_per_s"), "tokens_per_s"), **_stat(r.get("ratio"), "ratio"), "reference": ref,
+            "dp_fraction_median": num(dp.get("median")), "flops_per_token": num(r.get("flops_per_token")),
+            "peak_mem_mb": num(r.get("peak_mem_mb")), "params": num(r.get("params")),
+            "batch_size": num(train.get("batch_size")), "clean_tokens": num(train.get("clean_tokens")),
+            "repeats": num(train.get("repeats")), "precision": train.get("precision"),
+            "wall_seconds": num(values.get("wall_seconds")), **common})
+    sample = values.get("sample") if isinstance(values.get("sample"), dict) else {}
+    for r in sample.get("rows") or []:
+        if not isinstance(r, dict):
+            continue
+        nfe, length = _stat(r.get("nfe"), "nfe"), _stat(r.get("mean_length"), "mean_length")
+        gen = _stat(r.get("gen_tokens_per_s"), "gen_tokens_per_s")
+        out["cost_sample"].append({
+            **_cost_ident(r, values, layout), "steps": num(r.get("steps")), "n": num(r.get("n", sample.get("n"))),
+            **_stat(r.get("s_per_sample"), "s_per_sample"), **gen,
+            "nfe": nfe["nfe_median"], "nfe_min": nfe["nfe_min"], "nfe_max": nfe["nfe_max"],
+            "mean_length": length["mean_length_median"], "mean_length_min": length["mean_length_min"],
+            "mean_length_max": length["mean_length_max"], **_stat(r.get("ratio"), "ratio"), "reference": ref,
+            "peak_mem_mb": num(r.get("peak_mem_mb")), "repeats": num(sample.get("repeats")), **common})
+
+
 def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
     if kind == "ppl":
-        out["ppl"].append({**ident, **{k: num(values.get(k)) for k in _PPL_KEYS}})
+        paper = values.get("paper_convention") if isinstance(values.get("paper_convention"), dict) else {}
+        out["ppl"].append({**ident, **{k: num(values.get(k)) for k in _PPL_KEYS},
+                           **{f"paper_{k}": num(paper.get(k)) for k in ("nats_per_token", "ppl", "stderr")},
+                           **{k: num(values.get(k)) for k in ("low_slice_nats_per_token", "insertion_mass_at_t0_mean")}})
+        seq = values.get("per_sequence")
+        if isinstance(seq, dict):
+            out["ppl_seq"] += [{k: v for k, v in r.items() if k != "sample"} | {"index": r["sample"]}
+                               for r in _per_sample_rows(dict(ident), seq, ("n_tokens", "strict", "paper"))]
     elif kind == "genppl":
         _load_genppl(ident, values, out)
     elif kind == "mauve":
-        out["mauve"] += _rows_by_steps(ident, values, ("mauve",))
+        entries = [e for e in values.get("by_steps") or [] if isinstance(e, dict)]
+        rows = _rows_by_steps(ident, values, ("mauve", "mauve_sd", "n_p", "n_q"))
+        out["mauve"] += [{**row, "reason": e.get("reason")} for row, e in zip(rows, entries)]   # why null
     elif kind == "diversity":
         out["diversity"] += _rows_by_steps(ident, values, _DIVERSITY_KEYS)
         if isinstance(values.get("data"), dict):
@@ -197,7 +317,8 @@ def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
     elif kind == "speed":
         _load_speed(ident, values, out)
     elif kind == "samples":
-        out["samples"] += _rows_by_steps(ident, values, ("n", "mean_length", "nfe", "seconds_per_sample"))
+        out["samples"] += _rows_by_steps(ident, values, ("n", "mean_length", "nfe", "seconds_per_sample",
+                                                         "content_after_pad_rate"))
 
 
 def read_history(path: Path, problems: list[str]) -> pd.DataFrame | None:
@@ -269,7 +390,8 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     problems: list[str] = []
     name = (config or {}).get("study") or study_dir.name
     names = ("runs", "ppl", "genppl", "genppl_data", "mauve", "diversity", "diversity_data", "lengths",
-             "lengths_data", "length_hist", "samples", "speed_train", "speed_sample", "benchmarks")
+             "lengths_data", "length_hist", "samples", "speed_train", "speed_sample", "cost_train", "cost_sample",
+             "benchmarks", "ppl_seq", "genppl_samples")
     out: dict[str, list] = {k: [] for k in names}
     out["problems"] = problems
     histories = []
@@ -280,7 +402,7 @@ def load_study(study_dir, config: dict | None = None) -> Study:
         out["runs"].append({**base, **{k: t.get(k) for k in (
             "steps", "batch_size", "params", "final_loss", "wall_seconds", "tokens_per_s", "device",
             "git_commit", "config_hash")}})
-        for kind in EVAL_FILES:
+        for kind in ALL_EVAL_FILES:
             result = read_json(run_dir / "eval" / f"{kind}.json", problems)
             if result is not None:
                 _load_eval(kind, _identity(run_dir, train, result), _values(result), out)
@@ -290,10 +412,23 @@ def load_study(study_dir, config: dict | None = None) -> Study:
                 hist.insert(ID.index(k), k, base[k])
             histories.append(hist)
         out["benchmarks"] += _load_benchmarks(study_dir, run_dir.name, base, problems)
+    for path in cost_files(study_dir):
+        obj = read_json(path, problems)
+        if obj is not None:
+            _load_cost(path, obj, out)
     frames = {k: _frame(out[k]) for k in names}
+    for k in _STEPS_FRAMES:                          # an empty per-steps frame still has its steps column
+        if "steps" not in frames[k].columns:
+            frames[k]["steps"] = pd.Series(dtype=float)
+    for k, cols in (("cost_train", COST_TRAIN_COLS), ("cost_sample", COST_SAMPLE_COLS)):
+        frames[k] = frames[k].reindex(columns=ID + cols)
     frames["history"] = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=ID)
     return Study(root=study_dir, name=str(name), corpus=_corpus_name(study_dir, config, problems),
                  problems=problems, **frames)
+
+
+#: frames with one row per sampling-steps value
+_STEPS_FRAMES = ("genppl", "mauve", "diversity", "lengths", "length_hist", "samples", "speed_sample", "cost_sample")
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

@@ -2,12 +2,19 @@
 
 Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas, never through
 pyplot, so importing this module changes no global backend (safe in notebooks and workers).
-Seeds are aggregated as mean ± sd; a single seed shows the run's own 95% CI where the result
-file has one. A figure with nothing to show is still written, with a "no results" note, so the
+Every figure is drawn inside one seaborn style (`STYLE`, applied with `matplotlib.rc_context`
+for the duration of the figure only, so no global rcParams change) with one colour per method
+across all figures and studies (`method_colors`: seaborn's colour-blind palette in a fixed
+method order). Seeds are aggregated as mean ± sd; a single seed shows the run's own 95% CI
+where the result file has one. Cost bars (seaborn.barplot, horizontal, grouped by case with a
+legend per method) show the median with min–max whiskers over repeats for interleaved
+measurements (cost/<layout>.json, bench/*.json), mean ± sd over seeds for the per-run speed.json
+fallback. A figure with nothing to show is still written, with a "no results" note, so the
 set of output files is the same for every study.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -18,24 +25,66 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.collect import GROUP, Study, num
-from analysis.tables import aggregate, add_ratio, fmt, reference_methods, sort_rows
+from analysis.tables import aggregate, fmt, reference_methods, sort_rows
 
 LINESTYLE = {"varlen": "-", "fixed": "--"}
 MARKER = {"varlen": "o", "fixed": "s"}
+#: the fixed method order of the palette: a method has the same colour in every figure and study
+METHOD_ORDER = ("did", "did-fixed", "mdlm", "radd", "ilm", "ar")
+#: seaborn palette of every figure (colour-blind safe); DID light/dark blue, then the baselines
+PALETTE = "colorblind"
+_SLOTS = {"did": 0, "did-fixed": 9, "mdlm": 1, "radd": 2, "ilm": 3, "ar": 4}
+
+
+def _style() -> dict:
+    """The seaborn style every figure is drawn in (rcParams, applied per figure)."""
+    import seaborn as sns
+
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15),
+            "axes.edgecolor": "0.3", "grid.color": "0.88", "legend.frameon": True}
+
+
+def styled(fn):
+    """Draw the figure inside the seaborn style (matplotlib.rc_context: nothing global changes)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(_style()):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # --- helpers -----------------------------------------------------------------------------------
 def method_colors(methods) -> dict:
-    """A stable colour per method (same colour in every figure of a study)."""
-    from matplotlib import colormaps
+    """A stable colour per method: the same colour in every figure of every study.
 
-    cmap = colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(sorted({str(m) for m in methods}))}
+    The shipped methods have fixed slots of seaborn's colour-blind palette (METHOD_ORDER: DID
+    blue, DID-fixed light blue, MDLM orange, RADD green, ILM red, AR purple); other names take
+    the remaining slots in sorted order.
+    """
+    import seaborn as sns
+
+    pal = sns.color_palette(PALETTE, 10)
+    names = {str(m) for m in methods}
+    free = [i for i in range(10) if i not in _SLOTS.values()]
+    extra = sorted(names - set(_SLOTS))
+    colors = {m: pal[_SLOTS[m]] for m in names if m in _SLOTS}
+    colors.update({m: pal[free[i % len(free)]] for i, m in enumerate(extra)})
+    return colors
+
+
+def ordered_methods(methods) -> list[str]:
+    """Methods in METHOD_ORDER, other names after them (sorted)."""
+    present = {str(m) for m in methods}
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
 
 
 def study_colors(study: Study) -> dict:
     """Colours from every method in the study, so a method keeps its colour in every figure."""
-    frames = (study.runs, study.ppl, study.genppl, study.mauve, study.speed_train, study.speed_sample, study.history)
+    frames = (study.runs, study.ppl, study.genppl, study.mauve, study.speed_train, study.speed_sample,
+              study.cost_train, study.cost_sample, study.history)
     return method_colors(m for f in frames if "method" in f.columns for m in f["method"].dropna())
 
 
@@ -47,6 +96,16 @@ def _log_y(ax) -> None:
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _log_x(ax) -> None:
+    """Log x axis with plain-number tick labels (1, 2, 5 per decade)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _label(row, many_sizes: bool) -> str:
@@ -68,9 +127,11 @@ def save_figure(fig: Figure, path) -> Path:
     return path
 
 
-def _new(ncols: int = 1, title: str = "") -> tuple[Figure, list]:
-    fig = Figure(figsize=(6.2 * ncols, 4.4), layout="constrained")
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+def _new(ncols: int = 1, title: str = "", height: float = 4.4, width: float = 6.2, sharey: bool = False) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = [fig.add_subplot(1, ncols, 1)]
+    for i in range(1, ncols):
+        axes.append(fig.add_subplot(1, ncols, i + 1, sharey=axes[0] if sharey else None))
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
     for ax in axes:
@@ -78,6 +139,7 @@ def _new(ncols: int = 1, title: str = "") -> tuple[Figure, list]:
     return fig, axes
 
 
+@styled
 def placeholder(path, title: str, reason: str = "no results for this figure in this study") -> Path:
     fig, (ax,) = _new(1, title)
     ax.axis("off")
@@ -102,6 +164,7 @@ def _steps_axis(ax, steps) -> None:
 
 
 # --- quality vs steps ---------------------------------------------------------------------------
+@styled
 def steps_figure(study: Study, config: dict | None, col: str, ylabel: str, title: str, path, *,
                  data_frame: pd.DataFrame | None = None, logy: bool = False, ci: bool = False) -> Path:
     """One panel per layout: `col` vs sampling steps, a line per method, a dashed data line."""
@@ -142,6 +205,7 @@ def steps_figure(study: Study, config: dict | None, col: str, ylabel: str, title
 
 
 # --- lengths -------------------------------------------------------------------------------------
+@styled
 def lengths_figure(study: Study, config: dict | None, path) -> Path:
     """Length histogram and CDF of generated text vs data, at the largest number of steps."""
     title = "Generated length distribution vs data (variable-length runs)"
@@ -190,6 +254,7 @@ def lengths_figure(study: Study, config: dict | None, path) -> Path:
 
 
 # --- training curves ------------------------------------------------------------------------------
+@styled
 def training_figure(study: Study, config: dict | None, path) -> Path:
     """Training loss vs step and vs wall time, one line per run."""
     title = "Training loss (each method's own objective; values are not comparable across methods)"
@@ -221,95 +286,238 @@ def training_figure(study: Study, config: dict | None, path) -> Path:
 
 
 # --- cost ------------------------------------------------------------------------------------------
-def _bars(ax, agg: pd.DataFrame, col: str, ratio: pd.Series, colors: dict, many: bool) -> None:
-    x = np.arange(len(agg))
-    y = agg[col].to_numpy(float)
-    err = agg[f"{col}_sd"].to_numpy(float) if f"{col}_sd" in agg else np.full(len(agg), np.nan)
-    ax.bar(x, y, color=[colors[str(m)] for m in agg["method"]], edgecolor="black", lw=0.5)
-    has = np.isfinite(err)                       # sd over seeds, only where there are several
-    if has.any():
-        ax.errorbar(x[has], y[has], yerr=err[has], fmt="none", ecolor="black", capsize=3)
-    ax.set_xticks(x)
-    ax.set_xticklabels([_label(r, many).replace(" (", "\n(") for _, r in agg.iterrows()], fontsize=8)
-    top = np.nanmax(y + np.nan_to_num(err)) if np.isfinite(y).any() else 1.0
-    for xi, yi, ei, ri in zip(x, y, np.nan_to_num(err), ratio):
-        if np.isfinite(yi):
-            ax.text(xi, yi + ei + 0.02 * top, fmt(ri, "ratio") + " DID" if np.isfinite(ri) else "no reference",
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, top * 1.15)
+def _spread(df: pd.DataFrame, col: str, kind: str) -> pd.DataFrame:
+    """{col}_lo / {col}_hi next to {col}: min–max (kind "range") or ± sd over seeds (kind "sd")."""
+    df = df.copy()
+    med = pd.to_numeric(df[col], errors="coerce")
+    if kind == "range":
+        lo = pd.to_numeric(df.get(f"{col}_min", med), errors="coerce").fillna(med)
+        hi = pd.to_numeric(df.get(f"{col}_max", med), errors="coerce").fillna(med)
+    else:
+        sd = pd.to_numeric(df.get(f"{col}_sd", pd.Series(0.0, index=df.index)), errors="coerce").fillna(0.0)
+        lo, hi = med - sd, med + sd
+    df[f"{col}_lo"], df[f"{col}_hi"] = lo, hi
+    return df
 
 
-def cost_figure(study: Study, config: dict | None, path) -> Path:
-    """Training throughput and inference time per sample, with the ratio to DID on each bar."""
+def hbar_panel(ax, df: pd.DataFrame, col: str, *, order: list[str], colors: dict, labels=None,
+               logx: bool = False, ref_line: float | None = None, xlabel: str = "") -> None:
+    """Horizontal bars of `col` per case (rows `case`), a bar per method (hue), min–max whiskers.
+
+    `df` has columns case, method, `col`, `col`_lo, `col`_hi (see _spread); seaborn.barplot
+    draws the median of the three points (median, lo, hi) = `col` with the whisker lo–hi
+    (errorbar=("pi", 100)). `labels` (a column name) is written right of each whisker.
+    """
+    import seaborn as sns
+
+    df = df[pd.to_numeric(df[col], errors="coerce").notna()]
+    if df.empty:
+        ax.text(0.5, 0.5, "no measurements", ha="center", va="center", color="0.4", transform=ax.transAxes)
+        return
+    hue_order = ordered_methods(df["method"])
+    long = pd.concat([df[["case", "method"]].assign(value=pd.to_numeric(df[c], errors="coerce"))
+                      for c in (col, f"{col}_lo", f"{col}_hi")], ignore_index=True)
+    sns.barplot(data=long, y="case", x="value", hue="method", order=order, hue_order=hue_order,
+                palette={m: colors[m] for m in hue_order}, estimator="median", errorbar=("pi", 100),
+                orient="h", ax=ax, capsize=0.25, err_kws={"linewidth": 1.0, "color": "0.25"}, edgecolor="0.25",
+                linewidth=0.4, dodge=True)
+    hi = {(r["case"], r["method"]): float(r[f"{col}_hi"]) for r in df.to_dict("records")}
+    text = {(r["case"], r["method"]): r[labels] for r in df.to_dict("records")} if labels else {}
+    top = float(np.nanmax(df[f"{col}_hi"].to_numpy(float)))
+    if logx:
+        _log_x(ax)
+        lo = float(np.nanmin(df[f"{col}_lo"].where(df[f"{col}_lo"] > 0, df[col]).to_numpy(float)))
+        ax.set_xlim(lo / 1.6, top * (3.0 if labels else 1.5))
+    else:
+        ax.set_xlim(0, top * (1.3 if labels else 1.08))
+    if labels:
+        for h, cont in enumerate(ax.containers):
+            method = hue_order[h] if h < len(hue_order) else None
+            for patch in cont:
+                case = order[int(round(patch.get_y() + patch.get_height() / 2))]
+                key = (case, method)
+                if key not in text or not isinstance(text[key], str):
+                    continue
+                x = hi.get(key, patch.get_width())
+                x = x * 1.08 if logx else x + 0.012 * top
+                ax.text(x, patch.get_y() + patch.get_height() / 2, text[key], va="center", ha="left", fontsize=7.5,
+                        color="0.15")
+    if ref_line is not None:
+        ax.axvline(ref_line, color="0.3", ls=":", lw=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("")
+    ax.grid(True, axis="x", alpha=0.6)
+    ax.grid(False, axis="y")
+    leg = ax.get_legend()
+    if leg is not None:
+        leg.remove()
+
+
+def _method_legend(fig: Figure, methods, colors: dict) -> None:
+    from matplotlib.patches import Patch
+
+    names = ordered_methods(methods)
+    fig.legend(handles=[Patch(facecolor=colors[m], edgecolor="0.25", label=m) for m in names], loc="outside lower center",
+               ncol=min(len(names), 6), fontsize=9, title="method", title_fontsize=9)
+
+
+def _bar_height(cases: int, bars: int) -> float:
+    return max(3.2, 1.6 + 0.24 * bars + 0.15 * cases)
+
+
+def _ratio_label(v, what: str = "DID") -> str | None:
+    return f"{float(v):.2f}× {what}" if not (v is None or (isinstance(v, float) and np.isnan(v))) else None
+
+
+def _cost_frames(study: Study, config: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, set]:
+    """(train rows, sample rows, sources): the interleaved cost job per layout, speed.json otherwise."""
+    from analysis.tables import COST_SOURCE, SPEED_SOURCE, _cost_sample_rows, _cost_train_rows
+
     ref = reference_methods(config)
-    tr = sort_rows(aggregate(study.speed_train, GROUP, ["tokens_per_s"]), config)
-    tr = tr[tr["tokens_per_s"].notna()] if len(tr) else tr
-    sp = aggregate(study.speed_sample, GROUP + ["steps"], ["s_per_sample"])
-    smax = sp["steps"].max() if len(sp) else np.nan
-    sp = sort_rows(sp[(sp["steps"] == smax) & sp["s_per_sample"].notna()], config) if len(sp) else sp
+    tr = _cost_train_rows(study, ref)
+    sp = _cost_sample_rows(study, ref)
+    tr = sort_rows(tr[pd.to_numeric(tr.get("tokens_per_s"), errors="coerce").notna()], config) if len(tr) else tr
+    sp = sort_rows(sp[pd.to_numeric(sp.get("s_per_sample"), errors="coerce").notna()], config) if len(sp) else sp
+    out = []
+    for df, col in ((tr, "tokens_per_s"), (sp, "s_per_sample")):
+        if len(df):
+            parts = [_spread(g, col, "range" if src == COST_SOURCE else "sd") for src, g in df.groupby("source", sort=False)]
+            df = pd.concat(parts).sort_index()
+        out.append(df)
+    sources = set(tr.get("source", pd.Series(dtype=object)).dropna()) | set(sp.get("source", pd.Series(dtype=object)).dropna())
+    return out[0], out[1], sources & {COST_SOURCE, SPEED_SOURCE}
+
+
+@styled
+def cost_figure(study: Study, config: dict | None, path) -> Path:
+    """Training throughput and inference time per sample at every steps value, a bar per method,
+    with the ratio to DID written on each bar; the interleaved cost job where the study has one."""
+    from analysis.tables import COST_SOURCE
+
+    ref = reference_methods(config)
+    tr, sp, sources = _cost_frames(study, config)
     if tr.empty and sp.empty:
-        return placeholder(path, "Cost", "no speed measurements in this study")
+        return placeholder(path, "Cost", "no cost or speed measurements in this study")
     colors = study_colors(study)
-    many = pd.concat([tr["size"], sp["size"]]).nunique() > 1
-    refs = ", ".join(f"{m} ({lay})" for lay, m in sorted(ref.items()))
-    fig, (a1, a2) = _new(2, f"Cost relative to DID (reference: {refs})")
+    many = pd.concat([tr.get("size", pd.Series(dtype=object)), sp.get("size", pd.Series(dtype=object))]).nunique() > 1
+    size = (lambda r: f" · {r['size']}") if many else (lambda r: "")
     if len(tr):
-        _bars(a1, tr.reset_index(drop=True), "tokens_per_s", add_ratio(tr.reset_index(drop=True), "tokens_per_s", ref),
-              colors, many)
-    a1.set_ylabel("training throughput (tokens/s, higher is faster)")
-    a1.set_title("training", fontsize=10)
+        tr = tr.assign(case=[f"{r['layout']}{size(r)}" for r in tr.to_dict("records")],
+                       label=[_ratio_label(v) for v in tr["tokens_per_s_ratio"]])
     if len(sp):
-        sp = sp.reset_index(drop=True)
-        _bars(a2, sp, "s_per_sample", add_ratio(sp, "s_per_sample", ref, match=("steps",)), colors, many)
-    a2.set_ylabel("inference time (s per sample, lower is faster)")
-    a2.set_title(f"sampling, {fmt(smax, 'int')} steps", fontsize=10)
+        sp = sp.assign(case=[f"{r['layout']}{size(r)} · {fmt(r['steps'], 'int')} steps" for r in sp.to_dict("records")],
+                       label=[_ratio_label(v) for v in sp["s_per_sample_ratio"]])
+    if len(sources) > 1:                       # mixed: say which cases are the per-run fallback
+        for df in (tr, sp):
+            if len(df):
+                df["case"] = [c + (" (per-run)" if src != COST_SOURCE else "") for c, src in zip(df["case"], df["source"])]
+    refs = ", ".join(f"{m} ({lay})" for lay, m in sorted(ref.items()))
+    how = ("interleaved cost job: median, whiskers min–max over repeats" if sources == {COST_SOURCE} else
+           "shared-machine per-run measurement: mean, whiskers ± sd over seeds" if COST_SOURCE not in sources else
+           "interleaved where available, else per-run speed.json")
+    n_tr = len(tr) + 2 * tr["case"].nunique() if len(tr) else 1
+    n_sp = len(sp) + 2 * sp["case"].nunique() if len(sp) else 1
+    height = _bar_height(0, max(n_tr, n_sp))
+    fig, (a1, a2) = _new(2, f"Cost relative to DID (reference: {refs})\n{how}", height=height, width=6.4)
+    if len(tr):
+        hbar_panel(a1, tr, "tokens_per_s", order=list(dict.fromkeys(tr["case"])), colors=colors, labels="label",
+                   xlabel="training throughput (clean tokens/s, higher is faster)")
+    a1.set_title("training (label: tokens/s relative to the reference)", fontsize=9)
+    if len(sp):
+        hbar_panel(a2, sp, "s_per_sample", order=list(dict.fromkeys(sp["case"])), colors=colors, labels="label",
+                   logx=bool(sp["s_per_sample"].max() / max(sp["s_per_sample"].min(), 1e-12) > 20),
+                   xlabel="inference time (s per sample, lower is faster)")
+    a2.set_title("sampling (label: s/sample relative to the reference)", fontsize=9)
+    methods = list(tr.get("method", pd.Series(dtype=object)).dropna()) + list(sp.get("method", pd.Series(dtype=object)).dropna())
+    _method_legend(fig, methods, colors)
     return save_figure(fig, path)
 
 
 # --- the cost benchmark hook ------------------------------------------------------------------
+def _bench_rows(obj: dict) -> tuple[str, list[dict]]:
+    """(kind, rows) of a `harness bench` JSON: "train" (bench-train) or "sample" (bench-sample)."""
+    rows = [r for r in (obj.get("rows") or []) if isinstance(r, dict)]
+    kind = str(obj.get("kind") or "")
+    if kind.endswith("sample") or (not kind and any("s_per_sample" in r for r in rows)):
+        return "sample", rows
+    return "train", rows
+
+
+@styled
 def bench_figure(json_path, out_png) -> Path:
-    """Plot a cost-benchmark JSON ({"rows": [{method, layout, size, seq_len, s_per_step: {min,
-    median, max}, tokens_per_s, ratio_to_did, peak_mem_mb}]}): s/step and ratio-to-DID bars."""
+    """Plot a cost-benchmark JSON of `python -m harness bench train|sample` (see bench_plot);
+    a placeholder for an unreadable or empty file."""
     json_path = Path(json_path)
     title = f"Cost benchmark: {json_path.stem}"
     try:
-        rows = json.loads(json_path.read_text()).get("rows") or []
-    except (OSError, ValueError, AttributeError):
-        rows = []
-    rows = [r for r in rows if isinstance(r, dict)]
-    if not rows:
+        obj = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        obj = None
+    fig = bench_plot(obj, title) if isinstance(obj, dict) else None
+    if fig is None:
         return placeholder(out_png, title, "no rows in the benchmark file")
+    return save_figure(fig, out_png)
+
+
+@styled
+def bench_plot(obj: dict, title: str) -> Figure | None:
+    """The figure of a `harness bench` result, told apart by its "kind": bench-train rows {method,
+    layout, size, seq_len, batch_size, s_per_step, ratio_to_did}, bench-sample rows {run, method,
+    layout, steps, n, s_per_sample, ratio_to_did}, each statistic {min, median, max}. Left:
+    seconds per step / per sample, right: the ratio to DID; a horizontal bar per method grouped
+    by case (size, layout, length / steps), min–max whiskers. None when there are no rows."""
+    kind, rows = _bench_rows(obj)
+    if not rows:
+        return None
 
     def stat(r, key):          # (median, min, max); a missing min/max falls back to the median
-        d = r.get(key) if isinstance(r.get(key), dict) else {}
+        d = r.get(key) if isinstance(r.get(key), dict) else {"median": r.get(key)}
         med = num(d.get("median"))
         lo, hi = num(d.get("min")), num(d.get("max"))
         return med, lo if np.isfinite(lo) else med, hi if np.isfinite(hi) else med
 
-    colors = method_colors(r.get("method", "?") for r in rows)
-    labels = [f"{r.get('method', '?')}\n{r.get('layout', '')} {r.get('size', '')}\nL={r.get('seq_len', '?')}"
-              for r in rows]
-    x = np.arange(len(rows))
-    fig, axes = _new(2, title)
-    for ax, key, ylabel in ((axes[0], "s_per_step", "seconds per training step (median, min–max)"),
-                            (axes[1], "ratio_to_did", "ratio to DID as recorded (median, min–max)")):
-        s = np.array([stat(r, key) for r in rows], dtype=float)
-        med, lo, hi = s[:, 0], s[:, 1], s[:, 2]
-        yerr = np.nan_to_num(np.clip(np.vstack([med - lo, hi - med]), 0, None))
-        ax.bar(x, np.nan_to_num(med), yerr=yerr, capsize=3, edgecolor="black", lw=0.5,
-               color=[colors[str(r.get("method", "?"))] for r in rows])
-        top = np.nanmax(np.fmax(hi, med)) if np.isfinite(med).any() else 1.0
-        for xi, m, h in zip(x, med, np.fmax(hi, med)):
-            if np.isfinite(m):
-                text = fmt(m, "ratio") if key == "ratio_to_did" else fmt(m) + " s"
-                ax.text(xi, h + 0.02 * top, text, ha="center", va="bottom", fontsize=8)
-        ax.set_ylim(0, 1.12 * top)
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel(ylabel)
-    axes[1].axhline(1.0, color="0.3", ls=":", lw=1.2, label="DID (= 1)")
-    axes[1].legend(fontsize=8)
-    return save_figure(fig, out_png)
+    if kind == "sample":
+        value, what = "s_per_sample", "seconds per sample"
+        sizes = {str(r.get("run", "")).rsplit("-", 2)[-2] if str(r.get("run", "")).count("-") >= 2 else "" for r in rows}
+
+        def case(r):
+            size = str(r.get("run", "")).rsplit("-", 2)[-2] if len(sizes) > 1 else ""
+            return " · ".join(x for x in (size, str(r.get("layout", "")), f"{r.get('steps', '?')} steps") if x)
+        detail = f"n = {rows[0].get('n', '?')} samples per call"
+    else:
+        value, what = "s_per_step", "seconds per training step"
+
+        def case(r):
+            parts = [str(r.get("size", "")), str(r.get("layout", "")), f"L={r.get('seq_len', '?')}"]
+            if r.get("batch_size") is not None:
+                parts.append(f"B={r['batch_size']}")
+            return " · ".join(p for p in parts if p)
+        detail = obj.get("precision", "")
+    recs = []
+    for r in rows:
+        (m, lo, hi), (q, qlo, qhi) = stat(r, value), stat(r, "ratio_to_did" if "ratio_to_did" in r else "ratio")
+        recs.append({"case": case(r), "method": str(r.get("method", "?")), value: m, f"{value}_lo": lo,
+                     f"{value}_hi": hi, "ratio": q, "ratio_lo": qlo, "ratio_hi": qhi,
+                     "v_label": (fmt(m) + " s") if np.isfinite(m) else None,
+                     "r_label": f"{q:.2f}×" if np.isfinite(q) else None})
+    df = pd.DataFrame(recs)
+    order = list(dict.fromkeys(df["case"]))
+    if kind == "sample":                       # layout by layout, steps increasing
+        rank = {c: (str(r.get("layout", "")), num(r.get("steps"))) for c, r in zip(df["case"], rows)}
+        order = sorted(order, key=lambda c: rank[c])
+    colors = method_colors(df["method"])
+    sub = ", ".join(x for x in (obj.get("device", ""), detail, f"{obj.get('repeats', '?')} repeats") if x)
+    fig, (a1, a2) = _new(2, f"{title}\n{sub}; bars: median, whiskers: min–max over repeats",
+                         height=_bar_height(len(order), len(df) + len(order)), width=6.6, sharey=True)
+    positive = df[value][df[value] > 0]
+    logx = bool(len(positive) and positive.max() / positive.min() > 20)
+    hbar_panel(a1, df, value, order=order, colors=colors, labels="v_label", logx=logx,
+               xlabel=f"{what} (median, min–max{', log scale' if logx else ''})")
+    hbar_panel(a2, df, "ratio", order=order, colors=colors, labels="r_label", ref_line=1.0,
+               xlabel=f"{'s/sample' if kind == 'sample' else 's/step'} relative to DID (> 1: slower than DID)")
+    a2.tick_params(axis="y", labelleft=False)
+    _method_legend(fig, df["method"], colors)
+    return fig
 
 
 # --- all figures -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import stats
 from analysis.collect import GROUP, Study
 from harness.atomic import atomic_write_text  # noqa: F401 (used by analysis.__init__ too)
 
@@ -203,41 +204,177 @@ def _steps_cols(cols: list[str]) -> list[str]:
 
 
 # --- the tables -----------------------------------------------------------------------------------
+MARK = "†"
+Z95 = stats.Z95
+MARK_NOTE = (f"{MARK}: differs from the reference (DID) row at 95%: paired over the same test sequences for "
+             "bounds, a two-sample bootstrap over samples for gen PPL and entropy, Welch's t over seeds "
+             "when both rows have several seeds.")
+
+
+def _key(row) -> tuple:
+    return tuple(row[k] for k in GROUP)
+
+
+def _ref_key(row, ref: dict) -> tuple | None:
+    method = ref.get(row["layout"])
+    return (method, row["layout"], row["size"]) if method and method != row["method"] else None
+
+
+def _runs_of(frame: pd.DataFrame, key: tuple) -> pd.DataFrame:
+    return frame[(frame["method"] == key[0]) & (frame["layout"] == key[1]) & (frame["size"] == key[2])] \
+        if len(frame) else frame
+
+
+def bound_difference(study: Study, key: tuple, ref_key: tuple, col: str = "strict") -> stats.Diff | None:
+    """Bound of `key` minus the reference's (nats/token): Welch over seeds when both have >= 2,
+    else paired over the common test sequences of one common seed (the lowest)."""
+    a, b = _runs_of(study.ppl, key), _runs_of(study.ppl, ref_key)
+    if a.empty or b.empty:
+        return None
+    value = "nats_per_token" if col == "strict" else "paper_nats_per_token"
+    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
+        return stats.seed_difference(a[value], b[value])
+    seq = study.ppl_seq
+    if seq.empty:
+        return None
+    sa, sb = _runs_of(seq, key), _runs_of(seq, ref_key)
+    common = sorted(set(sa["seed"]) & set(sb["seed"]))
+    seed = common[0] if common else None
+    sa = sa[sa["seed"] == (seed if seed is not None else sa["seed"].min())].sort_values("index")
+    sb = sb[sb["seed"] == (seed if seed is not None else sb["seed"].min())].sort_values("index")
+    if len(sa) != len(sb) or not np.array_equal(sa["n_tokens"].to_numpy(), sb["n_tokens"].to_numpy()):
+        return None   # not the same sequences: no paired test
+    return stats.paired_ratio_difference(sa[col].to_numpy(), sb[col].to_numpy(), sa["n_tokens"].to_numpy())
+
+
+def _diff_text(d: stats.Diff | None, kind: str = "auto") -> str:
+    if d is None or missing(d.estimate):
+        return DASH
+    sign = "+" if d.estimate > 0 else ""
+    return f"{sign}{fmt(d.estimate, kind)} [{fmt(d.lo, kind)}, {fmt(d.hi, kind)}]" + (f" {MARK}" if d.significant else "")
+
+
 def ppl_table(study: Study, config: dict | None) -> Table:
-    agg = aggregate(study.ppl, GROUP, ["nats_per_token", "ppl", "n_sequences", "n_tokens"], keep=("stderr",))
+    ref = reference_methods(config)
+    cols = ["nats_per_token", "ppl", "paper_nats_per_token", "paper_ppl", "low_slice_nats_per_token",
+            "insertion_mass_at_t0_mean", "n_sequences", "n_tokens"]
+    agg = aggregate(_ensure(study.ppl, cols), GROUP, cols, keep=("stderr", "paper_stderr"))
     agg = sort_rows(agg, config)
     agg.insert(3, "dataset", study.corpus or "")
-    agg["nats_per_token_err"] = [_err(r, "nats_per_token", "stderr") for r in agg.to_dict("records")]
-    agg["err_kind"] = ["sd over seeds" if r["n_seeds"] > 1 else "stderr" for r in agg.to_dict("records")]
+    recs = agg.to_dict("records")
+    agg["nats_per_token_err"] = [_err(r, "nats_per_token", "stderr") for r in recs]
+    agg["paper_nats_per_token_err"] = [_err(r, "paper_nats_per_token", "paper_stderr") for r in recs]
+    agg["err_kind"] = ["sd over seeds" if r["n_seeds"] > 1 else "stderr" for r in recs]
+    diffs = [bound_difference(study, _key(r), _ref_key(r, ref)) if _ref_key(r, ref) else None for r in recs]
+    agg["diff_vs_ref"] = [np.nan if d is None else d.estimate for d in diffs]
+    agg["diff_lo"] = [np.nan if d is None else d.lo for d in diffs]
+    agg["diff_hi"] = [np.nan if d is None else d.hi for d in diffs]
+    agg["diff_significant"] = [None if d is None else d.significant for d in diffs]
+    agg["reference"] = [ref.get(lay, "") for lay in agg["layout"]]
     data = agg[["method", "layout", "size", "dataset", "n_seeds", "nats_per_token", "nats_per_token_err",
-                "err_kind", "ppl", "ppl_sd", "n_sequences", "n_tokens"]]
-    disp = _disp(agg, {**_ident_display(agg), "Dataset": agg["dataset"], "Seeds": _f(agg, "n_seeds", "int"),
-                       "NLL bound (nats/token)": _pm(agg, "nats_per_token", "nats_per_token_err"),
-                       "PPL bound": _pm(agg, "ppl"), "Tokens": _f(agg, "n_tokens", "int")})
-    title = f"Perplexity upper bound on the {study.corpus or 'test'} test split (lower is better)"
+                "err_kind", "ppl", "ppl_sd", "diff_vs_ref", "diff_lo", "diff_hi", "diff_significant", "reference",
+                "paper_nats_per_token", "paper_nats_per_token_err", "paper_ppl", "low_slice_nats_per_token",
+                "insertion_mass_at_t0_mean", "n_sequences", "n_tokens"]]
+    disp = _disp(agg, {**_ident_display(agg), "Seeds": _f(agg, "n_seeds", "int"),
+                       "NLL bound, strict (nats/token)": _pm(agg, "nats_per_token", "nats_per_token_err"),
+                       "PPL bound": _pm(agg, "ppl"),
+                       "vs DID (nats/token, 95%)": [_diff_text(d) for d in diffs],
+                       "Paper convention (nats/token)": _pm(agg, "paper_nats_per_token", "paper_nats_per_token_err"),
+                       "PPL (paper conv.)": _f(agg, "paper_ppl"),
+                       "of which t < 1e-3": _f(agg, "low_slice_nats_per_token"),
+                       "Insertions as t→0": _f(agg, "insertion_mass_at_t0_mean"),
+                       "Tokens": _f(agg, "n_tokens", "int")})
+    title = f"Likelihood bound on the {study.corpus or 'test'} test split (lower is better)"
     return Table("ppl", title, data, disp, [
-        "NLL: negative-log-likelihood bound in nats per predicted token; PPL = exp(NLL). Exact for "
-        "autoregressive models, a variational upper bound for diffusion/insertion models.",
-        "± is the standard error over sequences for one seed, the sd over seeds when there are several."])
+        "Strict: a valid upper bound on the NLL of the model its sampler runs, in nats per predicted token "
+        "(exact for AR): the whole time range, the prior term included. PPL = exp(NLL).",
+        "Paper convention: t >= 1e-3 and the prior term at t = 1 dropped, the truncation of the DID/RADD/MDLM "
+        "papers' code, for every method (AR and ILM have nothing to truncate: the same value); it can fall below "
+        "the true NLL, so only the strict column ranks methods.",
+        "of which t < 1e-3: the part of DID's strict bound from times the paper convention never samples. "
+        "Insertions as t→0: the insertion mass DID still predicts on a complete sequence at t = 1e-6 "
+        "(0 for a model that knows the sequence is complete; c > 0 costs about 6.9 c nats per sequence).",
+        "± is the standard error over sequences for one seed, the sd over seeds when there are several. "
+        "vs DID: the difference from the reference row with its 95% interval. " + MARK_NOTE])
+
+
+def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[str, stats.Diff | None]:
+    """Gen PPL (as log, token-weighted) and mean entropy of `key` minus the reference's at `steps`,
+    two-sample bootstrap over samples (one seed: the lowest common one), or Welch over seeds."""
+    out: dict[str, stats.Diff | None] = {"log_gen_ppl": None, "entropy_nats": None}
+    a, b = _runs_of(study.genppl, key), _runs_of(study.genppl, ref_key)
+    a, b = (x[x["steps"] == steps] if len(x) else x for x in (a, b))
+    if a.empty or b.empty:
+        return out
+    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
+        out["log_gen_ppl"] = stats.seed_difference(np.log(a["gen_ppl"]), np.log(b["gen_ppl"]))
+        out["entropy_nats"] = stats.seed_difference(a["entropy_nats"], b["entropy_nats"])
+        return out
+    per = study.genppl_samples
+    if per.empty:
+        return out
+    sa, sb = (_runs_of(per, k) for k in (key, ref_key))
+    sa, sb = sa[sa["steps"] == steps], sb[sb["steps"] == steps]
+    if sa.empty or sb.empty:
+        return out
+    sa, sb = sa[sa["seed"] == sa["seed"].min()], sb[sb["seed"] == sb["seed"].min()]
+    out["log_gen_ppl"] = stats.bootstrap_difference(stats.log_token_ratio, sa[["nll", "n_targets"]].to_numpy(),
+                                                    sb[["nll", "n_targets"]].to_numpy())
+    ea, eb = sa["entropy_nats"].dropna().to_numpy()[:, None], sb["entropy_nats"].dropna().to_numpy()[:, None]
+    out["entropy_nats"] = stats.bootstrap_difference(stats.column_mean, ea, eb)
+    return out
+
+
+def _marked(text: str, d: stats.Diff | None) -> str:
+    return f"{text} {MARK}" if d is not None and d.significant and text != DASH else text
 
 
 def genppl_table(study: Study, config: dict | None) -> Table:
-    cols = ["gen_ppl", "gen_ppl_mean_per_sample", "entropy_nats", "entropy_bits", "n"]
-    agg = aggregate(study.genppl, GROUP + ["steps"], cols, keep=("ci95_lo", "ci95_hi"))
-    ref = data_rows(study.genppl_data, cols + ["ci95_lo", "ci95_hi"]).assign(steps=np.nan)
-    rows = _ensure(_stack(config, agg, ref), agg.columns)
+    ref = reference_methods(config)
+    cols = ["gen_ppl", "gen_ppl_mean_per_sample", "entropy_nats", "entropy_bits", "n", "lm_gen_ppl",
+            "lm_entropy_nats", "lm_n_short"]
+    keep = ("ci95_lo", "ci95_hi", "entropy_ci95_lo", "entropy_ci95_hi", "lm_ci95_lo", "lm_ci95_hi")
+    agg = aggregate(_ensure(study.genppl, cols), GROUP + ["steps"], cols, keep=keep)
+    ref_rows = data_rows(study.genppl_data, ["gen_ppl", "gen_ppl_mean_per_sample", "entropy_nats", "entropy_bits",
+                                             "n", "ci95_lo", "ci95_hi", "entropy_ci95_lo", "entropy_ci95_hi"])
+    rows = _ensure(_stack(config, agg, ref_rows.assign(steps=np.nan)), agg.columns)
+    recs = rows.to_dict("records")
+    diffs = [sample_differences(study, _key(r), _ref_key(r, ref), r["steps"])
+             if r["method"] != "data" and _ref_key(r, ref) else {} for r in recs]
+    rows["gen_ppl_ratio_vs_ref"] = [np.exp(d["log_gen_ppl"].estimate) if d.get("log_gen_ppl") else np.nan for d in diffs]
+    rows["gen_ppl_significant"] = [d["log_gen_ppl"].significant if d.get("log_gen_ppl") else None for d in diffs]
+    rows["entropy_diff_vs_ref"] = [d["entropy_nats"].estimate if d.get("entropy_nats") else np.nan for d in diffs]
+    rows["entropy_significant"] = [d["entropy_nats"].significant if d.get("entropy_nats") else None for d in diffs]
     data = rows[["method", "layout", "size", "steps", "n_seeds", "gen_ppl", "gen_ppl_sd", "ci95_lo", "ci95_hi",
-                 "gen_ppl_mean_per_sample", "entropy_nats", "entropy_nats_sd", "entropy_bits", "n"]]
-    unc = [f"± {fmt(r['gen_ppl_sd'])} (sd)" if not missing(r["gen_ppl_sd"]) else ci_text(r["ci95_lo"], r["ci95_hi"])
-           for r in rows.to_dict("records")]
-    disp = _disp(rows, {**_ident_display(rows, steps=True), "Gen PPL": _f(rows, "gen_ppl"), "95% CI / sd": unc,
-                        "Entropy (nats)": _pm(rows, "entropy_nats"), "Entropy (bits)": _f(rows, "entropy_bits"),
+                 "gen_ppl_ratio_vs_ref", "gen_ppl_significant", "gen_ppl_mean_per_sample", "entropy_nats",
+                 "entropy_nats_sd", "entropy_ci95_lo", "entropy_ci95_hi", "entropy_diff_vs_ref",
+                 "entropy_significant", "entropy_bits", "lm_gen_ppl", "lm_ci95_lo", "lm_ci95_hi", "lm_entropy_nats",
+                 "lm_n_short", "n"]]
+
+    def unc(r, col, lo, hi):
+        if not missing(r.get(f"{col}_sd")):
+            return pm(r[col], r[f"{col}_sd"])
+        if missing(r[col]):
+            return DASH
+        return fmt(r[col]) + ("" if missing(r[lo]) or missing(r[hi]) else f" {ci_text(r[lo], r[hi])}")
+
+    disp = _disp(rows, {**_ident_display(rows, steps=True),
+                        "Gen PPL [95% CI]": [_marked(unc(r, "gen_ppl", "ci95_lo", "ci95_hi"), d.get("log_gen_ppl"))
+                                             for r, d in zip(recs, diffs)],
+                        "Entropy, nats [95% CI]": [_marked(unc(r, "entropy_nats", "entropy_ci95_lo", "entropy_ci95_hi"),
+                                                           d.get("entropy_nats")) for r, d in zip(recs, diffs)],
+                        "Data cut to same lengths: gen PPL": [DASH if missing(r["lm_gen_ppl"]) else
+                                                              f"{fmt(r['lm_gen_ppl'])} {ci_text(r['lm_ci95_lo'], r['lm_ci95_hi'])}"
+                                                              for r in recs],
+                        "entropy": _f(rows, "lm_entropy_nats"),
                         "Samples": _f(rows, "n", "int")})
     return Table("genppl", "Generative perplexity and unigram entropy vs sampling steps", data, disp, [
         "Gen PPL: perplexity of the generated text under the evaluator LM (token-weighted; lower is better, "
-        "but too low with low entropy means repetitive text). Entropy: unigram entropy of each sample's tokens, "
-        "averaged over samples (data: the same statistic on real text).",
-        "95% CI from the file for one seed; with several seeds the sd over seeds is shown instead."])
+        "but too low with low entropy means repetitive text). Entropy: unigram entropy of each sample's tokens "
+        "in nats, averaged over samples. Data rows: the same statistics on held-out text.",
+        "Data cut to same lengths: every sample is paired with a held-out text cut to the sample's length in "
+        "evaluator tokens (entropy grows with length, so this is the fair reference for each row).",
+        "[95% CI]: percentile bootstrap over samples for one seed; with several seeds ± sd over seeds. " + MARK_NOTE])
 
 
 def _wide_by_steps(frame: pd.DataFrame, col: str, label: str, config, kind="auto"):
@@ -256,10 +393,42 @@ def _wide_by_steps(frame: pd.DataFrame, col: str, label: str, config, kind="auto
     return data, pd.DataFrame(rows, columns=None if rows else ["Method", "Layout", "Size"])
 
 
+def mauve_text(value, sd, reason) -> str:
+    """A MAUVE cell: the value (± sd), or why there is none ("n too small")."""
+    if missing(value):
+        return "n too small" if isinstance(reason, str) and reason.startswith("n too small") else DASH
+    return pm(value, sd)
+
+
 def mauve_table(study: Study, config: dict | None) -> Table:
-    data, disp = _wide_by_steps(study.mauve, "mauve", "MAUVE", config)
+    frame = _ensure(study.mauve, ["mauve", "mauve_sd", "n_p", "n_q", "reason"])
+    rows = []
+    for (m, lay, size, steps), g in frame.groupby(GROUP + ["steps"], sort=False, dropna=False):
+        vals = g["mauve"].astype(float)
+        seeds = g["seed"].nunique() if "seed" in g else len(g)
+        sd = vals.std(ddof=1) if seeds > 1 else (g["mauve_sd"].iloc[0] if len(g) else np.nan)
+        rows.append({"method": m, "layout": lay, "size": size, "steps": steps, "n_seeds": seeds,
+                     "mauve": vals.mean() if vals.notna().all() else np.nan, "mauve_sd": sd,
+                     "n_p": g["n_p"].min(), "n_q": g["n_q"].min(), "reason": g["reason"].dropna().iloc[0]
+                     if g["reason"].notna().any() else None})
+    data = sort_rows(pd.DataFrame(rows, columns=["method", "layout", "size", "steps", "n_seeds", "mauve", "mauve_sd",
+                                                 "n_p", "n_q", "reason"]), config)
+    steps = sorted(data["steps"].dropna().unique()) if len(data) else []
+    disp_rows = []
+    for (m, lay, size), g in data.groupby(GROUP, sort=False):
+        row = {"Method": m, "Layout": lay, "Size": size}
+        for k in steps:
+            hit = g[g["steps"] == k]
+            row[f"MAUVE ({fmt(k, 'int')} steps)"] = mauve_text(*hit.iloc[0][["mauve", "mauve_sd", "reason"]]) \
+                if len(hit) else DASH
+        row["n (human / samples)"] = f"{fmt(g['n_p'].min(), 'int')} / {fmt(g['n_q'].min(), 'int')}"
+        disp_rows.append(row)
+    disp = pd.DataFrame(disp_rows, columns=None if disp_rows else ["Method", "Layout", "Size"])
     return Table("mauve", "MAUVE of generated vs held-out text, by sampling steps (higher is better)", data, disp,
-                 ["MAUVE in [0, 1] (mauve-text; settings recorded in each mauve.json). ± is the sd over seeds."])
+                 ["MAUVE in [0, 1] (mauve-text; settings recorded in each mauve.json). ± is the sd over human "
+                  "subsets for one seed, over seeds when there are several. \"n too small\": fewer texts than "
+                  "evaluate.mauve.min_samples (default 256) on either side, where MAUVE is noise (faiss clusters a "
+                  "few dozen points into 2 buckets), so no value is reported."])
 
 
 def diversity_table(study: Study, config: dict | None) -> Table:
@@ -291,48 +460,207 @@ def lengths_table(study: Study, config: dict | None) -> Table:
         "samples with no content / hitting the length limit."])
 
 
+#: where a cost row's numbers come from (the `source` column of the cost tables)
+COST_SOURCE = "interleaved cost job"
+SPEED_SOURCE = "shared-machine per-run measurement"
+_SOURCE_SHORT = {COST_SOURCE: "interleaved", SPEED_SOURCE: "per-run (shared machine)"}
+
+
+def range_text(med, lo, hi, kind: str = "auto") -> str:
+    """"median [min–max]" of a repeated measurement; just the median when the range is absent."""
+    if missing(med):
+        return DASH
+    if missing(lo) or missing(hi):
+        return fmt(med, kind)
+    if kind == "ratio":
+        return f"{float(med):.2f}× [{float(lo):.2f}–{float(hi):.2f}]"
+    return f"{fmt(med, kind)} [{fmt(lo, kind)}–{fmt(hi, kind)}]"
+
+
+def _measured(row: dict, col: str, kind: str = "auto") -> str:
+    """A cost cell: median [min–max] for the interleaved job, mean ± sd over seeds for speed.json."""
+    if row.get("source") == COST_SOURCE:
+        return range_text(row.get(col), row.get(f"{col}_min"), row.get(f"{col}_max"), kind)
+    return pm(row.get(col), row.get(f"{col}_sd"), kind)
+
+
+def _inverse(x: pd.Series) -> pd.Series:
+    x = pd.to_numeric(x, errors="coerce")
+    return 1.0 / x.where(x != 0)
+
+
+def _cost_layouts(frame: pd.DataFrame) -> set:
+    return set(frame["layout"].dropna().astype(str)) if len(frame) and "layout" in frame else set()
+
+
+def _ref_column(df: pd.DataFrame, ref: dict) -> pd.Series:
+    given = df["reference"] if "reference" in df else pd.Series(np.nan, index=df.index)
+    fallback = df["layout"].map(lambda lay: ref.get(lay, ""))
+    return given.where(given.notna() & (given.astype(str) != ""), fallback)
+
+
+def _cost_train_rows(study: Study, ref: dict) -> pd.DataFrame:
+    """Training rows: the interleaved cost job per layout, speed.json (seed means) for layouts without one."""
+    parts = []
+    c = study.cost_train
+    if len(c):
+        c = c.drop_duplicates(GROUP, keep="last").reset_index(drop=True)
+        parts.append(pd.DataFrame({
+            **{k: c[k] for k in GROUP}, "source": COST_SOURCE, "n_seeds": 1.0, "params": c["params"],
+            "repeats": c["repeats"],
+            "s_per_step": c["s_per_step_median"], "s_per_step_min": c["s_per_step_min"],
+            "s_per_step_max": c["s_per_step_max"], "s_per_step_sd": np.nan,
+            "s_per_step_ratio": c["ratio_median"], "s_per_step_ratio_min": c["ratio_min"],
+            "s_per_step_ratio_max": c["ratio_max"],
+            "tokens_per_s": c["tokens_per_s_median"], "tokens_per_s_min": c["tokens_per_s_min"],
+            "tokens_per_s_max": c["tokens_per_s_max"], "tokens_per_s_sd": np.nan,
+            # tokens per step are equal within a layout: the tokens/s ratio is the inverse time ratio
+            "tokens_per_s_ratio": _inverse(c["ratio_median"]), "tokens_per_s_ratio_min": _inverse(c["ratio_max"]),
+            "tokens_per_s_ratio_max": _inverse(c["ratio_min"]),
+            "dp_fraction": c["dp_fraction_median"], "flops_per_token": c["flops_per_token"],
+            "peak_mem_mb": c["peak_mem_mb"], "reference": _ref_column(c, ref)}))
+    speed = study.speed_train
+    if len(speed):
+        speed = speed[~speed["layout"].astype(str).isin(_cost_layouts(c))]
+    if len(speed):
+        b = aggregate(speed, GROUP, ["tokens_per_s", "s_per_step", "flops_per_token"])
+        b["tokens_per_s_ratio"] = add_ratio(b, "tokens_per_s", ref)
+        b["s_per_step_ratio"] = add_ratio(b, "s_per_step", ref)
+        b["source"] = SPEED_SOURCE
+        b["reference"] = [ref.get(lay, "") for lay in b["layout"]]
+        parts.append(b)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GROUP)
+
+
+_COST_TRAIN_DATA = ["method", "layout", "size", "source", "n_seeds", "repeats", "params", "tokens_per_s",
+                    "tokens_per_s_min", "tokens_per_s_max", "tokens_per_s_sd", "tokens_per_s_ratio",
+                    "tokens_per_s_ratio_min", "tokens_per_s_ratio_max", "s_per_step", "s_per_step_min",
+                    "s_per_step_max", "s_per_step_sd", "s_per_step_ratio", "s_per_step_ratio_min",
+                    "s_per_step_ratio_max", "dp_fraction", "flops_per_token", "peak_mem_mb", "loop_tokens_per_s",
+                    "reference"]
+
+
 def cost_train_table(study: Study, config: dict | None) -> Table:
     ref = reference_methods(config)
-    bench = aggregate(study.speed_train, GROUP, ["tokens_per_s", "s_per_step", "flops_per_token"])
+    measured = _cost_train_rows(study, ref)
     loop = aggregate(study.runs, GROUP, ["tokens_per_s", "params"])[GROUP + ["tokens_per_s", "params"]]
-    loop = loop.rename(columns={"tokens_per_s": "loop_tokens_per_s"})
-    agg = sort_rows(loop.merge(bench, on=GROUP, how="outer"), config)   # a row per trained or benchmarked model
-    agg["tokens_per_s_ratio"] = add_ratio(agg, "tokens_per_s", ref)
-    agg["s_per_step_ratio"] = add_ratio(agg, "s_per_step", ref)
-    agg["reference"] = [ref.get(lay, "") for lay in agg["layout"]]
-    data = agg[["method", "layout", "size", "n_seeds", "params", "tokens_per_s", "tokens_per_s_sd",
-                "tokens_per_s_ratio", "s_per_step", "s_per_step_sd", "s_per_step_ratio", "flops_per_token",
-                "loop_tokens_per_s", "reference"]]
+    loop = loop.rename(columns={"tokens_per_s": "loop_tokens_per_s", "params": "loop_params"})
+    agg = _ensure(loop.merge(measured, on=GROUP, how="outer"), _COST_TRAIN_DATA)   # a row per trained or measured model
+    agg["params"] = agg["params"].combine_first(agg["loop_params"])
+    agg = sort_rows(agg, config)
+    rows = agg.to_dict("records")
+    pct = lambda v: DASH if missing(v) else f"{100 * v:.1f}%"   # noqa: E731
     disp = _disp(agg, {**_ident_display(agg), "Params": _f(agg, "params", "int"),
-                       "Train tokens/s": _pm(agg, "tokens_per_s"),
-                       "tokens/s vs ref": _f(agg, "tokens_per_s_ratio", "ratio"),
-                       "s/step": _pm(agg, "s_per_step"), "s/step vs ref": _f(agg, "s_per_step_ratio", "ratio"),
+                       "s/step": [_measured(r, "s_per_step") for r in rows],
+                       "s/step vs ref": [_measured(r, "s_per_step_ratio", "ratio") for r in rows],
+                       "Train tokens/s": [_measured(r, "tokens_per_s") for r in rows],
+                       "tokens/s vs ref": [_measured(r, "tokens_per_s_ratio", "ratio") for r in rows],
+                       "DP share": agg["dp_fraction"].map(pct),
                        "FLOPs/token": _f(agg, "flops_per_token", "sci"),
-                       "Train-loop tokens/s": _f(agg, "loop_tokens_per_s"), "Reference": agg["reference"]})
-    return Table("cost_train", "Training cost (speed benchmark) and ratio to DID", data, disp, [
-        _ref_note(ref) + " tokens/s vs ref > 1: faster than the reference; s/step vs ref > 1: slower.",
-        "Train tokens/s and s/step: the timed benchmark in speed.json (after warm-up). Train-loop tokens/s: "
-        "the mean throughput the training run itself logged (train.json), a separate measurement.",
-        "FLOPs/token: the method's own estimate of training FLOPs per clean token."])
+                       "Peak GPU MB": _f(agg, "peak_mem_mb"),
+                       "Train-loop tokens/s": _f(agg, "loop_tokens_per_s"),
+                       "Measured by": [_SOURCE_SHORT.get(r.get("source"), DASH) for r in rows],
+                       "Reference": agg["reference"].fillna("")})
+    sources = set(agg["source"].dropna())
+    title = "Training cost and ratio to DID" + (
+        " (interleaved cost job)" if sources == {COST_SOURCE} else
+        " (shared-machine per-run measurement)" if sources == {SPEED_SOURCE} else "")
+    notes = [_ref_note(ref) + " s/step vs ref > 1: slower than the reference; tokens/s vs ref > 1: faster."]
+    if COST_SOURCE in sources:
+        notes.append("Interleaved: results/<study>/cost/<layout>.json, every method of the layout timed in one "
+                     "process with the machine to itself, methods interleaved within each repeat, the same batch "
+                     "of train.batch_size sequences and the same RNG seed in every repeat (identical work; the "
+                     "spread is machine noise); median [min–max] over the repeats. The ratio is taken per repeat. "
+                     "DP share: DID's part of the step spent in its alignment DP.")
+    if SPEED_SOURCE in sources:
+        notes.append("Per-run (shared machine): speed.json / history.csv of each run, timed while other workflow "
+                     "jobs shared the machine and not interleaved with the reference; mean ± sd over seeds. "
+                     "Only a rough guide: ratios mix method cost with machine load.")
+    notes += ["Train-loop tokens/s: the mean throughput the training run itself logged (train.json), a separate, "
+              "shared-machine measurement.",
+              "FLOPs/token: the method's own estimate of training FLOPs per clean token."]
+    return Table("cost_train", title, agg[_COST_TRAIN_DATA], disp, notes)
+
+
+def _cost_sample_rows(study: Study, ref: dict) -> pd.DataFrame:
+    keys = GROUP + ["steps"]
+    parts = []
+    c = study.cost_sample
+    if len(c):
+        c = c.drop_duplicates(keys, keep="last").reset_index(drop=True)
+        parts.append(pd.DataFrame({
+            **{k: c[k] for k in keys}, "source": COST_SOURCE, "n_seeds": 1.0, "n": c["n"], "repeats": c["repeats"],
+            "s_per_sample": c["s_per_sample_median"], "s_per_sample_min": c["s_per_sample_min"],
+            "s_per_sample_max": c["s_per_sample_max"], "s_per_sample_sd": np.nan,
+            "s_per_sample_ratio": c["ratio_median"], "s_per_sample_ratio_min": c["ratio_min"],
+            "s_per_sample_ratio_max": c["ratio_max"],
+            "gen_tokens_per_s": c["gen_tokens_per_s_median"], "gen_tokens_per_s_min": c["gen_tokens_per_s_min"],
+            "gen_tokens_per_s_max": c["gen_tokens_per_s_max"], "nfe": c["nfe"], "nfe_min": c["nfe_min"],
+            "nfe_max": c["nfe_max"], "mean_length": c["mean_length"], "mean_length_min": c["mean_length_min"],
+            "mean_length_max": c["mean_length_max"], "peak_mem_mb": c["peak_mem_mb"],
+            "reference": _ref_column(c, ref)}))
+    speed = study.speed_sample
+    if len(speed):
+        speed = speed[~speed["layout"].astype(str).isin(_cost_layouts(c))]
+    if len(speed):
+        b = aggregate(speed, keys, ["s_per_sample", "nfe", "peak_mem_mb"])
+        b["s_per_sample_ratio"] = add_ratio(b, "s_per_sample", ref, match=("steps",))
+        b["source"] = SPEED_SOURCE
+        b["reference"] = [ref.get(lay, "") for lay in b["layout"]]
+        parts.append(b)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=keys)
+
+
+_COST_SAMPLE_DATA = ["method", "layout", "size", "steps", "source", "n_seeds", "n", "repeats", "s_per_sample",
+                     "s_per_sample_min", "s_per_sample_max", "s_per_sample_sd", "s_per_sample_ratio",
+                     "s_per_sample_ratio_min", "s_per_sample_ratio_max", "gen_tokens_per_s", "gen_tokens_per_s_min",
+                     "gen_tokens_per_s_max", "nfe", "nfe_min", "nfe_max", "mean_length", "mean_length_min",
+                     "mean_length_max", "peak_mem_mb", "reference"]
 
 
 def cost_sample_table(study: Study, config: dict | None) -> Table:
     ref = reference_methods(config)
     keys = GROUP + ["steps"]
-    bench = aggregate(study.speed_sample, keys, ["s_per_sample", "nfe", "peak_mem_mb"])
-    gen = aggregate(study.samples, keys, ["nfe"])[keys + ["nfe"]].rename(columns={"nfe": "nfe_samples"})
-    agg = sort_rows(bench.merge(gen, on=keys, how="outer"), config)
+    measured = _ensure(_cost_sample_rows(study, ref), _COST_SAMPLE_DATA)
+    gen = aggregate(study.samples, keys, ["nfe", "mean_length"])[keys + ["nfe", "mean_length"]]
+    gen = gen.rename(columns={"nfe": "nfe_samples", "mean_length": "mean_length_samples"})
+    agg = sort_rows(measured.merge(gen, on=keys, how="outer"), config)
     agg["nfe"] = agg["nfe"].combine_first(agg["nfe_samples"])          # NFE is a count: either file has it
-    agg["s_per_sample_ratio"] = add_ratio(agg, "s_per_sample", ref, match=("steps",))
-    agg["reference"] = [ref.get(lay, "") for lay in agg["layout"]]
-    data = agg[["method", "layout", "size", "steps", "n_seeds", "s_per_sample", "s_per_sample_sd",
-                "s_per_sample_ratio", "nfe", "peak_mem_mb", "reference"]]
-    disp = _disp(agg, {**_ident_display(agg, steps=True), "s/sample": _pm(agg, "s_per_sample"),
-                       "s/sample vs ref": _f(agg, "s_per_sample_ratio", "ratio"), "NFE": _f(agg, "nfe", "int"),
-                       "Peak memory (MB)": _f(agg, "peak_mem_mb"), "Reference": agg["reference"]})
-    return Table("cost_sample", "Inference cost per sample and ratio to DID", data, disp, [
-        _ref_note(ref) + " s/sample vs ref > 1: slower than the reference at the same number of steps.",
-        "NFE: network forward calls for the whole batch of samples (from speed.json, else samples.json)."])
+    agg["mean_length"] = agg["mean_length"].combine_first(agg["mean_length_samples"])
+    rows = agg.to_dict("records")
+
+    def count_range(r, col):
+        lo, hi = r.get(f"{col}_min"), r.get(f"{col}_max")
+        if r.get("source") == COST_SOURCE and not missing(lo) and lo != hi:
+            return range_text(r.get(col), lo, hi)
+        return fmt(r.get(col), "int" if col == "nfe" else "auto")
+
+    disp = _disp(agg, {**_ident_display(agg, steps=True),
+                       "s/sample": [_measured(r, "s_per_sample") for r in rows],
+                       "s/sample vs ref": [_measured(r, "s_per_sample_ratio", "ratio") for r in rows],
+                       "Gen tokens/s": [_measured(r, "gen_tokens_per_s", "int") for r in rows],
+                       "NFE": [count_range(r, "nfe") for r in rows],
+                       "Mean length": [count_range(r, "mean_length") for r in rows],
+                       "Samples/call": _f(agg, "n", "int"), "Peak GPU MB": _f(agg, "peak_mem_mb"),
+                       "Measured by": [_SOURCE_SHORT.get(r.get("source"), DASH) for r in rows],
+                       "Reference": agg["reference"].fillna("")})
+    sources = set(agg["source"].dropna())
+    title = "Inference cost per sample and ratio to DID" + (
+        " (interleaved cost job)" if sources == {COST_SOURCE} else
+        " (shared-machine per-run measurement)" if sources == {SPEED_SOURCE} else "")
+    notes = [_ref_note(ref) + " s/sample vs ref > 1: slower than the reference at the same number of steps."]
+    if COST_SOURCE in sources:
+        notes.append("Interleaved: results/<study>/cost/<layout>.json, the trained EMA weights of every method of "
+                     "the layout sampled in one process with the machine to itself, methods interleaved within "
+                     "each repeat, every call with a generator seeded identically (identical work; the spread is "
+                     "machine noise); median [min–max] over repeats; the ratio is taken per repeat. Gen tokens/s: "
+                     "generated content tokens per second; mean length in content tokens.")
+    if SPEED_SOURCE in sources:
+        notes.append("Per-run (shared machine): speed.json of each run (median of its own repeats, not reseeded), "
+                     "timed while other workflow jobs shared the machine; mean ± sd over seeds.")
+    notes.append("NFE: network forward calls for the whole batch of samples of one call (cost/speed file, else "
+                 "samples.json); mean length from samples.json where the cost job has none.")
+    return Table("cost_sample", title, agg[_COST_SAMPLE_DATA], disp, notes)
 
 
 def jobs_table(study: Study, config: dict | None) -> Table:
@@ -342,11 +670,18 @@ def jobs_table(study: Study, config: dict | None) -> Table:
     else:
         data = b.groupby(["run", "method", "layout", "rule"], sort=False)[["s", "max_rss_mb"]].mean().reset_index()
         data = sort_rows(data, config)[["run", "rule", "s", "max_rss_mb"]]
+    c = study.cost_train
+    if len(c) and "wall_seconds" in c:                     # the study-level cost jobs, one per layout
+        per = c.drop_duplicates("layout")
+        cost = pd.DataFrame({"run": [f"(study) {lay}" for lay in per["layout"]], "rule": "cost",
+                             "s": per["wall_seconds"].to_numpy(float), "max_rss_mb": np.nan})
+        data = pd.concat([data, cost], ignore_index=True) if len(data) else cost
     disp = _disp(data, {"Run": data["run"], "Rule": data["rule"], "Wall time (s)": data["s"].map(fmt),
                         "Max RSS (MB)": data["max_rss_mb"].map(fmt)})
     return Table("jobs", "Workflow jobs (Snakemake benchmark files)", data, disp,
                  ["Whole-job wall time and peak resident memory as Snakemake's `benchmark:` recorded them "
-                  "(includes start-up and I/O; mean over repeats)."])
+                  "(includes start-up and I/O; mean over repeats). Rule cost: the study's cost job of a layout, "
+                  "its own wall time as recorded in cost/<layout>.json."])
 
 
 def _ref_note(ref: dict) -> str:
@@ -371,37 +706,93 @@ def _at_max_steps(frame: pd.DataFrame, col: str) -> tuple[pd.DataFrame, float]:
     return agg[agg["steps"] == smax][GROUP + [col, f"{col}_sd"]], smax
 
 
+def _at_steps(df: pd.DataFrame, steps) -> pd.DataFrame:
+    return df[df["steps"] == steps] if len(df) and "steps" in df else df.iloc[0:0]
+
+
 def summary_table(study: Study, config: dict | None) -> Table:
+    """The headline: one row per (method, layout, size), every number with its uncertainty and a
+    mark where it differs significantly from DID. Built from the other tables' data (no metric is
+    computed twice): ppl, genppl and mauve at the study's largest steps, and the interleaved cost job."""
     ref = reference_methods(config)
-    groups = [df[GROUP] for df in (study.runs, study.ppl, study.genppl, study.mauve, study.speed_train) if len(df)]
+    groups = [df[GROUP] for df in (study.runs, study.ppl, study.genppl, study.mauve, study.cost_train,
+                                   study.speed_train) if len(df)]
     if not groups:
         empty = pd.DataFrame(columns=GROUP)
         return Table("summary", "Headline results", empty, pd.DataFrame(columns=["Method", "Layout", "Size"]))
-    base = pd.concat(groups).drop_duplicates().reset_index(drop=True)
-    ppl = aggregate(study.ppl, GROUP, ["ppl"])[GROUP + ["ppl", "ppl_sd"]]
-    gen, s_gen = _at_max_steps(study.genppl, "gen_ppl")
-    ent, _ = _at_max_steps(study.genppl, "entropy_nats")
-    mau, s_mau = _at_max_steps(study.mauve, "mauve")
-    sps, s_sps = _at_max_steps(study.speed_sample, "s_per_sample")
-    tr = aggregate(study.speed_train, GROUP, ["tokens_per_s"])[GROUP + ["tokens_per_s"]]
-    t = base
-    for part in (ppl, gen, ent, mau, sps, tr):
-        t = t.merge(part, on=GROUP, how="left")
-    t = sort_rows(t, config)
-    t["tokens_per_s_ratio"] = add_ratio(t, "tokens_per_s", ref)
-    t["s_per_sample_ratio"] = add_ratio(t, "s_per_sample", ref)
-    t = t.assign(gen_ppl_steps=s_gen, mauve_steps=s_mau, s_per_sample_steps=s_sps)   # which steps "@max" is
-    data = t[GROUP + ["ppl", "ppl_sd", "gen_ppl", "gen_ppl_sd", "entropy_nats", "gen_ppl_steps", "mauve", "mauve_sd",
-                      "mauve_steps", "tokens_per_s_ratio", "s_per_sample_ratio", "s_per_sample_steps"]]
-    disp = _disp(t, {**_ident_display(t), "PPL bound": _pm(t, "ppl"),
-                     f"Gen PPL @{fmt(s_gen, 'int')}": _pm(t, "gen_ppl"),
-                     f"Entropy (nats) @{fmt(s_gen, 'int')}": _f(t, "entropy_nats"),
-                     f"MAUVE @{fmt(s_mau, 'int')}": _pm(t, "mauve"),
-                     "Train tokens/s vs DID": _f(t, "tokens_per_s_ratio", "ratio"),
-                     f"s/sample vs DID @{fmt(s_sps, 'int')}": _f(t, "s_per_sample_ratio", "ratio")})
+    t = sort_rows(pd.concat(groups).drop_duplicates().reset_index(drop=True), config)
+    ppl = ppl_table(study, config).data
+    gen = genppl_table(study, config).data
+    gen = gen[gen["method"] != "data"]
+    mau = mauve_table(study, config).data
+    s_gen = gen["steps"].max() if len(gen) else np.nan
+    s_mau = mau["steps"].max() if len(mau) else np.nan
+    train = _cost_train_rows(study, ref)
+    sample = _cost_sample_rows(study, ref)
+    s_cost = sample["steps"].max() if len(sample) else np.nan
+
+    def pick(frame, cols, steps=None):
+        frame = _at_steps(frame, steps) if steps is not None else frame
+        return _ensure(frame, cols)[GROUP + cols] if len(frame) else pd.DataFrame(columns=GROUP + cols)
+
+    parts = [pick(ppl, ["nats_per_token", "nats_per_token_err", "ppl", "diff_vs_ref", "diff_significant",
+                        "paper_ppl"]),
+             pick(gen, ["gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "entropy_nats", "entropy_ci95_lo",
+                        "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats"], s_gen),
+             pick(mau, ["mauve", "mauve_sd", "reason"], s_mau),
+             pick(train, ["tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max", "source"])
+             .rename(columns={"source": "train_source"}),
+             pick(sample, ["s_per_sample_ratio", "s_per_sample_ratio_min", "s_per_sample_ratio_max"], s_cost)]
+    for part in parts:
+        t = t.merge(part.drop_duplicates(GROUP), on=GROUP, how="left")
+    t = t.assign(gen_ppl_steps=s_gen, mauve_steps=s_mau, s_per_sample_steps=s_cost)
+    recs = t.to_dict("records")
+
+    def bound_cell(r):
+        if missing(r["nats_per_token"]):
+            return DASH
+        text = fmt(r["ppl"])
+        if not missing(r["nats_per_token_err"]):
+            lo, hi = (math.exp(min(r["nats_per_token"] + z * r["nats_per_token_err"], 700)) for z in (-Z95, Z95))
+            text += f" [{fmt(lo)}, {fmt(hi)}]"
+        return text + (f" {MARK}" if r["diff_significant"] is True else "")
+
+    def ci_cell(r, col, lo, hi, flag):
+        if missing(r[col]):
+            return DASH
+        ci = "" if missing(r[lo]) or missing(r[hi]) else f" {ci_text(r[lo], r[hi])}"
+        return f"{fmt(r[col])}{ci}" + (f" {MARK}" if r[flag] is True else "")
+
+    disp = _disp(t, {**_ident_display(t),
+                     "PPL bound (strict) [95%]": [bound_cell(r) for r in recs],
+                     "PPL, paper conv.": _f(t, "paper_ppl"),
+                     f"Gen PPL @{fmt(s_gen, 'int')} [95%]": [ci_cell(r, "gen_ppl", "ci95_lo", "ci95_hi",
+                                                                     "gen_ppl_significant") for r in recs],
+                     f"Entropy @{fmt(s_gen, 'int')} [95%]": [ci_cell(r, "entropy_nats", "entropy_ci95_lo",
+                                                                     "entropy_ci95_hi", "entropy_significant")
+                                                             for r in recs],
+                     "Data entropy, same lengths": _f(t, "lm_entropy_nats"),
+                     f"MAUVE @{fmt(s_mau, 'int')}": [mauve_text(r["mauve"], r["mauve_sd"], r["reason"]) for r in recs],
+                     "Train tokens/s vs DID": [range_text(r["tokens_per_s_ratio"], r["tokens_per_s_ratio_min"],
+                                                          r["tokens_per_s_ratio_max"], "ratio") for r in recs],
+                     f"s/sample vs DID @{fmt(s_cost, 'int')}": [range_text(r["s_per_sample_ratio"],
+                                                                           r["s_per_sample_ratio_min"],
+                                                                           r["s_per_sample_ratio_max"], "ratio")
+                                                                for r in recs]})
+    data = t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant", "paper_ppl",
+                      "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "entropy_nats", "entropy_ci95_lo",
+                      "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats", "gen_ppl_steps", "mauve", "mauve_sd",
+                      "reason", "mauve_steps", "tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
+                      "train_source", "s_per_sample_ratio", "s_per_sample_ratio_min", "s_per_sample_ratio_max",
+                      "s_per_sample_steps"]]
     return Table("summary", "Headline results", data, disp, [
-        _ref_note(ref) + " Ratios: > 1 means more tokens/s (faster training) or more s/sample (slower sampling) "
-        "than the reference.", "@N: at the largest number of sampling steps in the study; ± is the sd over seeds."])
+        _ref_note(ref) + " PPL bound (strict): a valid upper bound for every method (exact for AR), 95% interval "
+        "from the standard error over test sequences; paper conv.: t >= 1e-3 with the prior dropped (ppl table).",
+        "@N: at the largest number of sampling steps; [95%]: bootstrap over samples (sd over seeds with several). "
+        "Data entropy, same lengths: held-out text cut to each sample's length, the entropy to compare with.",
+        "Cost: the interleaved cost job (methods in one process, the machine to itself, same seed every repeat), "
+        "median [min–max] over repeats; tokens/s vs DID > 1: faster training than DID, s/sample vs DID > 1: "
+        "slower sampling.", MARK_NOTE])
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -421,7 +812,7 @@ def to_markdown(table: Table, heading: str = "###") -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--",
-        "×": r"$\times$", "≤": r"$\le$"}
+        "×": r"$\times$", "≤": r"$\le$", "†": r"\textsuperscript{\dag}", "→": r"$\to$"}
 
 
 def tex_escape(s) -> str:

@@ -1,4 +1,4 @@
-"""`python -m harness prepare|train|evaluate|report|log|bench|sample ...`
+"""`python -m harness prepare|train|evaluate|cost|report|log|bench ...`
 
 User mistakes (harness.methods.UserError) print one line `error: ...` and exit with status 2;
 a preempted training job exits with harness.train.EXIT_PREEMPTED so the workflow retries it.
@@ -50,6 +50,13 @@ def _cmd_evaluate(args, rest) -> int:
     return evaluate.main(rest) or 0
 
 
+def _cmd_cost(args) -> int:
+    from harness import cost
+
+    cost.run(args)
+    return 0
+
+
 def _cmd_report(args) -> int:
     import analysis
     from harness.config import load_config
@@ -98,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("evaluate", help="evaluate a trained run: ppl|samples|genppl|mauve|diversity|lengths|speed|evaluator", add_help=False)
 
+    s = sub.add_parser("cost", help="the study's cost job for one layout: training and sampling of every method, "
+                       "interleaved in one process")
+    from harness.cost import build_parser as cost_parser
+
+    cost_parser(s)
+
     s = sub.add_parser("report", help="tables and figures of a study")
     s.add_argument("--config", required=True)
     s.add_argument("--study-dir", required=True)
@@ -120,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = argv[1:]
             return _cmd_evaluate(args, rest) if argv[0] == "evaluate" else _cmd_bench(args, rest)
         args = parser.parse_args(argv)
-        handler = {"prepare": _cmd_prepare, "train": _cmd_train, "report": _cmd_report, "log": _cmd_log}[args.command]
+        handler = {"prepare": _cmd_prepare, "train": _cmd_train, "cost": _cmd_cost, "report": _cmd_report,
+                   "log": _cmd_log}[args.command]
         return handler(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,11 @@ hash of everything it was logged from. A re-run skips runs that are FINISHED wit
 and deletes and re-logs runs that are unfinished (a crash half-way), failed, or stale, so after
 any interruption running it again completes the set without duplicates.
 
+Cost: each model run also records its method's row of the study's cost job for its layout
+(results/<study>/cost/<layout>.json, metrics `cost/...`, see cost_metrics); the file is one of the
+run's artifacts, so it is in the run's content hash and a changed cost file re-logs the runs of
+that layout. The study run carries every cost file under `cost/`.
+
 Store: `sqlite:///<abs study_dir>/mlflow.db` with artifacts under `<study_dir>/mlartifacts`,
 unless MLFLOW_TRACKING_URI is set. Browse with
 `mlflow ui --backend-store-uri sqlite:///results/<study>/mlflow.db` (run from the repo root).
@@ -26,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from analysis.collect import (EVAL_FILES, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name, read_json,
-                              run_dirs)
+from analysis.collect import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name,
+                              read_json, run_dirs)
 
 #: bump when what a run records changes, so existing runs are logged again
 TRACKING_FORMAT = "1"
@@ -200,6 +205,54 @@ def eval_metrics(kind: str, values: dict) -> list:
     return m
 
 
+def cost_metrics(values: dict, method: str) -> list:
+    """The `method`'s numbers from its layout's cost/<layout>.json `values` (harness/cost.py).
+
+    cost/train_s_per_step, cost/train_tokens_per_s, cost/train_ratio_to_did (s/step over the
+    reference's, median over repeats, with _min/_max), cost/train_dp_fraction,
+    cost/flops_per_token, cost/train_peak_mem_mb; per steps value k: cost/s_per_sample_<k>steps,
+    cost/gen_tokens_per_s_<k>steps, cost/nfe_<k>steps, cost/mean_length_<k>steps,
+    cost/sample_ratio_to_did_<k>steps (with _min/_max) and the curve steps/cost_s_per_sample.
+    """
+    m: list = []
+
+    def stat(key: str, d, extremes: bool = False) -> None:
+        d = d if isinstance(d, dict) else {}
+        _add(m, key, d.get("median"))
+        if extremes:
+            _add(m, f"{key}_min", d.get("min"))
+            _add(m, f"{key}_max", d.get("max"))
+
+    train = values.get("train") if isinstance(values.get("train"), dict) else {}
+    for r in train.get("rows") or []:
+        if isinstance(r, dict) and r.get("method") == method:
+            stat("cost/train_s_per_step", r.get("s_per_step"), True)
+            stat("cost/train_tokens_per_s", r.get("tokens_per_s"), True)
+            stat("cost/train_ratio_to_did", r.get("ratio"), True)
+            stat("cost/train_dp_fraction", r.get("dp_fraction"))
+            _add(m, "cost/flops_per_token", r.get("flops_per_token"))
+            _add(m, "cost/train_peak_mem_mb", r.get("peak_mem_mb"))
+    sample = values.get("sample") if isinstance(values.get("sample"), dict) else {}
+    for r in sample.get("rows") or []:
+        if not (isinstance(r, dict) and r.get("method") == method and math.isfinite(num(r.get("steps")))):
+            continue
+        k = int(num(r["steps"]))
+        stat(f"cost/s_per_sample_{k}steps", r.get("s_per_sample"), True)
+        stat(f"cost/gen_tokens_per_s_{k}steps", r.get("gen_tokens_per_s"))
+        stat(f"cost/nfe_{k}steps", r.get("nfe"))
+        stat(f"cost/mean_length_{k}steps", r.get("mean_length"))
+        stat(f"cost/sample_ratio_to_did_{k}steps", r.get("ratio"), True)
+        _add(m, f"cost/sample_peak_mem_mb_{k}steps", r.get("peak_mem_mb"))
+        _add(m, "steps/cost_s_per_sample", (r.get("s_per_sample") or {}).get("median")
+             if isinstance(r.get("s_per_sample"), dict) else None, step=k)
+    return m
+
+
+def cost_file(study_dir: Path, layout) -> Path:
+    """results/<study>/cost/<layout>.json (may not exist)."""
+    return Path(study_dir) / COST_DIR / f"{layout}.json"
+
+
 def history_metrics(path: Path, t0_ms: int) -> list:
     """The training curve: `train/<column>` at each logged step (timestamps follow wall_time)."""
     m: list = []
@@ -233,7 +286,7 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     p.params = {**flatten(run_cfg if isinstance(run_cfg, dict) else {}), **flatten(train)}
     files: list[tuple[Path, str | None]] = [(run_dir / f, None) for f in ("train.json", "history.csv", "config.yaml")]
     eval_dir = run_dir / "eval"
-    for kind in EVAL_FILES:
+    for kind in ALL_EVAL_FILES:
         result = read_json(eval_dir / f"{kind}.json", problems)
         if result is not None:
             values = result.get("values") if isinstance(result.get("values"), dict) else {}
@@ -242,6 +295,13 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
                 ident.setdefault(k, result.get(k))
     if eval_dir.is_dir():
         files += [(f, "eval") for f in sorted(eval_dir.iterdir()) if f.suffix in (".json", ".jsonl") and f.is_file()]
+    if ident.get("layout") and ident.get("method"):     # the study's cost job of this run's layout
+        cost = cost_file(study_dir, ident["layout"])
+        result = read_json(cost, problems)
+        if result is not None:
+            values = result.get("values") if isinstance(result.get("values"), dict) else {}
+            p.metrics += cost_metrics(values, ident["method"])
+            files.append((cost, "cost"))                 # an artifact, and in the content hash
     bench_root = Path(study_dir) / "benchmarks"
     for b in benchmark_files(study_dir, run_dir.name):
         rel = b.relative_to(bench_root).parent
@@ -278,7 +338,7 @@ def study_payload(study_dir: Path, study: str, config: dict | None, n_runs: int)
     """The study-level run: the study config plus tables/, figures/ and summary.md as artifacts."""
     p = Payload(name=STUDY_RUN, key=f"{study}/{STUDY_RUN}")
     p.params = flatten(config or {})
-    for sub in ("tables", "figures", "bench"):
+    for sub in ("tables", "figures", "bench", COST_DIR):
         if (study_dir / sub).is_dir():
             p.dirs.append((study_dir / sub, sub))
     p.files = [(f, None) for f in (study_dir / "summary.md", study_dir / "data" / "manifest.json") if f.is_file()]

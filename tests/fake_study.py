@@ -32,11 +32,25 @@ def fake_values(i: int, layout: str) -> dict:
     gen = {s: 100.0 + 10 * i - s / 8 for s in STEPS}
     v = {
         "ppl": {"nats_per_token": nats, "ppl": math.exp(nats), "stderr": 0.011 + 0.001 * i,
-                "per_sequence_mean": nats + 0.5, "n_sequences": 64, "n_tokens": 4096},
+                "per_sequence_mean": nats + 0.5, "n_sequences": 64, "n_tokens": 4096,
+                "paper_convention": {"nats_per_token": nats - 0.125, "ppl": math.exp(nats - 0.125),
+                                     "stderr": 0.01, "per_sequence_mean": nats + 0.375, "omits": "fake"},
+                # the same 64 test sequences of 64 tokens for every run: bound = 64 nats/token + a
+                # per-sequence difficulty shared by all runs (+ a small run-specific wobble)
+                "per_sequence": {"index": list(range(64)), "n_tokens": [64] * 64,
+                                 "strict": [64 * nats + (j % 8 - 3.5) + 0.01 * i * (j % 3 - 1) for j in range(64)],
+                                 "paper": [64 * (nats - 0.125) + (j % 8 - 3.5) for j in range(64)]}},
         "genppl": {"by_steps": [{"steps": s, "gen_ppl": gen[s], "gen_ppl_mean_per_sample": gen[s] + 7,
                                  "ci95": [gen[s] - 5, gen[s] + 5] if i % 2 == 0 else 5.0,
                                  "entropy_nats": 4.0 + 0.01 * i + s / 1000,
-                                 "entropy_bits": (4.0 + 0.01 * i + s / 1000) / math.log(2), "n": 32}
+                                 "entropy_bits": (4.0 + 0.01 * i + s / 1000) / math.log(2), "n": 32,
+                                 # 32 samples of 10 targets: gen PPL within 5% per sample, entropy within
+                                 # +-0.5 nats (a 0.01 i difference is noise, a 10 i PPL difference is not)
+                                 "per_sample": {"n_targets": [10] * 32,
+                                                "nll": [10 * math.log(gen[s]) * (1 + 0.05 * ((k % 5) - 2) / 2)
+                                                        for k in range(32)],
+                                                "entropy_nats": [4.0 + 0.01 * i + s / 1000 + 0.5 * ((k % 3) - 1)
+                                                                 for k in range(32)]}}
                                 for s in STEPS],
                    "data": {"gen_ppl": 42.0, "gen_ppl_mean_per_sample": 45.0, "ci95": [40.0, 44.0],
                             "entropy_nats": 4.5, "entropy_bits": 4.5 / math.log(2), "n": 32}},
@@ -111,3 +125,64 @@ def make_fake_study(root, study="fake", runs=RUNS, missing=MISSING) -> tuple[Pat
                              f"{12.5 + i}\t0:00:12\t{500.0 + i}\t900\t400\t450\t0\t1\t50\t10\n")
         written[name] = values
     return study_dir, config, written
+
+
+# --- the study-level cost files (harness/cost.py): results/<study>/cost/<layout>.json ----------
+COST_REFERENCE = {"varlen": "did", "fixed": "did-fixed"}
+
+
+def fake_cost_values(layout: str, methods: list[str], repeats: int = 3) -> dict:
+    """The (fake) `values` of cost/<layout>.json: method j's step time is (j + 1) x 0.1 s x (1, 1.1,
+    1.2, ...) over repeats, the reference's is repeat-for-repeat the same factor times 0.1 s,
+    so the ratio of the j-th method (reference first) is exactly j + 1 (the reference's own: 1)."""
+    ref = COST_REFERENCE[layout]
+    order = [ref] + [m for m in methods if m != ref] if ref in methods else list(methods)
+    tokens = 2048 if layout == "fixed" else 500
+    noise = [1.0 + 0.1 * r for r in range(repeats)]
+
+    def stat(xs):
+        xs = sorted(xs)
+        return {"min": xs[0], "median": xs[len(xs) // 2], "max": xs[-1]}
+
+    train_rows, sample_rows = [], []
+    for j, m in enumerate(order):
+        times = [0.1 * (j + 1) * f for f in noise]
+        row = {"method": m, "run": f"{m}-{layout}-tiny-s0", "size": "tiny", "params": 1000 + j,
+               "s_per_step": stat(times), "tokens_per_s": stat([tokens / t for t in times]),
+               "ratio": {"min": j + 1.0, "median": j + 1.0, "max": j + 1.0} if ref in methods else None,
+               "dp_seconds": None, "dp_fraction": None, "flops_per_token": 1.0e6 * (j + 1), "peak_mem_mb": None,
+               "times": times}
+        if m.startswith("did"):
+            row["dp_seconds"] = stat([0.01 * t for t in times])
+            row["dp_fraction"] = {"min": 0.01, "median": 0.01, "max": 0.01}
+        train_rows.append(row)
+        for k in (16, 64):
+            calls = [0.004 * k * (j + 1) * f for f in noise]
+            sample_rows.append({
+                "method": m, "run": f"{m}-{layout}-tiny-s0", "size": "tiny", "steps": k, "n": 4,
+                "s_per_sample": stat([c / 4 for c in calls]), "s_per_call": stat(calls),
+                "gen_tokens_per_s": stat([4 * (20.0 + j) / c for c in calls]),
+                "nfe": {"min": k, "median": k, "max": k}, "mean_length": stat([20.0 + j] * repeats),
+                "ratio": {"min": j + 1.0, "median": j + 1.0, "max": j + 1.0} if ref in methods else None,
+                "peak_mem_mb": None, "times": calls})
+    return {"layout": layout, "size": "tiny", "reference": ref if ref in methods else None, "methods": order,
+            "missing": [], "device": "cpu (fake)", "threads": 2, "wall_seconds": 12.5 if layout == "fixed" else 10.0,
+            "train": {"batch_size": 4, "accumulate": 1, "clean_tokens": tokens, "max_len": 128,
+                      "precision": "float32", "grad_clip": 1.0, "repeats": repeats, "warmup": 1, "rows": train_rows},
+            "sample": {"n": 4, "steps": [16, 64], "top_p": 1.0, "repeats": repeats, "warmup": 1,
+                       "rows": sample_rows}}
+
+
+def write_fake_cost(study_dir, runs=RUNS, study="fake") -> dict:
+    """Write cost/<layout>.json for every layout of `runs`; returns {layout: values}."""
+    written = {}
+    for layout in sorted({lay for _, lay, _ in runs}):
+        methods = list(dict.fromkeys(m for m, lay, _ in runs if lay == layout))
+        values = fake_cost_values(layout, methods)
+        _write_json(Path(study_dir) / "cost" / f"{layout}.json", {
+            "schema": "didbench.result/1", "kind": "cost", "study": study, "run": None, "method": None,
+            "layout": layout, "size": "tiny", "seed": None, "config_hash": "fakehash", "git_commit": "0" * 40,
+            "device": "cpu", "versions": {}, "created": "2000-01-01T00:00:00",
+            "settings": {"n": 4, "repeats": 3, "warmup": 1, "train_repeats": 3, "seed": 0}, "values": values})
+        written[layout] = values
+    return written

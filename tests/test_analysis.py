@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_study import RUNS, make_fake_study, run_name  # noqa: E402
+from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa: E402
 
 import analysis  # noqa: E402
 from analysis import tables as T  # noqa: E402
 from analysis.__main__ import cli  # noqa: E402
 from analysis.collect import load_study  # noqa: E402
-from analysis.figures import bench_figure  # noqa: E402
+from analysis.figures import bench_figure, bench_plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLE_NAMES = ["ppl", "genppl", "mauve", "diversity", "lengths", "cost_train", "cost_sample", "jobs", "summary"]
@@ -129,8 +129,59 @@ def test_summary_headline(full):
     text = (study_dir / "summary.md").read_text()
     assert "Gen PPL @64" in text and "Train tokens/s vs DID" in text
     assert T.fmt(values["mdlm-fixed-tiny-s0"]["genppl"]["by_steps"][1]["gen_ppl"]) in text
-    assert "`ar-fixed-tiny-s0`: mauve" in text and "`ilm-varlen-tiny-s0`: speed" in text
+    assert "`ar-fixed-tiny-s0`: mauve" in text
+    assert "`ilm-varlen-tiny-s0`: speed" not in text          # speed is opt-in now (the cost job replaces it)
     assert "did-fixed for fixed, did for varlen" in text
+
+
+def test_strict_and_paper_bounds_and_paired_differences(full):
+    study_dir, config, values, _ = full
+    study = load_study(study_dir, config)
+    t = T.ppl_table(study, config).data.set_index(["method", "layout"])
+    for method, layout, i in (("mdlm", "varlen", 4), ("ilm", "varlen", 5), ("ar", "varlen", 7)):
+        row = t.loc[(method, layout)]
+        v = values[run_name(method, layout, 0)]["ppl"]
+        assert row.paper_nats_per_token == pytest.approx(v["paper_convention"]["nats_per_token"])
+        # paired over the 64 common sequences against did seed 0 (index 0): 0.25 i nats/token, and
+        # the shared per-sequence difficulty cancels, so the interval is tight and excludes 0
+        assert row.diff_vs_ref == pytest.approx(0.25 * i, abs=1e-3)
+        assert row.diff_lo < 0.25 * i < row.diff_hi and row.diff_hi - row.diff_lo < 0.01
+        assert bool(row.diff_significant) and row.reference == "did"
+    assert np.isnan(t.loc[("did", "varlen")].diff_vs_ref)            # the reference itself
+    md = (study_dir / "tables" / "ppl.md").read_text()
+    assert "Paper convention" in md and "+1.000 [" in md and T.MARK_NOTE in md
+
+
+def test_summary_marks_significant_sample_differences(full):
+    study_dir, config, values, _ = full
+    study = load_study(study_dir, config)
+    summary = T.summary_table(study, config)
+    rows = summary.data.set_index(["method", "layout"])
+    mdlm = rows.loc[("mdlm", "varlen")]
+    # gen PPL 140 vs 100 with 5% per-sample noise: significant; entropy +0.04 with +-0.5 noise: not
+    assert mdlm.gen_ppl_significant is True and mdlm.entropy_significant is False
+    assert bool(mdlm.diff_significant)
+    disp = summary.display.set_index(["Method", "Layout"])
+    assert disp.loc[("mdlm", "varlen"), "Gen PPL @64 [95%]"].endswith(f" {T.MARK}")
+    assert not disp.loc[("mdlm", "varlen"), "Entropy @64 [95%]"].endswith(f" {T.MARK}")
+    assert not disp.loc[("did", "varlen"), "Gen PPL @64 [95%]"].endswith(f" {T.MARK}")   # the reference
+    assert T.MARK_NOTE in summary.notes
+
+
+def test_mauve_below_min_samples_reads_n_too_small(tmp_path):
+    runs = [("did", "varlen", 0), ("mdlm", "varlen", 0)]
+    study_dir, config, _ = make_fake_study(tmp_path, runs=runs, missing={})
+    path = study_dir / "runs" / "mdlm-varlen-tiny-s0" / "eval" / "mauve.json"
+    obj = json.loads(path.read_text())
+    obj["values"]["by_steps"] = [{"steps": s, "mauve": None, "mauve_sd": None, "n_p": 32, "n_q": 16,
+                                  "reason": "n too small (n_p=32, n_q=16, need >= 256 each)"} for s in (16, 64)]
+    path.write_text(json.dumps(obj))
+    study = load_study(study_dir, config)
+    disp = T.mauve_table(study, config).display.set_index("Method")
+    assert disp.loc["mdlm", "MAUVE (64 steps)"] == "n too small" and disp.loc["mdlm", "n (human / samples)"] == "32 / 16"
+    assert disp.loc["did", "MAUVE (64 steps)"] != "n too small"
+    summary = T.summary_table(study, config).display.set_index("Method")
+    assert summary.loc["mdlm", "MAUVE @64"] == "n too small"
 
 
 def test_missing_and_broken_files_are_tolerated(tmp_path):
@@ -187,3 +238,140 @@ def test_formatting_helpers():
                       ["method"], ["x"])
     assert list(agg.x) == [2.0, 5.0] and list(agg.n_seeds) == [2, 1]
     assert agg.x_sd.iloc[0] == pytest.approx(math.sqrt(2)) and math.isnan(agg.x_sd.iloc[1])
+
+
+# --- the study's interleaved cost job (cost/<layout>.json) -------------------------------------
+@pytest.fixture(scope="module")
+def with_cost(tmp_path_factory):
+    study_dir, config, values = make_fake_study(tmp_path_factory.mktemp("costed"))
+    cost = write_fake_cost(study_dir)
+    files = analysis.main(study_dir, config)
+    return study_dir, config, values, cost, files
+
+
+def test_cost_frames(with_cost):
+    from analysis.collect import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
+
+    study_dir, config, _, cost, _ = with_cost
+    study = load_study(study_dir, config)
+    t, s = study.cost_train, study.cost_sample
+    assert list(t.columns) == ID + COST_TRAIN_COLS and list(s.columns) == ID + COST_SAMPLE_COLS
+    for col in ("method", "layout", "size", "s_per_step_min", "s_per_step_median", "s_per_step_max",
+                "tokens_per_s_min", "tokens_per_s_median", "tokens_per_s_max", "ratio_min", "ratio_median",
+                "ratio_max", "reference", "dp_fraction_median", "flops_per_token", "peak_mem_mb"):
+        assert col in t.columns, col
+    for col in ("steps", "n", "s_per_sample_min", "s_per_sample_median", "s_per_sample_max",
+                "gen_tokens_per_s_median", "nfe", "mean_length", "ratio_min", "ratio_median", "ratio_max"):
+        assert col in s.columns, col
+    assert len(t) == 4 + 3 and len(s) == 2 * len(t)                   # varlen: did mdlm ilm ar; fixed: 3
+    for layout, v in cost.items():
+        for j, row in enumerate(v["train"]["rows"]):
+            got = t[(t.layout == layout) & (t.method == row["method"])].iloc[0]
+            assert got.s_per_step_median == pytest.approx(row["s_per_step"]["median"])
+            assert got.ratio_median == pytest.approx(j + 1) and got.reference == v["reference"]
+            assert got.run == row["run"] and got.seed == 0
+        ref = s[(s.layout == layout) & (s.method == v["reference"])]
+        assert (ref.ratio_min == 1).all() and (ref.ratio_max == 1).all()
+    assert (s.s_per_sample_min <= s.s_per_sample_median).all() and (s.s_per_sample_median <= s.s_per_sample_max).all()
+    assert (s.nfe == s.steps).all()
+    did = t[t.method == "did"].iloc[0]
+    assert did.dp_fraction_median == pytest.approx(0.01) and math.isnan(t[t.method == "ar"].iloc[0].dp_fraction_median)
+
+
+def test_cost_tables_use_the_interleaved_job(with_cost):
+    study_dir, _, values, cost, _ = with_cost
+    c = pd.read_csv(study_dir / "tables" / "cost_train.csv")
+    assert set(c.source.dropna()) == {T.COST_SOURCE}
+    mdlm = c[(c.method == "mdlm") & (c.layout == "varlen")].iloc[0]
+    j = cost["varlen"]["methods"].index("mdlm")
+    assert mdlm.s_per_step_ratio == pytest.approx(j + 1) and mdlm.tokens_per_s_ratio == pytest.approx(1 / (j + 1))
+    row = cost["varlen"]["train"]["rows"][j]
+    assert (mdlm.s_per_step_min, mdlm.s_per_step, mdlm.s_per_step_max) == pytest.approx(
+        (row["s_per_step"]["min"], row["s_per_step"]["median"], row["s_per_step"]["max"]))
+    assert mdlm.reference == "did" and mdlm.loop_tokens_per_s == pytest.approx(900.0 * 5)   # train.json, run 4
+    md = (study_dir / "tables" / "cost_train.md").read_text()
+    assert "interleaved cost job" in md and "shared-machine" not in md.split("\n")[0]
+    assert T.range_text(row["s_per_step"]["median"], row["s_per_step"]["min"], row["s_per_step"]["max"]) in md
+    assert f"{j + 1:.2f}× [{j + 1:.2f}–{j + 1:.2f}]" in md
+
+    s = pd.read_csv(study_dir / "tables" / "cost_sample.csv")
+    ar = s[(s.method == "ar") & (s.layout == "fixed") & (s.steps == 64)].iloc[0]
+    j = cost["fixed"]["methods"].index("ar")
+    assert ar.s_per_sample_ratio == pytest.approx(j + 1) and ar.source == T.COST_SOURCE
+    assert ar.gen_tokens_per_s == pytest.approx(cost["fixed"]["sample"]["rows"][2 * j + 1]["gen_tokens_per_s"]["median"])
+    assert ar.nfe == 64 and ar.mean_length == pytest.approx(20.0 + j) and ar.n == 4
+    jobs = (study_dir / "tables" / "jobs.md").read_text()
+    assert "| (study) fixed | cost | 12.50 |" in jobs
+
+
+def test_cost_tables_fall_back_per_layout(tmp_path):
+    """A layout without a cost file keeps the speed.json numbers, labelled as such."""
+    study_dir, config, values = make_fake_study(tmp_path)
+    write_fake_cost(study_dir, runs=[r for r in RUNS if r[1] == "varlen"])
+    analysis.main(study_dir, config)
+    c = pd.read_csv(study_dir / "tables" / "cost_train.csv")
+    assert set(c[c.layout == "varlen"].source) == {T.COST_SOURCE}
+    assert set(c[c.layout == "fixed"].source) == {T.SPEED_SOURCE}
+    ar = c[(c.method == "ar") & (c.layout == "fixed")].iloc[0]
+    ref = values["did-fixed-fixed-tiny-s0"]["speed"]["train"]["s_per_step"]
+    assert ar.s_per_step_ratio == pytest.approx(values["ar-fixed-tiny-s0"]["speed"]["train"]["s_per_step"] / ref)
+    md = (study_dir / "tables" / "cost_train.md").read_text()
+    assert "per-run (shared machine)" in md and "interleaved" in md
+    # and with no cost file at all the title says where the numbers come from
+    md = (tmp_path / "x").mkdir() or None
+    plain, cfg, _ = make_fake_study(tmp_path / "x")
+    analysis.main(plain, cfg)
+    assert "(shared-machine per-run measurement)" in (plain / "tables" / "cost_train.md").read_text()
+
+
+def test_cost_figure_reads_the_cost_frames(with_cost):
+    from analysis.figures import _cost_frames
+
+    study_dir, config, _, cost, _ = with_cost
+    assert_png(study_dir / "figures" / "cost.png")
+    tr, sp, sources = _cost_frames(load_study(study_dir, config), config)
+    assert sources == {T.COST_SOURCE} and len(tr) == 7 and len(sp) == 14
+    row = tr[(tr.method == "mdlm") & (tr.layout == "fixed")].iloc[0]
+    r = cost["fixed"]["train"]["rows"][cost["fixed"]["methods"].index("mdlm")]["tokens_per_s"]
+    assert (row.tokens_per_s_lo, row.tokens_per_s, row.tokens_per_s_hi) == pytest.approx((r["min"], r["median"], r["max"]))
+
+
+def test_bench_figure_reads_both_kinds(tmp_path):
+    """bench-sample rows have s_per_sample / steps (not s_per_step / seq_len): both kinds plot."""
+    sample = {"kind": "bench-sample", "device": "cpu", "repeats": 2, "rows": [
+        {"run": f"{m}-{lay}-tiny-s0", "method": m, "layout": lay, "steps": k, "n": 8,
+         "s_per_sample": {"min": 0.01 * k * q, "median": 0.011 * k * q, "max": 0.012 * k * q},
+         "nfe": k, "ratio_to_did": {"min": q * 0.9, "median": q, "max": q * 1.1}}
+        for k in (16, 64) for m, lay, q in (("did", "varlen", 1.0), ("mdlm", "varlen", 2.5), ("did-fixed", "fixed", 1.0))]}
+    fig = bench_plot(sample, "sample")
+    left, right = fig.axes[0], fig.axes[1]
+    assert "per sample" in left.get_xlabel() and "s/sample" in right.get_xlabel()
+    ticks = [t.get_text() for t in left.get_yticklabels()]
+    assert ticks == ["fixed · 16 steps", "fixed · 64 steps", "varlen · 16 steps", "varlen · 64 steps"]
+    widths = sorted(round(p.get_width(), 6) for p in left.patches if p.get_width() > 0)
+    assert widths == sorted(round(r["s_per_sample"]["median"], 6) for r in sample["rows"])   # no empty panel
+    texts = {t.get_text() for t in right.texts}
+    assert {"1.00×", "2.50×"} <= texts
+    train = {"kind": "bench-train", "device": "cpu", "repeats": 3, "rows": [
+        {"method": m, "layout": "fixed", "size": "tiny", "seq_len": L, "batch_size": 4,
+         "s_per_step": {"min": 0.1, "median": 0.2 * (i + 1), "max": 0.7}, "ratio_to_did": {"min": 1, "median": i + 1, "max": 2}}
+        for L in (128, 1024) for i, m in enumerate(("did-fixed", "mdlm", "radd"))]}
+    fig = bench_plot(train, "train")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["tiny · fixed · L=128 · B=4", "tiny · fixed · L=1024 · B=4"]
+    assert "training step" in fig.axes[0].get_xlabel()
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {"did-fixed", "mdlm", "radd"}   # one legend
+    (tmp_path / "s.json").write_text(json.dumps(sample))
+    assert_png(bench_figure(tmp_path / "s.json", tmp_path / "s.png"))
+
+
+def test_figures_use_one_palette_and_leave_rcparams_alone():
+    import matplotlib
+
+    from analysis.figures import method_colors
+
+    before = dict(matplotlib.rcParams)
+    a, b = method_colors(["did", "ar", "mdlm"]), method_colors(["ar", "zeta", "did-fixed"])
+    assert a["ar"] == b["ar"] and len({a["did"], b["did-fixed"], a["mdlm"], a["ar"], b["zeta"]}) == 5
+    bench_plot({"kind": "bench-train", "rows": [{"method": "did", "layout": "varlen", "size": "tiny", "seq_len": 8,
+                                                 "s_per_step": {"min": 1, "median": 1, "max": 1}}]}, "t")
+    assert dict(matplotlib.rcParams) == before

@@ -41,7 +41,7 @@ def test_micro_study_end_to_end(tmp_path):
         run_dir = study / "runs" / run["name"]
         for name in ("checkpoint.pt", "history.csv", "train.json"):
             assert (run_dir / name).is_file(), f"{run['name']}: {name}"
-        expected = ["ppl", "samples", "genppl", "mauve", "diversity", "speed"]
+        expected = ["ppl", "samples", "genppl", "mauve", "diversity"]
         expected += ["lengths"] if run["layout"] == "varlen" else []
         for what in expected:
             result_json = json.loads((run_dir / "eval" / f"{what}.json").read_text())
@@ -50,6 +50,13 @@ def test_micro_study_end_to_end(tmp_path):
         assert not (run_dir / "eval" / "lengths.json").exists() or run["layout"] == "varlen"
         assert (study / "benchmarks" / "train" / f"{run['name']}.tsv").is_file()
         assert (study / "logs" / "train" / f"{run['name']}.log").is_file()
+
+        ppl = json.loads((run_dir / "eval" / "ppl.json").read_text())["values"]
+        assert set(ppl["paper_convention"]) >= {"nats_per_token", "ppl", "stderr", "omits"}
+        assert len(ppl["per_sequence"]["strict"]) == ppl["n_sequences"] and ppl["omits"]
+    for layout in {run["layout"] for run in study_runs(cfg)}:   # the interleaved cost job, one per layout
+        cost = json.loads((study / "cost" / f"{layout}.json").read_text())
+        assert cost["kind"] == "cost" and cost["values"]["train"]["rows"] and cost["values"]["sample"]["rows"]
 
     for ext in ("csv", "md", "tex"):
         assert list((study / "tables").glob(f"*.{ext}")), f"no tables/*.{ext}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_study import RUNS, make_fake_study, run_name  # noqa: E402
+from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa: E402
 
 pytest.importorskip("mlflow")
 from mlflow.entities import ViewType  # noqa: E402
@@ -113,3 +113,44 @@ def test_crash_half_way_then_rerun_completes(tmp_path, monkeypatch):
     assert set(runs) == MODEL_RUNS | {"study"}
     assert all(len(v) == 1 and v[0].info.status == "FINISHED" and "half" not in v[0].data.params
                for v in runs.values())
+
+
+def test_cost_results_are_logged_and_rehashed(tmp_path, monkeypatch):
+    """Each run gets its method's numbers from its layout's cost file; the study run gets the files."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'cost.db'}")
+    runs = [("did", "varlen", 0), ("mdlm", "varlen", 0), ("did-fixed", "fixed", 0), ("ar", "fixed", 0)]
+    study_dir, config, _ = make_fake_study(tmp_path, runs=runs, missing={})
+    cost = write_fake_cost(study_dir, runs=runs)
+    first = tracking.log_study(study_dir, config)
+    assert len(first["logged"]) == 5
+    got = active_runs(f"sqlite:///{tmp_path / 'cost.db'}", "fake")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'cost.db'}")
+    mdlm = got["mdlm-varlen-tiny-s0"][0]
+    train = cost["varlen"]["train"]["rows"][1]
+    assert train["method"] == "mdlm"
+    m = mdlm.data.metrics
+    assert m["cost/train_ratio_to_did"] == pytest.approx(2.0) and m["cost/train_ratio_to_did_max"] == pytest.approx(2.0)
+    assert m["cost/train_tokens_per_s"] == pytest.approx(train["tokens_per_s"]["median"])
+    assert m["cost/train_s_per_step_min"] == pytest.approx(train["s_per_step"]["min"])
+    assert m["cost/flops_per_token"] == pytest.approx(train["flops_per_token"])
+    for k in (16, 64):
+        row = next(r for r in cost["varlen"]["sample"]["rows"] if r["method"] == "mdlm" and r["steps"] == k)
+        assert m[f"cost/s_per_sample_{k}steps"] == pytest.approx(row["s_per_sample"]["median"])
+        assert m[f"cost/sample_ratio_to_did_{k}steps"] == pytest.approx(2.0)
+        assert m[f"cost/nfe_{k}steps"] == k and m[f"cost/gen_tokens_per_s_{k}steps"] > 0
+    assert got["did-varlen-tiny-s0"][0].data.metrics["cost/train_ratio_to_did"] == 1.0
+    assert got["did-varlen-tiny-s0"][0].data.metrics["cost/train_dp_fraction"] == pytest.approx(0.01)
+    assert "cost/train_dp_fraction" not in m
+    assert got["ar-fixed-tiny-s0"][0].data.metrics["cost/train_ratio_to_did"] == pytest.approx(2.0)
+    curve = client.get_metric_history(mdlm.info.run_id, "steps/cost_s_per_sample")
+    assert sorted(x.step for x in curve) == [16, 64]
+    assert "cost/varlen.json" in {a.path for a in client.list_artifacts(mdlm.info.run_id, "cost")}
+    study_arts = {a.path for a in client.list_artifacts(got["study"][0].info.run_id, "cost")}
+    assert study_arts == {"cost/fixed.json", "cost/varlen.json"}
+
+    # a changed cost file re-logs the runs of that layout and the study run, nothing else
+    path = study_dir / "cost" / "varlen.json"
+    path.write_text(path.read_text().replace('"wall_seconds": 10.0', '"wall_seconds": 11.0'))
+    again = tracking.log_study(study_dir, config)
+    assert sorted(again["replaced"]) == ["did-varlen-tiny-s0", "mdlm-varlen-tiny-s0", "study"]
+    assert sorted(again["skipped"]) == ["ar-fixed-tiny-s0", "did-fixed-fixed-tiny-s0"]

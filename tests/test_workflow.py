@@ -232,8 +232,10 @@ def test_dry_run(configfile, tmp_path):
     n_varlen = sum(r["layout"] == "varlen" for r in cfg["runs"]) * len(cfg["seeds"])
     assert counts["train"] == STUDIES[configfile] == n_runs
     assert counts["prepare_data"] == 1 and counts["report"] == 1 and counts["mlflow_log"] == 1
-    for rule in ("eval_ppl", "eval_samples", "eval_genppl", "eval_mauve", "eval_diversity", "eval_speed"):
+    for rule in ("eval_ppl", "eval_samples", "eval_genppl", "eval_mauve", "eval_diversity"):
         assert counts[rule] == n_runs, rule
+    layouts = {r["layout"] for r in cfg["runs"]}
+    assert counts["cost"] == len(layouts) and "eval_speed" not in counts      # the study-level cost job, per layout
     assert counts.get("eval_lengths", 0) == n_varlen
     assert counts["evaluator_cache"] == 1
     # the resolved config is written under the study, named by its hash
@@ -241,7 +243,7 @@ def test_dry_run(configfile, tmp_path):
     assert yaml.safe_load(resolved.read_text()) == cfg
     # every job is a `python -m harness` command
     commands = re.findall(r"^(?:exec )?(\S+(?: \S+)*?) -m harness (\w+)", out, flags=re.M)
-    assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "report", "log"}
+    assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "cost", "report", "log"}
 
 
 def test_did_f_trains_twice_as_long(tmp_path):
@@ -295,3 +297,60 @@ def test_slurm_profile_dry_run(tmp_path):
     assert "gpu=1" in resources["train"] and "runtime=2880" in resources["train"]
     assert "gpu=" not in resources["prepare_data"]
     assert f"slurm_partition={env_partition}" in resources["eval_mauve"]
+
+
+def _job_blocks(output: str) -> dict[str, list[dict]]:
+    """rule -> [{input, output, threads, shell}] of every job block of a `snakemake -n -p` output."""
+    blocks: dict[str, list[dict]] = {}
+    for chunk in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
+        m = re.search(r"^(?:local)?rule (\w+):", chunk, flags=re.M)
+        if not m:
+            continue
+        get = lambda key: (re.search(rf"^\s+{key}: (.*)$", chunk, flags=re.M) or [None, ""])[1]  # noqa: E731
+        blocks.setdefault(m.group(1), []).append({
+            "input": [x.strip() for x in get("input").split(",") if x.strip()],
+            "output": [x.strip() for x in get("output").split(",") if x.strip()],
+            "threads": get("threads"), "shell": (re.search(r"^Shell command: (.*)$", chunk, flags=re.M) or [None, ""])[1]})
+    return blocks
+
+
+def test_cost_jobs_gate_the_report(tmp_path):
+    """One exclusive cost job per layout, after every checkpoint of its layout; report and MLflow
+    read its file; `speed` stays available as an opt-in per-run metric."""
+    result = snakemake("-n", "-p", "--cores", "3", "--directory", str(tmp_path), "--configfile", "tests/configs/micro.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    blocks = _job_blocks(result.stdout)
+    cfg = load_config(REPO / "tests/configs/micro.yaml")
+    results = f"results/{cfg['study']}"
+    cost = {b["output"][0]: b for b in blocks["cost"]}
+    assert set(cost) == {f"{results}/cost/fixed.json", f"{results}/cost/varlen.json"}
+    for layout in ("fixed", "varlen"):
+        job = cost[f"{results}/cost/{layout}.json"]
+        ckpts = {f"{results}/runs/{r['name']}/checkpoint.pt" for r in study_runs(cfg) if r["layout"] == layout}
+        assert ckpts <= set(job["input"]) and f"{results}/data/manifest.json" in job["input"]
+        assert not any(r["layout"] != layout and r["name"] in " ".join(job["input"]) for r in study_runs(cfg))
+        assert job["threads"] == "3"                                  # every core: nothing runs beside it
+        assert f"-m harness cost --config {results}/config/" in job["shell"]
+        assert f"--study-dir {results} --layout {layout} --threads 3 --out {results}/cost/{layout}.json" in job["shell"]
+    for rule in ("report", "mlflow_log"):
+        assert set(cost) <= set(blocks[rule][0]["input"]), rule
+    # opt in to the per-run speed evaluation and out of the cost job
+    opt = yaml.safe_load((REPO / "tests/configs/micro.yaml").read_text())
+    opt["evaluate"]["metrics"] = ["ppl", "speed"]
+    path = tmp_path / "speed.yaml"
+    path.write_text(yaml.safe_dump(opt))
+    result = snakemake("-n", "--cores", "2", "--directory", str(tmp_path / "w2"), "--configfile", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout + result.stderr)
+    assert counts["eval_speed"] == len(study_runs(cfg)) and "cost" not in counts
+
+
+def test_cost_settings_in_schema_and_defaults():
+    cfg = load_config({})
+    assert cfg["evaluate"]["metrics"] == ["ppl", "samples", "genppl", "mauve", "diversity", "lengths", "cost"]
+    enum = schema()["properties"]["evaluate"]["properties"]["metrics"]["items"]["enum"]
+    assert {"speed", "cost"} <= set(enum)
+    assert set(cfg["evaluate"]["cost"]) == {"n", "repeats", "warmup", "train_repeats", "seed"}
+    assert cfg["evaluate"]["cost"]["repeats"] >= 3 and cfg["evaluate"]["cost"]["train_repeats"] >= 5
+    with pytest.raises(UserError, match="evaluate.cost.repeats"):
+        load_config({"evaluate": {"cost": {"repeats": 0}}}, source="c.yaml")

@@ -75,12 +75,15 @@ RUNS_DIR = f"{RESULTS}/runs"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 MLFLOW_MARKER = f"{RESULTS}/mlflow.done"
+COST_DIR = f"{RESULTS}/cost"
 # evaluator LMs are cached once per machine, shared by studies (override: DIDBENCH_EVALUATORS)
 EVALUATORS = os.environ.get("DIDBENCH_EVALUATORS", "resources/evaluators")
 EVALUATOR = CFG["evaluate"]["genppl"]["evaluator"]
 METRICS = CFG["evaluate"]["metrics"]
 
 RUNS = {r["name"]: r for r in study_runs(CFG)}
+#: the data layouts the study has runs of, in a fixed order (one cost job each)
+LAYOUTS = [lay for lay in ("fixed", "varlen") if any(r["layout"] == lay for r in RUNS.values())]
 # software of every rule, relative to workflow/rules/ (only used with --sdm conda)
 CONDA_ENV = "../envs/didbench.yaml"
 
@@ -105,6 +108,7 @@ _write_resolved_config(CONFIG_FILE, CFG)
 
 wildcard_constraints:
     run="|".join(re.escape(name) for name in sorted(RUNS)),
+    layout="fixed|varlen",
     name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
@@ -181,6 +185,16 @@ def report_study_dir(wildcards, output):
     return parent(output.tables)
 
 
+def cost_study_dir(wildcards, output):
+    """results/<study> of a cost job (its result is results/<study>/cost/<layout>.json)."""
+    return parent(output.result, 2)
+
+
+def layout_checkpoints(wildcards):
+    """The checkpoints of every run of one layout: the cost job starts when all are trained."""
+    return [f"{RUNS_DIR}/{name}/checkpoint.pt" for name, r in RUNS.items() if r["layout"] == wildcards.layout]
+
+
 def eval_run_dir(wildcards, output):
     """RUN_DIR of an evaluation job (its result is RUN_DIR/eval/<what>.json)."""
     return parent(output.result, 2)
@@ -212,25 +226,35 @@ EVAL_FILES = {
     "lengths": ["lengths.json"],
     "speed": ["speed.json"],
 }
+#: evaluations of the whole study rather than of one run (see study_metric_files)
+STUDY_METRICS = ("cost",)
 
 
 def run_eval_files(name):
     """The evaluation outputs of one run, as selected by evaluate.metrics (lengths: varlen only)."""
     out = []
     for metric in METRICS:
+        if metric in STUDY_METRICS:
+            continue
         if metric == "lengths" and RUNS[name]["layout"] != "varlen":
             continue
         out += [f"{RUNS_DIR}/{name}/eval/{f}" for f in EVAL_FILES[metric]]
     return out
 
 
+def study_metric_files():
+    """The study-level evaluations: results/<study>/cost/<layout>.json per layout (metric cost)."""
+    return [f"{COST_DIR}/{lay}.json" for lay in LAYOUTS] if "cost" in METRICS else []
+
+
 def study_results():
-    """Every file the report and MLflow read: training summaries, histories and evaluations."""
+    """Every file the report and MLflow read: training summaries, histories and evaluations
+    (per run, and the study-level cost files)."""
     out = []
     for name in RUNS:
         out += [f"{RUNS_DIR}/{name}/train.json", f"{RUNS_DIR}/{name}/history.csv"]
         out += run_eval_files(name)
-    return out
+    return out + study_metric_files()
 
 
 def report_outputs():

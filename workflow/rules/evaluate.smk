@@ -5,6 +5,8 @@ samples -> RUN/eval/samples.json + samples.jsonl (every step count of evaluate.s
            genppl, the human side of MAUVE, the reference lengths)
 genppl  -> RUN/eval/genppl.json + features.npz (evaluator features of both, read by mauve)
 mauve, diversity, lengths (varlen runs only) -> from those; ppl, speed -> from the checkpoint
+cost    -> results/<study>/cost/<layout>.json: one study-level job per layout, after every run of
+           the layout is trained (see rule cost)
 """
 
 
@@ -169,3 +171,32 @@ rule eval_speed:
     shell:
         "python -m harness evaluate speed --config {params.cfg} --run {params.run} --data {params.data}"
         " --out {output.result} > {log} 2>&1"
+
+
+# The study's cost measurement (harness/cost.py): every method of one layout timed in ONE
+# process, interleaved per repeat, reseeded identically every repeat. `threads: workflow.cores`
+# claims every core Snakemake may use, so the local scheduler starts nothing beside it (and
+# Snakemake sets OMP_NUM_THREADS, hence torch's threads, to the same number). On SLURM it is one
+# sbatch job with --cpus-per-task = --cores; give it its own node/GPU with the profile
+# (set-resources cost: gpu=1, slurm_extra "'--exclusive'"), since other jobs of the workflow
+# may otherwise share the node.
+rule cost:
+    input:
+        data=DATA_MARKER,
+        checkpoints=layout_checkpoints,
+    output:
+        result=f"{COST_DIR}/{{layout}}.json",
+    params:
+        cfg=study_config,
+        study=cost_study_dir,
+        settings=settings_hash("evaluate.cost", "evaluate.samples.steps", "evaluate.samples.top_p", "train"),
+    log:
+        f"{LOGS}/cost/{{layout}}.log",
+    benchmark:
+        f"{BENCH}/cost/{{layout}}.tsv"
+    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness cost --config {params.cfg} --study-dir {params.study} --layout {wildcards.layout}"
+        " --threads {threads} --out {output.result} > {log} 2>&1"
