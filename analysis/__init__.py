@@ -1,13 +1,13 @@
 """Tables, figures and the summary of a study, from the files under results/<study>/.
 
-`python -m harness report` calls `main(study_dir, config)`; `python -m analysis results/<study>`
-does the same by hand. No training code lives here.
+`python -m analysis results/<study>` (which the workflow's report rule runs) calls
+`main(study_dir, config)`; the study's files are read by harness.study. No training code lives here.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.collect import Study, load_study
+from harness.study import Study, load_study
 from analysis.figures import all_figures, bench_figure
 from analysis.tables import all_tables, atomic_write_text, summary_table, to_markdown, write_table
 
@@ -34,7 +34,7 @@ def write_summary(study: Study, config: dict | None, path, files: list[Path]) ->
 
 
 def _missing_evaluations(study: Study) -> dict[str, list[str]]:
-    from analysis.collect import EVAL_FILES, run_dirs
+    from harness.study import EVAL_FILES, run_dirs
 
     gaps = {}
     for d in run_dirs(study.root):

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.collect import GROUP, Study, num
+from harness.study import GROUP, Study, num
 from analysis.tables import aggregate, fmt, reference_methods, sort_rows
 
 LINESTYLE = {"varlen": "-", "fixed": "--"}

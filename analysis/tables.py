@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.collect import GROUP, Study
+from harness.study import GROUP, Study
 from harness.atomic import atomic_write_text  # noqa: F401 (used by analysis.__init__ too)
 
 DASH = "–"

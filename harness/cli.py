@@ -58,11 +58,19 @@ def _cmd_cost(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    import analysis
+    """`python -m analysis STUDY_DIR --config C` as its own process: the harness never imports the
+    analysis package (tables and figures depend on the harness, not the other way round)."""
+    import subprocess
+
     from harness.config import load_config
 
-    files = analysis.main(args.study_dir, load_config(args.config))
-    print(f"report: wrote {len(files)} files under {args.study_dir}")
+    load_config(args.config)   # a bad config is one line here, as for every other command
+    cmd = [sys.executable, "-m", "analysis", str(args.study_dir), "--config", str(args.config)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        return done.returncode
+    print(f"report: wrote {len(done.stdout.splitlines())} files under {args.study_dir}")
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from analysis.collect import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name,
+from harness.study import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name,
                               read_json, run_dirs)
 
 #: bump when what a run records changes, so existing runs are logged again

@@ -16,7 +16,7 @@ from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa:
 import analysis  # noqa: E402
 from analysis import tables as T  # noqa: E402
 from analysis.__main__ import cli  # noqa: E402
-from analysis.collect import load_study  # noqa: E402
+from harness.study import load_study  # noqa: E402
 from analysis.figures import bench_figure, bench_plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -250,7 +250,7 @@ def with_cost(tmp_path_factory):
 
 
 def test_cost_frames(with_cost):
-    from analysis.collect import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
+    from harness.study import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
 
     study_dir, config, _, cost, _ = with_cost
     study = load_study(study_dir, config)

@@ -241,9 +241,11 @@ def test_dry_run(configfile, tmp_path):
     # the resolved config is written under the study, named by its hash
     resolved = tmp_path / "results" / cfg["study"] / "config" / f"{config_hash(cfg)}.yaml"
     assert yaml.safe_load(resolved.read_text()) == cfg
-    # every job is a `python -m harness` command
+    # every job is a `python -m harness` command, except the report: `python -m analysis` (the
+    # harness never imports the analysis package)
     commands = re.findall(r"^(?:exec )?(\S+(?: \S+)*?) -m harness (\w+)", out, flags=re.M)
-    assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "cost", "report", "log"}
+    assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "cost", "log"}
+    assert len(re.findall(r"python -m analysis \S+ --config ", out)) == 1
 
 
 def test_did_f_trains_twice_as_long(tmp_path):

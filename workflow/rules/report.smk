@@ -25,7 +25,7 @@ rule report:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness report --config {params.cfg} --study-dir {params.study} > {log} 2>&1"
+        "python -m analysis {params.study} --config {params.cfg} > {log} 2>&1"
 
 
 rule mlflow_log:

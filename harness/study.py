@@ -1,9 +1,12 @@
 """Load every result of one study into tidy pandas DataFrames.
 
-Why a separate loader: tables, figures and MLflow logging all read the same files, and all of
-them must tolerate a study that skipped an evaluation or a method without some output. This
-module is the one place that knows the file layout; everything missing simply yields no rows
-(never a made-up number), and unreadable files are recorded in `Study.problems`.
+Why here, in the harness: which files a study writes and what their keys mean is harness
+knowledge (it sits beside the result schema of harness/results.py). MLflow logging
+(harness/tracking.py) and the tables and figures (analysis/) all read the same files through
+this one module, so the harness never imports the analysis and a change to a table cannot break
+logging. It tolerates a study that skipped an evaluation or a method without some output:
+everything missing simply yields no rows (never a made-up number), and unreadable files are
+recorded in `Study.problems`.
 
 Layout read (see docs/architecture.md): results/<study>/data/manifest.json,
 runs/<run>/{train.json, history.csv, config.yaml, eval/*.json}, cost/<layout>.json (the study's
