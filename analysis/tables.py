@@ -431,33 +431,62 @@ def mauve_table(study: Study, config: dict | None) -> Table:
                   "few dozen points into 2 buckets), so no value is reported."])
 
 
+def _ci_keep(cols) -> tuple[str, ...]:
+    return tuple(x for c in cols for x in (f"{c}_ci95_lo", f"{c}_ci95_hi"))
+
+
+def _with_ci(rows: pd.DataFrame, col: str) -> list[str]:
+    """"value [lo, hi]" (the run's bootstrap CI, one seed) or "mean ± sd" (several seeds) per row."""
+    out = []
+    for r in rows.to_dict("records"):
+        if missing(r.get(col)):
+            out.append(DASH)
+        elif not missing(r.get(f"{col}_sd")):
+            out.append(pm(r[col], r[f"{col}_sd"]))
+        elif not missing(r.get(f"{col}_ci95_lo")) and not missing(r.get(f"{col}_ci95_hi")):
+            out.append(f"{fmt(r[col])} {ci_text(r[f'{col}_ci95_lo'], r[f'{col}_ci95_hi'])}")
+        else:
+            out.append(fmt(r[col]))
+    return out
+
+
 def diversity_table(study: Study, config: dict | None) -> Table:
     cols = ["entropy_nats", "entropy_bits", "distinct_1", "distinct_2", "distinct_3", "self_bleu"]
-    agg = aggregate(study.diversity, GROUP + ["steps"], cols)
-    rows = _ensure(_stack(config, agg, data_rows(study.diversity_data, cols).assign(steps=np.nan)), agg.columns)
+    keep = _ci_keep(["entropy_nats", "distinct_1", "distinct_2", "distinct_3", "self_bleu"])
+    agg = aggregate(_ensure(study.diversity, keep), GROUP + ["steps"], cols, keep=keep)
+    ref = data_rows(_ensure(study.diversity_data, keep), cols + list(keep)).assign(steps=np.nan)
+    rows = _ensure(_stack(config, agg, ref), agg.columns)
     names = {"entropy_nats": "Entropy (nats)", "distinct_1": "Distinct-1", "distinct_2": "Distinct-2",
              "distinct_3": "Distinct-3", "self_bleu": "Self-BLEU"}
-    disp = _disp(rows, {**_ident_display(rows, steps=True), **{label: _pm(rows, c) for c, label in names.items()}})
-    return Table("diversity", "Diversity of generated text vs sampling steps", rows[_steps_cols(cols)], disp, [
+    disp = _disp(rows, {**_ident_display(rows, steps=True), **{label: _with_ci(rows, c) for c, label in names.items()}})
+    return Table("diversity", "Diversity of generated text vs sampling steps", rows[_steps_cols(cols) + list(keep)], disp, [
         "Distinct-n: unique n-grams / all n-grams (higher = more diverse); Self-BLEU: mean BLEU of each "
-        "sample against the others (lower = more diverse); entropy: unigram entropy in nats (bits in the CSV)."])
+        "sample against the others (lower = more diverse); entropy: unigram entropy in nats (bits in the CSV).",
+        "[95% CI]: bootstrap over samples for one seed (distinct-n: each sample's share of the distinct n-grams "
+        "resampled); ± sd over seeds when there are several."])
 
 
 def lengths_table(study: Study, config: dict | None) -> Table:
-    cols = ["mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "max_rate"]
-    agg = aggregate(study.lengths, GROUP + ["steps"], cols)
-    rows = _ensure(_stack(config, agg, data_rows(study.lengths_data, cols[:5]).assign(steps=np.nan)), agg.columns)
+    cols = ["mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "max_rate", "content_after_pad_rate"]
+    keep = _ci_keep(["mean", "w1", "ks"])
+    agg = aggregate(_ensure(study.lengths, keep), GROUP + ["steps"], cols, keep=keep)
+    ref = data_rows(_ensure(study.lengths_data, keep[:2]), cols[:5] + list(keep[:2])).assign(steps=np.nan)
+    rows = _ensure(_stack(config, agg, ref), agg.columns)
     pct = lambda v: DASH if missing(v) else f"{100 * v:.1f}%"   # noqa: E731
     quant = [DASH if missing(r["q50"]) else f"{fmt(r['q10'])} / {fmt(r['q50'])} / {fmt(r['q90'])}"
              for r in rows.to_dict("records")]
-    disp = _disp(rows, {**_ident_display(rows, steps=True), "Mean length": _pm(rows, "mean"), "SD": _f(rows, "sd"),
-                        "q10 / q50 / q90": quant, "W1 to data": _pm(rows, "w1"), "KS to data": _pm(rows, "ks"),
-                        "Empty": rows["empty_rate"].map(pct), "At max length": rows["max_rate"].map(pct)})
+    disp = _disp(rows, {**_ident_display(rows, steps=True), "Mean length": _with_ci(rows, "mean"),
+                        "SD": _f(rows, "sd"), "q10 / q50 / q90": quant, "W1 to data": _with_ci(rows, "w1"),
+                        "KS to data": _with_ci(rows, "ks"), "Empty": rows["empty_rate"].map(pct),
+                        "At max length": rows["max_rate"].map(pct),
+                        "Content after PAD": rows["content_after_pad_rate"].map(pct)})
     return Table("lengths", "Generated sequence lengths vs the data (variable-length runs)",
-                 rows[_steps_cols(cols)], disp, [
+                 rows[_steps_cols(cols) + list(keep)], disp, [
         "Lengths in tokens. W1: Wasserstein-1 distance (tokens) and KS: Kolmogorov-Smirnov statistic between "
-        "the generated and the data length distributions (lower is closer). Empty / at max length: share of "
-        "samples with no content / hitting the length limit."])
+        "the generated and the data length distributions (lower is closer); [95% CI]: bootstrap over samples "
+        "(and data) for one seed, ± sd over seeds with several. Empty / at max length: share of samples with "
+        "no content / hitting the length limit. Content after PAD (masked models on a PAD canvas): share of "
+        "samples with tokens after their first PAD, which the cut at the first PAD drops."])
 
 
 #: where a cost row's numbers come from (the `source` column of the cost tables)

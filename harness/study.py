@@ -134,18 +134,31 @@ def _values(result: dict | None) -> dict:
     return v if isinstance(v, dict) else {}
 
 
-def _rows_by_steps(ident: dict, values: dict, keys: tuple[str, ...]) -> list[dict]:
+def _rows_by_steps(ident: dict, values: dict, keys: tuple[str, ...], cis: tuple[str, ...] = ()) -> list[dict]:
+    """One row per by_steps entry: `keys`, and `<k>_ci95_lo/hi` for each k of `cis` (from `<k>_ci95`)."""
     rows = []
     for entry in values.get("by_steps") or []:
         if isinstance(entry, dict):
-            rows.append({**ident, "steps": num(entry.get("steps")), **{k: num(entry.get(k)) for k in keys}})
+            rows.append({**ident, "steps": num(entry.get("steps")), **{k: num(entry.get(k)) for k in keys},
+                         **_cis(entry, cis)})
     return rows
+
+
+def _cis(entry: dict, keys: tuple[str, ...]) -> dict:
+    out = {}
+    for k in keys:
+        ci = entry.get(f"{k}_ci95", entry.get("entropy_ci95") if k == "entropy_nats" else None)
+        lo, hi = ci_bounds(entry.get(k), ci)
+        out.update({f"{k}_ci95_lo": lo, f"{k}_ci95_hi": hi})
+    return out
 
 
 # --- per-file loaders: each returns rows for one or more frames ------------------------------
 _GENPPL_KEYS = ("gen_ppl", "gen_ppl_mean_per_sample", "entropy_nats", "entropy_bits", "n")
 _DIVERSITY_KEYS = ("entropy_nats", "entropy_bits", "distinct_1", "distinct_2", "distinct_3", "self_bleu")
-_LENGTH_KEYS = ("mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "max_rate")
+_LENGTH_KEYS = ("mean", "sd", "q10", "q50", "q90", "w1", "ks", "empty_rate", "max_rate", "content_after_pad_rate")
+_DIVERSITY_CIS = ("entropy_nats", "distinct_1", "distinct_2", "distinct_3", "self_bleu")
+_LENGTH_CIS = ("mean", "w1", "ks")
 _PPL_KEYS = ("nats_per_token", "ppl", "stderr", "per_sequence_mean", "n_sequences", "n_tokens")
 
 
@@ -188,9 +201,10 @@ def _load_genppl(ident, values, out):
 
 
 def _load_lengths(ident, values, out):
-    out["lengths"] += _rows_by_steps(ident, values, _LENGTH_KEYS)
+    out["lengths"] += _rows_by_steps(ident, values, _LENGTH_KEYS, _LENGTH_CIS)
     if isinstance(values.get("data"), dict):
-        out["lengths_data"].append({**ident, **{k: num(values["data"].get(k)) for k in _LENGTH_KEYS[:5]}})
+        out["lengths_data"].append({**ident, **{k: num(values["data"].get(k)) for k in _LENGTH_KEYS[:5]},
+                                    **_cis(values["data"], ("mean",))})
     hist = values.get("histogram")
     if not isinstance(hist, dict):
         return
@@ -312,9 +326,10 @@ def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
         rows = _rows_by_steps(ident, values, ("mauve", "mauve_sd", "n_p", "n_q"))
         out["mauve"] += [{**row, "reason": e.get("reason")} for row, e in zip(rows, entries)]   # why null
     elif kind == "diversity":
-        out["diversity"] += _rows_by_steps(ident, values, _DIVERSITY_KEYS)
+        out["diversity"] += _rows_by_steps(ident, values, _DIVERSITY_KEYS, _DIVERSITY_CIS)
         if isinstance(values.get("data"), dict):
-            out["diversity_data"].append({**ident, **{k: num(values["data"].get(k)) for k in _DIVERSITY_KEYS}})
+            out["diversity_data"].append({**ident, **{k: num(values["data"].get(k)) for k in _DIVERSITY_KEYS},
+                                          **_cis(values["data"], _DIVERSITY_CIS)})
     elif kind == "lengths":
         _load_lengths(ident, values, out)
     elif kind == "speed":

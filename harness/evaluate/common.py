@@ -11,7 +11,7 @@ import copy
 from harness.methods import UserError
 
 DEFAULTS: dict[str, dict] = {
-    "ppl": {"mc": 4, "max_sequences": 128, "batch_size": 32, "seed": 0, "split": "test"},
+    "ppl": {"mc": 8, "max_sequences": 128, "batch_size": 32, "seed": 0, "split": "test"},
     "samples": {"n": 16, "steps": [16, 64], "top_p": 1.0, "seed": 0, "batch_size": 16, "trajectory": True},
     # n: None -> enough for the samples and for every MAUVE human subset
     "references": {"n": None, "split": "test", "seed": 0},
@@ -30,7 +30,7 @@ DEFAULTS: dict[str, dict] = {
     "speed": {"warmup": 1, "repeats": 2, "n": 4, "skip_rows": 1},
     # the study-level cost job (harness.cost, one per layout): n samples per call, sampling repeats,
     # warm-up calls/steps, training-step repeats, the seed reused for every repeat and method
-    "cost": {"n": 16, "repeats": 3, "warmup": 1, "train_repeats": 5, "seed": 0},
+    "cost": {"n": 8, "repeats": 3, "warmup": 1, "train_repeats": 5, "seed": 0},
 }
 
 
