@@ -170,6 +170,9 @@ def steps_figure(study: Study, config: dict | None, col: str, ylabel: str, title
     """One panel per layout: `col` vs sampling steps, a line per method, a dashed data line."""
     frame = getattr(study, {"gen_ppl": "genppl", "entropy_nats": "genppl", "mauve": "mauve"}.get(col, col))
     if frame.empty or col not in frame.columns or frame[col].notna().sum() == 0:
+        reasons = frame["reason"].dropna().astype(str) if "reason" in frame.columns else pd.Series(dtype=str)
+        if len(reasons) and reasons.str.startswith("n too small").all():   # MAUVE below min_samples
+            return placeholder(path, title, "no value: n too small\n" + reasons.iloc[0].removeprefix("n too small "))
         return placeholder(path, title)
     agg = sort_rows(aggregate(frame, GROUP + ["steps"], [col], keep=("ci95_lo", "ci95_hi") if ci else ()), config)
     colors = study_colors(study)
