@@ -513,6 +513,11 @@ def _measured(row: dict, col: str, kind: str = "auto") -> str:
     return pm(row.get(col), row.get(f"{col}_sd"), kind)
 
 
+def _source_suffix(sources: set) -> str:
+    """" (interleaved cost job)" / " (shared-machine per-run measurement)" when a table has one source."""
+    return f" ({next(iter(sources))})" if len(sources) == 1 and sources <= {COST_SOURCE, SPEED_SOURCE} else ""
+
+
 def _inverse(x: pd.Series) -> pd.Series:
     x = pd.to_numeric(x, errors="coerce")
     return 1.0 / x.where(x != 0)
@@ -591,9 +596,7 @@ def cost_train_table(study: Study, config: dict | None) -> Table:
                        "Measured by": [_SOURCE_SHORT.get(r.get("source"), DASH) for r in rows],
                        "Reference": agg["reference"].fillna("")})
     sources = set(agg["source"].dropna())
-    title = "Training cost and ratio to DID" + (
-        " (interleaved cost job)" if sources == {COST_SOURCE} else
-        " (shared-machine per-run measurement)" if sources == {SPEED_SOURCE} else "")
+    title = "Training cost and ratio to DID" + _source_suffix(sources)
     notes = [_ref_note(ref) + " s/step vs ref > 1: slower than the reference; tokens/s vs ref > 1: faster."]
     if COST_SOURCE in sources:
         notes.append("Interleaved: results/<study>/cost/<layout>.json, every method of the layout timed in one "
@@ -674,9 +677,7 @@ def cost_sample_table(study: Study, config: dict | None) -> Table:
                        "Measured by": [_SOURCE_SHORT.get(r.get("source"), DASH) for r in rows],
                        "Reference": agg["reference"].fillna("")})
     sources = set(agg["source"].dropna())
-    title = "Inference cost per sample and ratio to DID" + (
-        " (interleaved cost job)" if sources == {COST_SOURCE} else
-        " (shared-machine per-run measurement)" if sources == {SPEED_SOURCE} else "")
+    title = "Inference cost per sample and ratio to DID" + _source_suffix(sources)
     notes = [_ref_note(ref) + " s/sample vs ref > 1: slower than the reference at the same number of steps."]
     if COST_SOURCE in sources:
         notes.append("Interleaved: results/<study>/cost/<layout>.json, the trained EMA weights of every method of "
