@@ -283,6 +283,7 @@ def test_slurm_profiles(profile):
     if profile == "slurm":
         assert gpus["train"] >= 1 and gpus["eval_samples"] >= 1 and gpus["eval_genppl"] >= 1
         assert "--signal=TERM@" in cfg["set-resources"]["train"]["slurm_extra"]
+        assert "--exclusive" in cfg["set-resources"]["cost"]["slurm_extra"]   # the cost job times alone
     else:
         assert not any(gpus.values())
     assert not set(cfg["default-resources"]) & {"gpu", "gres"}
