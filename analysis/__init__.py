@@ -9,20 +9,30 @@ from pathlib import Path
 
 from harness.study import Study, load_study
 from analysis.figures import all_figures, bench_figure
-from analysis.tables import all_tables, atomic_write_text, summary_table, to_markdown, write_table
+from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary
+from analysis.tables import Table, all_tables, atomic_write_text, summary_table, to_markdown, write_table
 
 __all__ = ["main", "load_study", "Study", "bench_figure", "write_summary"]
 
 
+def is_synthetic(study: Study) -> bool:
+    """A study on a synthetic corpus: its headline is the exact metrics (analysis.synthetic)."""
+    return len(study.bound_gap) > 0 or study.corpus == "synthetic"
+
+
+def headline(study: Study, config: dict | None) -> Table:
+    return synthetic_summary(study, config) if is_synthetic(study) else summary_table(study, config)
+
+
 def write_summary(study: Study, config: dict | None, path, files: list[Path]) -> Path:
     """results/<study>/summary.md: the headline table, what is missing, and where the rest is."""
-    table = summary_table(study, config)
+    table = headline(study, config)
     root = Path(study.root)
     lines = [f"# Study `{study.name}`: summary", ""]
     n_runs = len(study.runs)
     lines.append(f"{n_runs} trained run(s)" + (f" on corpus `{study.corpus}`." if study.corpus else "."))
-    lines += ["", to_markdown(table, heading="##")]
-    gaps = _missing_evaluations(study)
+    lines += ["", to_markdown(table, heading="##"), significance_line(table), ""]
+    gaps = _missing_evaluations(study, config)
     if gaps:
         lines += ["## Missing results", "", "These evaluations have no result file (shown as – above):", ""]
         lines += [f"- `{run}`: {', '.join(kinds)}" for run, kinds in gaps.items()] + [""]
@@ -33,13 +43,40 @@ def write_summary(study: Study, config: dict | None, path, files: list[Path]) ->
     return atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
-def _missing_evaluations(study: Study) -> dict[str, list[str]]:
-    from harness.study import EVAL_FILES, run_dirs
+#: headline columns holding a significance flag -> what they compare (vs the reference method)
+SIGNIFICANCE = {"diff_significant": "likelihood bound", "gen_ppl_significant": "gen PPL",
+                "entropy_significant": "entropy", "nll_significant": "exact sample NLL",
+                "invalid_significant": "invalid fraction"}
 
+
+def significance_line(table: Table) -> str:
+    """One sentence: which headline comparisons with the reference are significant at 95%, or none."""
+    d = table.data
+    hits = []
+    for col in [c for c in d.columns if c.endswith("_significant")]:
+        what = SIGNIFICANCE.get(col) or SIGNIFICANCE.get(col.rsplit("_", 2)[0] + "_significant") or col
+        steps = col.split("_")[-2] if col.split("_")[-2].isdigit() else None
+        for r in d[d[col] == True].to_dict("records"):  # noqa: E712 (None = not tested)
+            side = ""
+            if col == "diff_significant" and r.get("diff_vs_ref") == r.get("diff_vs_ref"):   # the bound's sign
+                side = " lower" if r["diff_vs_ref"] < 0 else " higher"
+            hits.append(f"{r['method']} ({r['layout']}):{side} {what}" + (f" @{steps}" if steps else ""))
+    if not hits:
+        return ("**Significance:** no comparison in this table differs from the reference (DID) row at 95%: at "
+                "this scale the table cannot rank the methods.")
+    return "**Significant at 95% vs the reference (DID) row:** " + "; ".join(hits) + "."
+
+
+def _missing_evaluations(study: Study, config: dict | None = None) -> dict[str, list[str]]:
+    """Per run, the evaluations the study's config asks for (evaluate.metrics) that have no file."""
+    from harness.study import ALL_EVAL_FILES, EVAL_FILES, run_dirs
+
+    asked = ((config or {}).get("evaluate") or {}).get("metrics")
+    expected = [k for k in ALL_EVAL_FILES if k in asked] if isinstance(asked, list) else list(EVAL_FILES)
     gaps = {}
     for d in run_dirs(study.root):
         layout = study.runs.set_index("run")["layout"].get(d.name) if len(study.runs) else None
-        kinds = [k for k in EVAL_FILES if not (d / "eval" / f"{k}.json").is_file()
+        kinds = [k for k in expected if not (d / "eval" / f"{k}.json").is_file()
                  and not (k == "lengths" and layout == "fixed")]   # fixed-length runs have no lengths
         if kinds:
             gaps[d.name] = kinds
@@ -59,8 +96,9 @@ def main(study_dir, config: dict | None = None) -> list[Path]:
         raise UserError(f"study directory {study_dir} does not exist (run the workflow first)")
     study = load_study(study_dir, config)
     files: list[Path] = []
-    for table in all_tables(study, config) + [summary_table(study, config)]:
+    tables = all_tables(study, config) + [bound_gap_table(study, config), exact_samples_table(study, config)]
+    for table in tables + [headline(study, config)]:
         files += write_table(table, study_dir / "tables")
-    files += all_figures(study, config, study_dir / "figures")
+    files += all_figures(study, config, study_dir / "figures") + synthetic_figures(study, config, study_dir / "figures")
     files.append(write_summary(study, config, study_dir / "summary.md", files))
     return files

@@ -288,6 +288,46 @@ def training_figure(study: Study, config: dict | None, path) -> Path:
     return save_figure(fig, path)
 
 
+@styled
+def validation_figure(study: Study, config: dict | None, path) -> Path:
+    """Strict validation bound vs optimizer step, wall-clock training time and training FLOPs, one line per run."""
+    title = ("Validation bound during training (strict, nats/token; band: ± stderr)\nthe same validation rows for "
+             "every method of a layout; varlen (solid) and fixed (dashed) runs see different rows")
+    h = study.history
+    if h.empty or "valid_nats_per_token" not in h.columns or h["valid_nats_per_token"].notna().sum() == 0:
+        return placeholder(path, "Validation bound during training",
+                           "no validation points in the training histories\n(history.csv without valid_nats_per_token: "
+                           "trained before train.valid_every existed)")
+    v = h.dropna(subset=["valid_nats_per_token"])
+    panels = [(c, label, log) for c, label, log in (
+        ("step", "optimizer step", False),
+        ("wall_time", "wall-clock training time (s, validation excluded)", False),
+        ("train_flops", "training FLOPs (estimated, log scale)", True))
+        if c in v.columns and v[c].notna().any() and (not log or (v[c] > 0).any())]
+    colors = study_colors(study)
+    fig, axes = _new(len(panels), title)
+    runs = sort_rows(v[["run", "method", "layout", "size", "seed"]].drop_duplicates(), config)
+    for _, r in runs.iterrows():
+        g = v[v["run"] == r["run"]].sort_values("step" if "step" in v.columns else panels[0][0])
+        kw = dict(color=colors[str(r["method"])], ls=LINESTYLE.get(r["layout"], "-"), lw=1.4)
+        for ax, (col, _, log) in zip(axes, panels):
+            p = g.dropna(subset=[col])
+            if log:
+                p = p[p[col] > 0]
+            x, y = p[col].to_numpy(float), p["valid_nats_per_token"].to_numpy(float)
+            ax.plot(x, y, marker=MARKER.get(r["layout"], "o"), ms=3.5, label=r["run"], **kw)
+            if "valid_stderr" in p.columns:
+                err = p["valid_stderr"].fillna(0).to_numpy(float)
+                ax.fill_between(x, y - err, y + err, color=kw["color"], alpha=0.15, lw=0)
+    for ax, (col, label, log) in zip(axes, panels):
+        if log:
+            _log_x(ax)
+        ax.set_xlabel(label)
+        ax.set_ylabel("strict validation bound (nats/token)")
+    axes[-1].legend(fontsize=7, ncol=1 + len(runs) // 10)
+    return save_figure(fig, path)
+
+
 # --- cost ------------------------------------------------------------------------------------------
 def _spread(df: pd.DataFrame, col: str, kind: str) -> pd.DataFrame:
     """{col}_lo / {col}_hi next to {col}: min–max (kind "range") or ± sd over seeds (kind "sd")."""
@@ -537,6 +577,7 @@ def all_figures(study: Study, config: dict | None, out_dir) -> list[Path]:
                      "MAUVE vs sampling steps (bars: sd over seeds)", out / "mauve_steps.png"),
         lengths_figure(study, config, out / "lengths.png"),
         training_figure(study, config, out / "train_loss.png"),
+        validation_figure(study, config, out / "validation.png"),
         cost_figure(study, config, out / "cost.png"),
     ]
     bench_dir = Path(study.root) / "bench"

@@ -109,6 +109,16 @@ def _first_error(instance):
     return jsonschema.exceptions.best_match(sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]))
 
 
+#: the evaluations of a study on a synthetic corpus unless it lists its own: the exact metrics
+#: replace the evaluator-LM ones (genppl, mauve), which say nothing about a symbol source
+SYNTHETIC_METRICS = ("ppl", "samples", "exact", "diversity", "lengths", "cost")
+
+
+def is_synthetic_study(cfg: dict) -> bool:
+    corpus = (cfg.get("data") or {}).get("corpus")
+    return isinstance(corpus, dict) and corpus.get("name") == "synthetic"
+
+
 # --- the API ----------------------------------------------------------------------------------
 def read_yaml(path) -> dict:
     """A YAML mapping from `path`; a missing file or a syntax error is a UserError."""
@@ -144,6 +154,12 @@ def check_config(cfg: dict) -> None:
         raise UserError(
             f"data.min_tokens: {cfg['data']['min_tokens']} is larger than data.max_len ({cfg['data']['max_len']})"
         )
+    synthetic = is_synthetic_study(cfg)
+    if synthetic != (cfg["data"]["tokenizer"]["kind"] == "symbols"):
+        raise UserError("data.tokenizer.kind: a synthetic corpus needs kind symbols, and kind symbols a synthetic corpus")
+    if "exact" in cfg["evaluate"]["metrics"] and not synthetic:
+        raise UserError("evaluate.metrics: exact needs a synthetic corpus (data.corpus.name: synthetic), "
+                        "whose law is known")
     if cfg["data"]["valid_fraction"] + cfg["data"]["test_fraction"] >= 1:
         raise UserError("data.valid_fraction + data.test_fraction must be below 1")
 
@@ -164,7 +180,10 @@ def load_config(path_or_dict, source: str | None = None) -> dict:
     else:
         raise UserError(f"a config must be a file or a mapping, got {type(path_or_dict).__name__}")
     try:
+        metrics_given = "metrics" in (raw.get("evaluate") or {}) if isinstance(raw.get("evaluate"), dict) else False
         cfg = fill_defaults(raw, schema())
+        if not metrics_given and is_synthetic_study(cfg):
+            cfg["evaluate"]["metrics"] = list(SYNTHETIC_METRICS)
         check_config(cfg)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None

@@ -1,4 +1,5 @@
-"""Real text, offline by default: corpora, a split by group, two layouts, loading and batching.
+"""Corpora (real text offline by default, or a synthetic source), a split by group, two layouts,
+loading and batching.
 
 `prepare(data_cfg, out_dir)` turns the `data:` section of a study config into
   out_dir/{train,valid,test}.{fixed,varlen}.pt, out_dir/tokenizer/, out_dir/manifest.json.
@@ -217,6 +218,37 @@ def text_files(paths, text_field: str = "text", group_by: str = "file") -> list[
     return docs
 
 
+# --- synthetic sources with an exact law (harness.synthetic) ------------------------------------
+@corpus("synthetic")
+def synthetic_corpus(source: str, documents: int = 20000, **options) -> list[Document]:
+    """`documents` iid documents of a synthetic source, as its symbols joined by spaces; every
+    document is its own group, so each split is an iid sample of the same law."""
+    from harness.synthetic import sample_documents
+
+    src, docs = sample_documents({"source": source, "documents": documents, **options})
+    return [Document(f"{src.name}/{i:07d}", f"{src.name}/{i:07d}", " ".join(src.symbols[j] for j in d))
+            for i, d in enumerate(docs)]
+
+
+def _synthetic_source(cfg: dict):
+    """The source of a synthetic study, checked against the layouts (None for real text).
+
+    Truncating or dropping a document would change the law, so max_len and min_tokens must
+    hold every document the source can emit."""
+    from harness.synthetic import is_synthetic, source_from_spec
+
+    if not is_synthetic(cfg["corpus"]):
+        return None
+    src = source_from_spec(cfg["corpus"])
+    if cfg["max_len"] < src.max_length + 1:
+        raise UserError(f"data.max_len ({cfg['max_len']}) must hold the source's longest document plus BOS "
+                        f"({src.max_length + 1}): raise max_len or lower corpus.max_length")
+    if cfg["min_tokens"] > src.min_length + 1:
+        raise UserError(f"data.min_tokens ({cfg['min_tokens']}) would drop documents of the source (shortest: "
+                        f"{src.min_length} symbols + BOS): set min_tokens <= {src.min_length + 1}")
+    return src
+
+
 # --- Hugging Face datasets (the paper-scale path) ----------------------------------------------
 @corpus("hf")
 def hf_dataset(
@@ -427,6 +459,7 @@ def prepare(data_cfg: dict, out_dir) -> dict:
     cfg = resolve_data_config(data_cfg)
     out = Path(out_dir)
 
+    source = _synthetic_source(cfg)
     docs = load_corpus(cfg["corpus"])
     if not docs:
         raise UserError(f"corpus {cfg['corpus']['name']!r} has no documents")
@@ -434,7 +467,8 @@ def prepare(data_cfg: dict, out_dir) -> dict:
     if cfg["max_documents"] is not None:
         splits = cap_documents(splits, cfg["max_documents"])
 
-    tokenizer = build_tokenizer(cfg["tokenizer"], [d.text for d in splits["train"]])
+    tokenizer = build_tokenizer(cfg["tokenizer"], [d.text for d in splits["train"]],
+                                symbols=source.symbols if source is not None else None)
     vocab = tokenizer.vocab
 
     # everything is built and checked before anything is written, so a user error leaves no
@@ -500,6 +534,8 @@ def prepare(data_cfg: dict, out_dir) -> dict:
         "splits": info,
         "files": {f: _sha256(out / f) for f in files},
     }
+    if source is not None:  # the exact law behind the data (harness.synthetic)
+        manifest["synthetic"] = {**source.describe(), "entropy": source.entropy()}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 

@@ -29,7 +29,7 @@ GROUP = ["method", "layout", "size"]
 #: evaluation files every run of a default study has, in the order a study produces them
 EVAL_FILES = ("ppl", "samples", "genppl", "mauve", "diversity", "lengths")
 #: opt-in per-run evaluations (evaluate.metrics): read when present, never reported as missing
-OPTIONAL_EVAL_FILES = ("speed",)
+OPTIONAL_EVAL_FILES = ("speed", "exact")
 #: every per-run evaluation file the loaders read
 ALL_EVAL_FILES = EVAL_FILES + OPTIONAL_EVAL_FILES
 #: study-level cost files: results/<study>/cost/<layout>.json (harness/cost.py)
@@ -58,6 +58,13 @@ class Study:
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     speed_train: pd.DataFrame = field(default_factory=pd.DataFrame)
     speed_sample: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: synthetic corpora (exact.json): per steps, the data row, and the bound gap per run
+    exact: pd.DataFrame = field(default_factory=pd.DataFrame)
+    exact_data: pd.DataFrame = field(default_factory=pd.DataFrame)
+    exact_samples: pd.DataFrame = field(default_factory=pd.DataFrame)   # one row per sample: logp, n_tokens, length
+    bound_gap: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the exact length law of a synthetic varlen corpus: P(length = n), n = 0, 1, ...
+    length_pmf: list = field(default_factory=list)
     #: the interleaved cost job (cost/<layout>.json), one row per (method, layout, size): COST_TRAIN_COLS
     cost_train: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: the same per (method, layout, size, steps): COST_SAMPLE_COLS
@@ -309,6 +316,44 @@ def _load_cost(path: Path, obj: dict, out: dict) -> None:
             "peak_mem_mb": num(r.get("peak_mem_mb")), "repeats": num(sample.get("repeats")), **common})
 
 
+_EXACT_KEYS = ("n", "nats_per_token", "stderr", "invalid", "invalid_fraction", "unigram_entropy_mean")
+
+
+def _exact_row(base: dict, entry: dict) -> dict:
+    lo, hi = (entry.get("invalid_ci95") or [math.nan, math.nan])[:2]
+    lengths = entry.get("lengths") if isinstance(entry.get("lengths"), dict) else {}
+    null = lengths.get("null") if isinstance(lengths.get("null"), dict) else {}
+    return {**base, **{k: num(entry.get(k)) for k in _EXACT_KEYS}, "invalid_ci95_lo": num(lo),
+            "invalid_ci95_hi": num(hi), **{f"len_{k}": num(lengths.get(k)) for k in ("mean", "tv", "ks", "tv_p", "ks_p")},
+            **{f"len_null_{k}": num(null.get(k)) for k in ("tv_mean", "tv_q95", "ks_mean", "ks_q95")}}
+
+
+def _load_exact(ident, values, out):
+    for entry in values.get("by_steps") or []:
+        if isinstance(entry, dict):
+            base = {**ident, "steps": num(entry.get("steps"))}
+            out["exact"].append(_exact_row(base, entry))
+            lengths = entry.get("lengths") if isinstance(entry.get("lengths"), dict) else {}
+            per = {"logp": entry.get("logp"), "n_tokens": entry.get("n_tokens_per_sample")}
+            if isinstance(lengths.get("values"), list):
+                per["length"] = lengths["values"]
+            out["exact_samples"] += _per_sample_rows(base, per, tuple(per))
+    if isinstance(values.get("length_pmf"), list) and not out["length_pmf"]:
+        out["length_pmf"] = [num(p) for p in values["length_pmf"]]
+    if isinstance(values.get("data"), dict):
+        out["exact_data"].append(_exact_row(dict(ident), values["data"]))
+    gap = values.get("bound_gap") if isinstance(values.get("bound_gap"), dict) else {}
+    row = dict(ident)
+    for part in ("strict", "paper", "exact"):
+        g = gap.get(part) if isinstance(gap.get(part), dict) else {}
+        row.update({f"{part}_{k}": num(g.get(k)) for k in ("nats_per_token", "stderr", "n_sequences")})
+        if part != "exact":
+            row[f"{part}_negative_rows"] = num(g.get("negative_rows"))
+    valid = values.get("valid_subset") if isinstance(values.get("valid_subset"), dict) else {}
+    row["valid_exact_nats_per_token"] = num(valid.get("nats_per_token"))
+    out["bound_gap"].append(row)
+
+
 def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
     if kind == "ppl":
         paper = values.get("paper_convention") if isinstance(values.get("paper_convention"), dict) else {}
@@ -334,6 +379,8 @@ def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
         _load_lengths(ident, values, out)
     elif kind == "speed":
         _load_speed(ident, values, out)
+    elif kind == "exact":
+        _load_exact(ident, values, out)
     elif kind == "samples":
         out["samples"] += _rows_by_steps(ident, values, ("n", "mean_length", "nfe", "seconds_per_sample",
                                                          "content_after_pad_rate"))
@@ -409,9 +456,10 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     name = (config or {}).get("study") or study_dir.name
     names = ("runs", "ppl", "genppl", "genppl_data", "mauve", "diversity", "diversity_data", "lengths",
              "lengths_data", "length_hist", "samples", "speed_train", "speed_sample", "cost_train", "cost_sample",
-             "benchmarks", "ppl_seq", "genppl_samples")
+             "benchmarks", "ppl_seq", "genppl_samples", "exact", "exact_data", "exact_samples", "bound_gap")
     out: dict[str, list] = {k: [] for k in names}
     out["problems"] = problems
+    out["length_pmf"] = []
     histories = []
     for run_dir in run_dirs(study_dir):
         train = read_json(run_dir / "train.json", problems)
@@ -442,11 +490,12 @@ def load_study(study_dir, config: dict | None = None) -> Study:
         frames[k] = frames[k].reindex(columns=ID + cols)
     frames["history"] = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=ID)
     return Study(root=study_dir, name=str(name), corpus=_corpus_name(study_dir, config, problems),
-                 problems=problems, **frames)
+                 problems=problems, length_pmf=out["length_pmf"], **frames)
 
 
 #: frames with one row per sampling-steps value
-_STEPS_FRAMES = ("genppl", "mauve", "diversity", "lengths", "length_hist", "samples", "speed_sample", "cost_sample")
+_STEPS_FRAMES = ("genppl", "mauve", "diversity", "lengths", "length_hist", "samples", "speed_sample", "cost_sample",
+                 "exact")
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

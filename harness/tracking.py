@@ -54,6 +54,8 @@ _BY_STEPS = {
                   "distinct_2": "distinct_2", "distinct_3": "distinct_3", "self_bleu": "self_bleu"},
     "lengths": {"mean": "len_mean", "sd": "len_sd", "q10": "len_q10", "q50": "len_q50", "q90": "len_q90",
                 "w1": "w1", "ks": "ks", "empty_rate": "empty_rate", "max_rate": "max_rate"},
+    "exact": {"nats_per_token": "exact_nll", "invalid_fraction": "invalid_fraction",
+              "unigram_entropy_mean": "exact_unigram_entropy"},
     "samples": {"n": "n_samples", "mean_length": "mean_length", "nfe": "samples_nfe",
                 "seconds_per_sample": "samples_s_per_sample"},
 }
@@ -61,7 +63,7 @@ _PPL = {"nats_per_token": "nats_per_token", "ppl": "ppl", "stderr": "nats_per_to
         "per_sequence_mean": "nats_per_token_seq_mean", "n_sequences": "ppl_n_sequences", "n_tokens": "ppl_n_tokens"}
 _SPEED_SAMPLE = {"s_per_sample": "s_per_sample", "nfe": "nfe", "peak_mem_mb": "peak_mem_mb"}
 #: per-steps metrics also logged as a curve `steps/<name>` with step = sampling steps
-_CURVES = {"gen_ppl", "entropy_nats", "mauve", "w1", "s_per_sample", "distinct_2"}
+_CURVES = {"gen_ppl", "entropy_nats", "mauve", "w1", "s_per_sample", "distinct_2", "exact_nll", "invalid_fraction"}
 
 
 @dataclass
@@ -190,6 +192,18 @@ def eval_metrics(kind: str, values: dict) -> list:
         if isinstance(data, dict):
             for src, dst in names.items():
                 _add(m, f"data/{dst}", data.get(src))
+    if kind == "exact":
+        gap = values.get("bound_gap") if isinstance(values.get("bound_gap"), dict) else {}
+        for part in ("strict", "paper", "exact"):
+            g = gap.get(part) if isinstance(gap.get(part), dict) else {}
+            name = "exact_nats_per_token" if part == "exact" else f"bound_gap_{part}"
+            _add(m, name, g.get("nats_per_token"))
+            _add(m, f"{name}_stderr", g.get("stderr"))
+        for e in values.get("by_steps") or []:
+            lengths = e.get("lengths") if isinstance(e, dict) and isinstance(e.get("lengths"), dict) else {}
+            if lengths and math.isfinite(num(e.get("steps"))):
+                _add(m, f"length_tv_{int(num(e['steps']))}steps", lengths.get("tv"))
+                _add(m, f"length_ks_{int(num(e['steps']))}steps", lengths.get("ks"))
     if kind == "speed":
         train = values.get("train") if isinstance(values.get("train"), dict) else {}
         _add(m, "tokens_per_s", train.get("tokens_per_s"))

@@ -11,6 +11,10 @@ at every step from (seed, k, rank). Resuming from a checkpoint therefore reprodu
 uninterrupted run exactly on CPU. A resume state saved under another recipe (the config was
 edited since) is stale: it is ignored and the run starts over.
 
+Validation curve: every `valid_every` steps and at the last step, the strict NLL bound of the EMA
+weights on the first `valid_sequences` valid rows (same rows and seed at every point) goes into
+that step's history row; its time is taken off the training clock (wall_time, s_per_step).
+
 Preemption: SIGTERM / SIGUSR1 (SLURM's warning signals) make the loop save a checkpoint at the
 next step boundary and exit with EXIT_PREEMPTED, which the workflow retries; the retry resumes.
 """
@@ -68,6 +72,7 @@ class TrainSettings:
     precision: str = "auto"
     valid_mc: int = 4
     valid_sequences: int = 64
+    valid_every: int = 50
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -267,6 +272,9 @@ def train(
             f"train.batch_size={settings.batch_size} must be divisible by world size x accumulate = "
             f"{ctx.world} x {settings.accumulate}"
         )
+    if settings.valid_every < 0:
+        raise UserError(f"train.valid_every={settings.valid_every} must be >= 0 (0: only the final point)")
+    valid_data = data_lib.load_split(data_dir, "valid", layout) if ctx.main else None
 
     torch.manual_seed(seed)
     model = build_method(config, method_name, layout, manifest, tokenizer.vocab, settings.dropout).to(device)
@@ -345,6 +353,15 @@ def train(
                 f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
                 f"{int(batch.lengths.max())}, lr {lr:.3g}; {kept}")
 
+    flops_per_step = estimate_flops_per_step(model, train_data, settings, seed, ctx.world, device)
+
+    def validate() -> dict:
+        """The strict validation columns of a history row (rank 0; the others wait), with its seconds."""
+        v0 = time.perf_counter()
+        cols = ema_validation(model, ema, valid_data, settings, seed, device) if ctx.main else {}
+        ctx.barrier()
+        return {**cols, "valid_seconds": round(time.perf_counter() - v0, 3)} if cols else {}
+
     bar = None
     if ctx.main and progress:
         from tqdm import tqdm
@@ -388,7 +405,8 @@ def train(
             window_tokens += tokens
             window_steps += 1
             done = step + 1
-            if done % settings.log_every == 0 or done == total_steps:
+            validate_now = done == total_steps or (settings.valid_every > 0 and done % settings.valid_every == 0)
+            if done % settings.log_every == 0 or done == total_steps or validate_now:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
@@ -403,7 +421,13 @@ def train(
                     "s_per_step": round(elapsed / window_steps, 6),
                     "wall_time": round(now - t0, 3),
                 }
+                if flops_per_step is not None:
+                    row["train_flops"] = float(f"{flops_per_step * done:.9g}")
                 row.update({k: round(v, 6) for k, v in stats_sum.items()})
+                if validate_now:  # after the timings, and its time is taken off the training clock
+                    cols = validate()
+                    row.update(cols)
+                    t0 += cols.get("valid_seconds", 0.0)
                 history.append(row)
                 window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
                 if bar is not None:
@@ -428,13 +452,21 @@ def train(
             "final_loss": history[-1]["loss"] if history else None,
             "wall_seconds": round(wall, 3),
             "tokens_per_s": _steady_tokens_per_s(history),
+            "flops_per_step": None if flops_per_step is None else float(f"{flops_per_step:.6g}"),
         }
     )
     if ctx.main:
         model.eval()
         raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ema.copy_to(model)
-        summary.update(validation_bound(model, data_dir, layout, settings, seed, device))
+        # the last curve point is the final validation (same rows, seed, convention); recomputed
+        # only for a state saved at the last step by a version that did not record it
+        last = history[-1] if history and history[-1].get("step") == total_steps else {}
+        if "valid_nats_per_token" in last:
+            n_valid = min(len(valid_data), settings.valid_sequences)
+            summary.update(_valid_summary(last["valid_nats_per_token"], last.get("valid_stderr"), settings, n_valid))
+        else:
+            summary.update(validation_bound(model, data_dir, layout, settings, seed, device, valid=valid_data))
         atomic_torch_save(
             {"kind": "didbench.checkpoint/1", "info": info, "model": raw, "ema": model.state_dict(), "config": config},
             os.path.join(out_dir, "checkpoint.pt"),
@@ -458,27 +490,109 @@ def _steady_tokens_per_s(history: list[dict]) -> float | None:
     return rates[len(rates) // 2]
 
 
-@torch.no_grad()
-def validation_bound(model, data_dir: str, layout: str, s: TrainSettings, seed: int, device) -> dict:
-    """NLL bound on the first validation sequences (EMA weights): nats/token and perplexity."""
-    from harness.batch import predicted_tokens
+VALID_SEED_OFFSET = 17  # the validation generator's seed is seed + 17, at every evaluation
 
-    valid = data_lib.load_split(data_dir, "valid", layout)
-    gen = torch.Generator().manual_seed(seed + 17)
-    total, count = 0.0, 0
+
+@torch.no_grad()
+def strict_validation(model, valid, s: TrainSettings, seed: int, device) -> dict:
+    """Strict NLL bound of `model` as it is on the first `s.valid_sequences` rows of `valid`.
+
+    The same rows for every method of a layout, `s.valid_mc` draws per sequence and a generator
+    seeded afresh with the same seed at every call (common random numbers: two calls differ only
+    by the weights). Returns harness.evaluate.ppl.nll_statistics (nats_per_token = sum B / sum N,
+    stderr across sequences), or {} without validation rows.
+    """
+    from harness.batch import predicted_tokens
+    from harness.evaluate.ppl import nll_statistics
+
+    if valid is None or len(valid) == 0:
+        return {}
+    gen = torch.Generator(device=device).manual_seed(int(seed) + VALID_SEED_OFFSET)
+    bounds, tokens = [], []
     for batch in data_lib.eval_batches(valid, s.batch_size, s.valid_sequences):
         batch = batch.to(device)
-        nll = model.nll_bound(batch, s.valid_mc, gen)
-        total += float(nll.sum())
-        count += int(predicted_tokens(batch).sum())
-    if count == 0:
+        bounds.append(model.nll_bound(batch, s.valid_mc, gen, convention="strict").detach().to("cpu", torch.float64))
+        tokens.append(predicted_tokens(batch).to("cpu"))
+    if not bounds or int(torch.cat(tokens).sum()) == 0:
         return {}
-    nats = total / count
-    return {"valid_nats_per_token": round(nats, 6), "valid_ppl": round(math.exp(min(nats, 700)), 4), "valid_mc": s.valid_mc}
+    return nll_statistics(torch.cat(bounds).numpy(), torch.cat(tokens).numpy())
+
+
+def ema_validation(model, ema: EMA, valid, s: TrainSettings, seed: int, device) -> dict:
+    """History columns valid_nats_per_token / valid_stderr of the EMA weights, mid-training.
+
+    The EMA weights are swapped in for the evaluation and the raw weights, train mode and the
+    global RNG state (CPU and CUDA) restored after it, so training continues exactly as without it.
+    """
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        ema.copy_to(model)
+        model.eval()
+        res = strict_validation(model, valid, s, seed, device)
+    finally:
+        model.load_state_dict(raw)
+        model.train()
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    if not res:
+        return {}
+    stderr = res.get("stderr")
+    return {"valid_nats_per_token": round(res["nats_per_token"], 6),
+            "valid_stderr": None if stderr is None else round(stderr, 6)}
+
+
+def _valid_summary(nats: float, stderr, s: TrainSettings, n_sequences: int) -> dict:
+    """train.json's validation keys from one (rounded) strict bound."""
+    nats = float(nats)
+    return {"valid_nats_per_token": nats, "valid_ppl": round(math.exp(min(nats, 700)), 4),
+            "valid_stderr": None if stderr is None or stderr != stderr else float(stderr),
+            "valid_mc": s.valid_mc, "valid_sequences": int(n_sequences), "valid_convention": "strict"}
+
+
+def validation_bound(model, data_dir: str, layout: str, s: TrainSettings, seed: int, device, valid=None) -> dict:
+    """train.json's final validation bound of `model` (the caller swaps in the EMA weights).
+
+    The same computation as every point of the validation curve (strict_validation): strict
+    bound, same rows, same seed. `valid`: the split if already loaded.
+    """
+    if valid is None:
+        valid = data_lib.load_split(data_dir, "valid", layout)
+    res = strict_validation(model, valid, s, seed, device)
+    if not res:
+        return {}
+    stderr = res.get("stderr")
+    return _valid_summary(round(res["nats_per_token"], 6), None if stderr is None else round(stderr, 6), s,
+                          res["n_sequences"])
+
+
+def estimate_flops_per_step(model, train_data, s: TrainSettings, seed: int, world: int, device, steps: int = 4):
+    """Estimated training FLOPs of one optimizer step: the mean over the run's first `steps` batches
+    of sum over its micro-batches (all ranks) of flops_per_token(batch) x clean tokens.
+
+    The batches are a pure function of (seed, step), so a resumed run gets the same number; the
+    global RNG state is restored. None if the method has no FLOPs estimate.
+    """
+    rng = torch.get_rng_state()
+    try:
+        total = 0.0
+        for step in range(steps):
+            for rank in range(world):
+                idx = data_lib.batch_indices(len(train_data), s.batch_size, seed, step, rank, world)
+                for i in range(s.accumulate):
+                    batch = train_data.batch(idx[i :: s.accumulate]).to(device)
+                    total += float(model.flops_per_token(batch)) * batch.clean_tokens()
+        return total / steps
+    except NotImplementedError:
+        return None
+    finally:
+        torch.set_rng_state(rng)
 
 
 #: settings that change what is trained (checkpoint/log cadence and the validation bound do not)
-_NOT_RECIPE = ("checkpoint_every", "log_every", "valid_mc", "valid_sequences")
+_NOT_RECIPE = ("checkpoint_every", "log_every", "valid_mc", "valid_sequences", "valid_every")
 
 
 def recipe_hash(settings: TrainSettings, seed: int, info: dict) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa: E402
+from fake_study import NO_VALIDATION, RUNS, fake_valid, make_fake_study, run_name, write_fake_cost  # noqa: E402
 
 import analysis  # noqa: E402
 from analysis import tables as T  # noqa: E402
@@ -20,8 +20,10 @@ from harness.study import load_study  # noqa: E402
 from analysis.figures import bench_figure, bench_plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TABLE_NAMES = ["ppl", "genppl", "mauve", "diversity", "lengths", "cost_train", "cost_sample", "jobs", "summary"]
-FIGURE_NAMES = ["genppl_steps", "entropy_steps", "mauve_steps", "lengths", "train_loss", "cost"]
+TABLE_NAMES = ["ppl", "genppl", "mauve", "diversity", "lengths", "cost_train", "cost_sample", "jobs", "bound_gap",
+               "exact_samples", "summary"]
+FIGURE_NAMES = ["genppl_steps", "entropy_steps", "mauve_steps", "lengths", "train_loss", "validation", "cost",
+                "bound_gap_curves", "exact_steps", "length_cdf"]
 
 
 def assert_png(path: Path) -> None:
@@ -207,6 +209,35 @@ def test_missing_and_broken_files_are_tolerated(tmp_path):
     files = analysis.main(empty, {"study": "empty"})
     assert len(files) == len(TABLE_NAMES) * 3 + len(FIGURE_NAMES) + 1
     assert "No results" in (empty / "tables" / "ppl.md").read_text()
+
+
+def test_validation_figure_three_panels_one_line_per_run(full, tmp_path, monkeypatch):
+    """Strict bound vs step, wall-clock and training FLOPs (log x) for the runs whose history has the
+    validation columns; a study whose histories have none gets a placeholder saying why."""
+    from analysis import figures as F
+
+    study_dir, config, _, _ = full
+    drawn = []
+    real_save = F.save_figure
+    monkeypatch.setattr(F, "save_figure", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
+    assert_png(F.validation_figure(load_study(study_dir, config), config, tmp_path / "validation.png"))
+    axes = drawn[-1].axes
+    assert [ax.get_xscale() for ax in axes] == ["linear", "linear", "log"]
+    assert "strict" in drawn[-1]._suptitle.get_text()
+    with_valid = [(i, run_name(m, lay, s)) for i, (m, lay, s) in enumerate(RUNS) if run_name(m, lay, s) not in NO_VALIDATION]
+    for ax, xs in zip(axes, (lambda i: [5, 10], lambda i: [0.5 * s + 0.1 * i for s in (5, 10)],
+                             lambda i: [1.0e9 * (i + 1) * s for s in (5, 10)])):
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert set(lines) == {name for _, name in with_valid}
+        for i, name in with_valid:
+            assert list(lines[name].get_xdata()) == pytest.approx(xs(i))
+            assert list(lines[name].get_ydata()) == pytest.approx([fake_valid(i, s) for s in (5, 10)])
+        assert len(ax.collections) == len(with_valid)                  # one ± stderr band per line
+    # histories without the columns: the placeholder
+    old_dir, old_cfg, _ = make_fake_study(tmp_path / "old", runs=[("ilm", "varlen", 0)], missing={})
+    drawn.clear()
+    F.validation_figure(load_study(old_dir, old_cfg), old_cfg, tmp_path / "old.png")
+    assert "no validation points" in " ".join(t.get_text() for t in drawn[-1].axes[0].texts)
 
 
 def test_bench_figure_and_cli(tmp_path, capsys):

@@ -23,11 +23,11 @@ MICRO = "tests/configs/micro.yaml"
 pytestmark = pytest.mark.integration
 
 
-def run_snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def run_snakemake(workdir: Path, *args: str, timeout: int = 1500, configfile: str = MICRO) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DIDBENCH_EVALUATORS", str(REPO / "resources" / "evaluators"))
-    cmd = [sys.executable, "-m", "snakemake", *args, "--directory", str(workdir), "--configfile", MICRO]
+    cmd = [sys.executable, "-m", "snakemake", *args, "--directory", str(workdir), "--configfile", configfile]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,3 +68,35 @@ def test_micro_study_end_to_end(tmp_path):
     again = run_snakemake(tmp_path, "--cores", "2", "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+SYNTHETIC_MICRO = "tests/configs/synthetic-micro.yaml"
+
+
+def test_synthetic_micro_study_end_to_end(tmp_path):
+    """A synthetic corpus: the exact metrics replace the evaluator-LM ones, and the headline uses them."""
+    result = run_snakemake(tmp_path, "--cores", "2", configfile=SYNTHETIC_MICRO)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    cfg = load_config(REPO / SYNTHETIC_MICRO)
+    study = tmp_path / "results" / cfg["study"]
+    assert "evaluator_cache" not in result.stdout + result.stderr    # no evaluator LM is needed
+    for run in study_runs(cfg):
+        ev = study / "runs" / run["name"] / "eval"
+        assert not (ev / "genppl.json").exists() and not (ev / "mauve.json").exists()
+        values = json.loads((ev / "exact.json").read_text())["values"]
+        gap = values["bound_gap"]
+        ppl = json.loads((ev / "ppl.json").read_text())["values"]
+        # the gap is the bound minus the exact NLL of the same rows
+        assert gap["strict"]["nats_per_token"] == pytest.approx(
+            ppl["nats_per_token"] - gap["exact"]["nats_per_token"], rel=1e-9, abs=1e-12)
+        assert values["data"]["invalid"] == 0                      # held-out data is always valid
+        assert [e["steps"] for e in values["by_steps"]] == cfg["evaluate"]["samples"]["steps"]
+        assert ("lengths" in values["data"]) == (run["layout"] == "varlen")
+        hist = (study / "runs" / run["name"] / "history.csv").read_text().splitlines()
+        assert "valid_nats_per_token" in hist[0] and "train_flops" in hist[0]
+    summary = (study / "summary.md").read_text()
+    assert "exact metrics" in summary and "Bound gap" in summary
+    for name in ("bound_gap", "exact_samples"):
+        assert (study / "tables" / f"{name}.md").is_file()
+    for name in ("bound_gap_curves", "exact_steps", "length_cdf"):
+        assert (study / "figures" / f"{name}.png").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa: E402
+from fake_study import RUNS, fake_valid, make_fake_study, run_name, write_fake_cost  # noqa: E402
 
 pytest.importorskip("mlflow")
 from mlflow.entities import ViewType  # noqa: E402
@@ -65,6 +65,8 @@ def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
     r, v = runs["did-varlen-tiny-s1"][0], values["did-varlen-tiny-s1"]
     assert r.data.metrics["s_per_sample_16steps"] == pytest.approx(v["speed"]["sample"][0]["s_per_sample"])
     assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 11))
+    valid = client.get_metric_history(r.info.run_id, "train/valid_nats_per_token")   # the validation steps only
+    assert sorted((m.step, m.value) for m in valid) == [(s, pytest.approx(fake_valid(1, s))) for s in (5, 10)]
     curve = client.get_metric_history(r.info.run_id, "steps/gen_ppl")
     assert sorted((m.step, m.value) for m in curve) == [(b["steps"], b["gen_ppl"]) for b in v["genppl"]["by_steps"]]
     arts = {a.path for d in (None, "eval") for a in client.list_artifacts(r.info.run_id, d)}
@@ -82,6 +84,21 @@ def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
     runs = active_runs(uri, "fake")
     assert len(runs["mdlm-fixed-tiny-s0"]) == 1
     assert runs["mdlm-fixed-tiny-s0"][0].data.metrics["gen_ppl_n_16steps"] == 33
+
+
+def test_history_metrics_log_validation_only_at_its_steps(tmp_path):
+    """history.csv cells left empty (rows without validation) are skipped, never logged as NaN."""
+    study_dir, _, _ = make_fake_study(tmp_path, runs=[("did", "varlen", 0), ("ilm", "varlen", 0)], missing={})
+    m = tracking.history_metrics(study_dir / "runs" / "did-varlen-tiny-s0" / "history.csv", 0)
+    by_key: dict = {}
+    for key, value, step, _ in m:
+        by_key.setdefault(key, []).append((step, value))
+    assert by_key["train/valid_nats_per_token"] == [(5, fake_valid(0, 5)), (10, fake_valid(0, 10))]
+    assert [s for s, _ in by_key["train/valid_stderr"]] == [5, 10] == [s for s, _ in by_key["train/valid_seconds"]]
+    assert [s for s, _ in by_key["train/train_flops"]] == list(range(1, 11))
+    assert all(v == v for _, v, _, _ in m)                                   # no NaN anywhere
+    old = tracking.history_metrics(study_dir / "runs" / "ilm-varlen-tiny-s0" / "history.csv", 0)
+    assert not any(k.startswith("train/valid") for k, *_ in old)
 
 
 def test_crash_half_way_then_rerun_completes(tmp_path, monkeypatch):
@@ -154,3 +171,20 @@ def test_cost_results_are_logged_and_rehashed(tmp_path, monkeypatch):
     again = tracking.log_study(study_dir, config)
     assert sorted(again["replaced"]) == ["did-varlen-tiny-s0", "mdlm-varlen-tiny-s0", "study"]
     assert sorted(again["skipped"]) == ["ar-fixed-tiny-s0", "did-fixed-fixed-tiny-s0"]
+
+
+def test_exact_metrics_of_a_synthetic_run():
+    from harness.tracking import eval_metrics
+
+    values = {"bound_gap": {"strict": {"nats_per_token": 0.3, "stderr": 0.02}, "paper": {"nats_per_token": 0.1},
+                            "exact": {"nats_per_token": 1.5}},
+              "by_steps": [{"steps": 8, "nats_per_token": 1.7, "invalid_fraction": 0.25, "unigram_entropy_mean": 1.1,
+                            "lengths": {"tv": 0.2, "ks": 0.1}},
+                           {"steps": 32, "nats_per_token": None, "invalid_fraction": 1.0}],
+              "data": {"nats_per_token": 1.5, "invalid_fraction": 0.0}}
+    got = {(k, s): v for k, v, s, _ in eval_metrics("exact", values)}
+    assert got[("bound_gap_strict", 0)] == 0.3 and got[("bound_gap_strict_stderr", 0)] == 0.02
+    assert got[("bound_gap_paper", 0)] == 0.1 and got[("exact_nats_per_token", 0)] == 1.5
+    assert got[("exact_nll_8steps", 0)] == 1.7 and got[("steps/exact_nll", 8)] == 1.7
+    assert got[("invalid_fraction_32steps", 0)] == 1.0 and ("exact_nll_32steps", 0) not in got   # null: not logged
+    assert got[("length_tv_8steps", 0)] == 0.2 and got[("data/exact_nll", 0)] == 1.5

@@ -1,4 +1,5 @@
-"""The training loop: falling loss, exact resume, preemption, non-finite loss, DDP (2 gloo ranks)."""
+"""The training loop: falling loss, exact resume, preemption, non-finite loss, validation curve, DDP (2 gloo ranks)."""
+import csv
 import json
 import os
 import subprocess
@@ -43,8 +44,11 @@ class ToyAR(Method):
             loss = loss * float("nan")
         return loss, {"toy_stat": 1.0}
 
-    def nll_bound(self, batch, mc, generator=None):
+    def nll_bound(self, batch, mc, generator=None, convention="strict"):
         return self._nll(batch).double()
+
+    def flops_per_token(self, batch):
+        return 1000.0 + batch.size  # made up; depends on the batch so the mean over batches is exercised
 
 
 def _cfg(toy_config, **train):
@@ -77,8 +81,13 @@ def _weights(path):
     return load_checkpoint(str(path))["model"]
 
 
+def _history(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def test_resume_gives_identical_weights(toy_config, toy_data, tmp_path):
-    cfg = _cfg(toy_config, steps=6, checkpoint_every=2, dropout=0.1)
+    cfg = _cfg(toy_config, steps=6, checkpoint_every=2, dropout=0.1, valid_every=2)
     train(cfg, "toy-test", "fixed", 3, str(toy_data), str(tmp_path / "a"), progress=False)
     with pytest.raises(Preempted):  # "killed" after 3 steps: only the step-2 checkpoint survives
         train(cfg, "toy-test", "fixed", 3, str(toy_data), str(tmp_path / "b"), progress=False, stop_after=3)
@@ -90,6 +99,56 @@ def test_resume_gives_identical_weights(toy_config, toy_data, tmp_path):
     ha = (tmp_path / "a" / "history.csv").read_text().splitlines()
     hb = (tmp_path / "b" / "history.csv").read_text().splitlines()
     assert [r.split(",")[1] for r in ha] == [r.split(",")[1] for r in hb]
+    va, vb = _history(tmp_path / "a" / "history.csv"), _history(tmp_path / "b" / "history.csv")
+    for col in ("valid_nats_per_token", "valid_stderr", "train_flops"):
+        assert [r[col] for r in va] == [r[col] for r in vb], col
+    assert [r["step"] for r in va if r["valid_nats_per_token"]] == ["2", "4", "6"]
+
+
+def test_validation_curve_is_strict_fixed_and_leaves_training_alone(toy_config, toy_data, tmp_path):
+    """valid_every: strict bound of the EMA weights at those steps (same rows and seed, so the last
+    point is train.json's), training FLOPs on every row, and the weights of a run without it."""
+    from harness import data as data_lib
+    from harness.train import TrainSettings, build_method, strict_validation
+
+    cfg = _cfg(toy_config, steps=4, valid_every=2, valid_sequences=6, valid_mc=2, dropout=0.1)
+    off = _cfg(toy_config, steps=4, valid_sequences=6, valid_mc=2, dropout=0.1)
+    info = train(cfg, "did", "varlen", 0, str(toy_data), str(tmp_path / "on"), progress=False)
+    train(off, "did", "varlen", 0, str(toy_data), str(tmp_path / "off"), progress=False)
+    for k, v in _weights(tmp_path / "off" / "checkpoint.pt").items():
+        torch.testing.assert_close(_weights(tmp_path / "on" / "checkpoint.pt")[k], v, rtol=0, atol=0)
+    rows = _history(tmp_path / "on" / "history.csv")
+    assert [r["step"] for r in rows if r["valid_nats_per_token"]] == ["2", "4"]
+    assert all(not r["valid_stderr"] and not r["valid_seconds"] for r in rows if not r["valid_nats_per_token"])
+    assert all(float(r["valid_stderr"]) > 0 and float(r["valid_seconds"]) >= 0 for r in rows if r["valid_nats_per_token"])
+    assert float(rows[-1]["valid_nats_per_token"]) == info["valid_nats_per_token"]
+    assert info["valid_convention"] == "strict" and info["valid_sequences"] == 6 and info["valid_mc"] == 2
+    assert [float(r["train_flops"]) for r in rows] == pytest.approx([info["flops_per_step"] * (i + 1) for i in range(4)],
+                                                                    rel=1e-6)
+    # the run without valid_every still has its final point, and it is the same number
+    off_rows = _history(tmp_path / "off" / "history.csv")
+    assert [r["step"] for r in off_rows if r["valid_nats_per_token"]] == ["4"]
+    assert off_rows[-1]["valid_nats_per_token"] == rows[-1]["valid_nats_per_token"]
+    # the curve point is the strict bound of the EMA weights on the first valid rows, seed + 17
+    ckpt = load_checkpoint(str(tmp_path / "on" / "checkpoint.pt"))
+    model = build_method(cfg, "did", "varlen", None, data_lib.load_tokenizer(str(toy_data)).vocab)
+    model.load_state_dict(ckpt["ema"])
+    model.eval()
+    res = strict_validation(model, data_lib.load_split(str(toy_data), "valid", "varlen"),
+                            TrainSettings.from_config(cfg["train"]), 0, torch.device("cpu"))
+    assert round(res["nats_per_token"], 6) == info["valid_nats_per_token"] and res["n_sequences"] == 6
+
+
+def test_validation_steps_get_a_history_row_between_log_rows(toy_config, toy_data, tmp_path):
+    cfg = _cfg(toy_config, steps=6, log_every=2, valid_every=3)
+    train(cfg, "toy-test", "fixed", 0, str(toy_data), str(tmp_path), progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert [int(r["step"]) for r in rows if r["valid_nats_per_token"]] == [3, 6]
+    cfg = _cfg(toy_config, steps=4, valid_every=-1)
+    with pytest.raises(UserError, match=r"train.valid_every=-1 must be >= 0") as err:
+        train(cfg, "toy-test", "fixed", 0, str(toy_data), str(tmp_path / "neg"), progress=False)
+    assert "\n" not in str(err.value)
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(toy_config, toy_data, tmp_path):

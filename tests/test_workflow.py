@@ -26,6 +26,7 @@ STUDIES = {  # config file -> expected training jobs
     "config/default.yaml": 9,
     "config/owt-small.yaml": 4,
     "config/stories.yaml": 5,
+    "config/shakespeare-long.yaml": 3,
     "tests/configs/micro.yaml": 3,
 }
 
@@ -153,7 +154,7 @@ def test_every_key_documented_with_default():
         for key, sub in node.get("properties", {}).items():
             where = f"{path}.{key}".lstrip(".")
             assert "description" in sub, f"{where} has no description"
-            if key not in ("name", "method", "layout", "dataset", "paths"):  # required, no default
+            if key not in ("name", "method", "layout", "dataset", "paths", "source"):  # required, no default
                 assert "default" in sub, f"{where} has no default"
             if sub.get("type") == "object" and "properties" in sub:
                 closed = sub.get("additionalProperties") is False or (
@@ -246,6 +247,20 @@ def test_dry_run(configfile, tmp_path):
     commands = re.findall(r"^(?:exec )?(\S+(?: \S+)*?) -m harness (\w+)", out, flags=re.M)
     assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "cost", "log"}
     assert len(re.findall(r"python -m analysis \S+ --config ", out)) == 1
+
+
+def test_synthetic_study_plans_exact_metrics_not_the_evaluator(tmp_path):
+    """config/synthetic.yaml (run by hand, committed): only planned here."""
+    result = snakemake("-n", "--cores", "2", "--directory", str(tmp_path), "--configfile", "config/synthetic.yaml",
+                       DIDBENCH_EVALUATORS=str(tmp_path / "evaluators"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout + result.stderr)
+    cfg = load_config(REPO / "config/synthetic.yaml")
+    n_runs = len(cfg["runs"]) * len(cfg["seeds"])
+    assert len(cfg["seeds"]) >= 3 and counts["train"] == n_runs
+    assert counts["eval_exact"] == n_runs and counts["eval_ppl"] == n_runs and counts["cost"] == 2
+    for rule in ("eval_genppl", "eval_mauve", "evaluator_cache"):
+        assert rule not in counts, rule
 
 
 def test_did_f_trains_twice_as_long(tmp_path):

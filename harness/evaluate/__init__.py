@@ -11,6 +11,8 @@
     diversity  --config C --out EVAL/diversity.json [--samples ...] [--references ...]
     lengths    --config C --out EVAL/lengths.json [--samples ...] [--references ...]
     speed      --config C --run RUN --data DATA --out EVAL/speed.json
+    exact      --config C --data DATA --out EVAL/exact.json [--ppl EVAL/ppl.json] [--samples ...]
+               [--references ...]                         (synthetic corpora: the source's exact law)
 
 Inputs left out default to the files next to --out (EVAL/samples.json, EVAL/references.jsonl,
 EVAL/features.npz), which is where `samples` and `genppl` write them; --run and --data are
@@ -34,6 +36,8 @@ COMMANDS = {
     "diversity": ("harness.evaluate.diversity", "run", "entropy, distinct-n, self-BLEU"),
     "lengths": ("harness.evaluate.lengths", "run", "length distribution vs held-out data"),
     "speed": ("harness.evaluate.speed", "run", "training throughput, sampling time/memory, FLOPs"),
+    "exact": ("harness.evaluate.exact", "run", "synthetic corpora: bound gap, exact sample NLL, invalid fraction, "
+              "length law"),
 }
 NEEDS_RUN = {"ppl", "samples", "speed"}
 
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", help="samples: the samples file (default: --out with suffix .jsonl)")
     p.add_argument("--samples", help="the samples summary samples.json (samples.jsonl is found from it)")
     p.add_argument("--references", help="references.jsonl (written by `samples`, read by genppl/diversity/lengths)")
+    p.add_argument("--ppl", help="exact: the ppl.json whose rows get their bound gap (default next to --out)")
     p.add_argument("--features", help="evaluator features npz (written by genppl, read by mauve)")
     p.add_argument("--evaluator-dir", help="evaluator cache folder (default resources/evaluators/<name>)")
     p.add_argument("--layout", choices=["fixed", "varlen"], help="references: data layout")
@@ -64,6 +69,7 @@ def _fill_defaults(args) -> None:
     args.samples = args.samples or str(here / "samples.json")
     args.references = args.references or str(here / "references.jsonl")
     args.features = args.features or str(here / "features.npz")
+    args.ppl = args.ppl or str(here / "ppl.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"evaluate {args.what} needs --config")
     if args.what in NEEDS_RUN and not (args.run and args.data):
         raise UserError(f"evaluate {args.what} needs --run RUN_DIR and --data DATA_DIR")
-    if args.what == "references" and not args.data:
-        raise UserError("evaluate references needs --data DATA_DIR")
+    if args.what in ("references", "exact") and not args.data:
+        raise UserError(f"evaluate {args.what} needs --data DATA_DIR")
     _fill_defaults(args)
     module, func, _ = COMMANDS[args.what]
     getattr(importlib.import_module(module), func)(args, config)

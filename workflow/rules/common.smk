@@ -225,6 +225,7 @@ EVAL_FILES = {
     "diversity": ["diversity.json"],
     "lengths": ["lengths.json"],
     "speed": ["speed.json"],
+    "exact": ["exact.json"],
 }
 #: evaluations of the whole study rather than of one run (see study_metric_files)
 STUDY_METRICS = ("cost",)

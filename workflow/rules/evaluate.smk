@@ -5,6 +5,7 @@ samples -> RUN/eval/samples.json + samples.jsonl (every step count of evaluate.s
            genppl, the human side of MAUVE, the reference lengths)
 genppl  -> RUN/eval/genppl.json + features.npz (evaluator features of both, read by mauve)
 mauve, diversity, lengths (varlen runs only) -> from those; ppl, speed -> from the checkpoint
+exact   -> RUN/eval/exact.json: synthetic corpora only, from ppl + samples + the source's exact law
 cost    -> results/<study>/cost/<layout>.json: one study-level job per layout, after every run of
            the layout is trained (see rule cost)
 """
@@ -148,6 +149,31 @@ rule eval_lengths:
     shell:
         "python -m harness evaluate lengths --config {params.cfg} --samples {input.samples}"
         " --references {input.references} --out {output.result} > {log} 2>&1"
+
+
+rule eval_exact:
+    input:
+        data=DATA_MARKER,
+        ppl=f"{RUNS_DIR}/{{run}}/eval/ppl.json",
+        samples=f"{RUNS_DIR}/{{run}}/eval/samples.json",
+        samples_jsonl=f"{RUNS_DIR}/{{run}}/eval/samples.jsonl",
+        references=f"{RUNS_DIR}/{{run}}/eval/references.jsonl",
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/exact.json",
+    params:
+        cfg=study_config,
+        data=input_data_dir,
+        settings=settings_hash("train.valid_sequences", "evaluate.samples.seed"),
+    log:
+        f"{LOGS}/eval_exact/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_exact/{{run}}.tsv"
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate exact --config {params.cfg} --data {params.data} --ppl {input.ppl}"
+        " --samples {input.samples} --references {input.references} --out {output.result} > {log} 2>&1"
 
 
 rule eval_speed:

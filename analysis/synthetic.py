@@ -1,0 +1,355 @@
+"""Tables of a study on a synthetic corpus (exact.json): the bound gap and the exact sample metrics.
+
+Where the source's law is known, these replace gen PPL and MAUVE: the bound gap is how far a
+method's likelihood bound sits above the true NLL of the same rows, and the samples are scored
+by the source itself. Both tables are written for every study (empty without exact.json), so
+the set of output files does not depend on the corpus.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis import stats
+from analysis.tables import (DASH, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
+                             _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, fmt, missing, pm,
+                             reference_methods, sort_rows)
+from harness.study import Study
+
+GAP_COLS = ["strict_nats_per_token", "paper_nats_per_token", "exact_nats_per_token", "strict_negative_rows",
+            "paper_negative_rows", "strict_n_sequences"]
+
+
+def _gap_err(r: dict, col: str) -> float:
+    sd = r.get(f"{col}_sd")
+    return sd if not missing(sd) else r.get(col.replace("_nats_per_token", "_stderr"))
+
+
+def bound_gap_table(study: Study, config: dict | None) -> Table:
+    """Per method: strict and paper-convention bound minus the exact NLL of the same test rows."""
+    ref = reference_methods(config)
+    frame = _ensure(study.bound_gap, GAP_COLS + ["strict_stderr", "paper_stderr"])
+    agg = sort_rows(aggregate(frame, GROUP, GAP_COLS, keep=("strict_stderr", "paper_stderr")), config)
+    recs = agg.to_dict("records")
+    # the gap difference between two methods IS their bound difference (the same rows, the exact
+    # NLL cancels): the ppl table's test, paired over rows (one seed) or Welch over seeds
+    diffs = [bound_difference(study, _key(r), _ref_key(r, ref)) if _ref_key(r, ref) else None for r in recs]
+    agg["strict_err"] = [_gap_err(r, "strict_nats_per_token") for r in recs]
+    agg["paper_err"] = [_gap_err(r, "paper_nats_per_token") for r in recs]
+    agg["err_kind"] = ["sd over seeds" if r["n_seeds"] > 1 else "stderr" for r in recs]
+    agg["diff_vs_ref"] = [np.nan if d is None else d.estimate for d in diffs]
+    agg["diff_lo"] = [np.nan if d is None else d.lo for d in diffs]
+    agg["diff_hi"] = [np.nan if d is None else d.hi for d in diffs]
+    agg["diff_significant"] = [None if d is None else d.significant for d in diffs]
+    # a gap below zero beyond its error bar would be a bound that is not one
+    agg["strict_below_zero"] = [bool(r["strict_nats_per_token"] + 1.96 * (r["strict_err"] or 0) < 0)
+                                if not missing(r["strict_nats_per_token"]) and not missing(r["strict_err"]) else None
+                                for r in agg.to_dict("records")]
+
+    def diff_text(d):
+        if d is None or missing(d.estimate):
+            return DASH
+        return (f"{'+' if d.estimate > 0 else ''}{fmt(d.estimate)} [{fmt(d.lo)}, {fmt(d.hi)}]"
+                + (f" {MARK}" if d.significant else ""))
+
+    disp = _disp(agg, {**_ident_display(agg), "Seeds": _f(agg, "n_seeds", "int"),
+                       "Bound gap, strict (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"])
+                                                          for r in agg.to_dict("records")],
+                       "vs DID (95%)": [diff_text(d) for d in diffs],
+                       "Gap, paper conv.": [pm(r["paper_nats_per_token"], r["paper_err"])
+                                            for r in agg.to_dict("records")],
+                       "Exact NLL of the rows": _f(agg, "exact_nats_per_token"),
+                       "Rows": _f(agg, "strict_n_sequences", "int")})
+    data = agg[GROUP + ["n_seeds", "strict_nats_per_token", "strict_err", "err_kind", "diff_vs_ref", "diff_lo",
+                        "diff_hi", "diff_significant", "strict_below_zero", "paper_nats_per_token", "paper_err",
+                        "exact_nats_per_token", "strict_negative_rows", "paper_negative_rows", "strict_n_sequences"]]
+    return Table("bound_gap", "Bound gap: likelihood bound minus the exact NLL of the same test rows "
+                 "(synthetic corpus; lower is better, 0 is a perfect model with a tight bound)", data, disp, [
+        "Gap = (sum over test rows of the method's bound - the source's exact -log p) / sum of predicted tokens. "
+        "Its expectation is KL(data || model) per token plus the looseness of the bound, so it is >= 0; the "
+        "paper convention can go below 0 because it is not a bound. Exact NLL of the rows: the floor every "
+        "method's bound sits above (the source's entropy rate on these rows).",
+        "± is the standard error over rows for one seed, the sd over seeds with several. vs DID: the difference "
+        "of gaps (= of bounds: same rows) from the reference row. " + MARK_NOTE])
+
+
+_SAMPLE_COLS = ["nats_per_token", "invalid_fraction", "unigram_entropy_mean", "len_tv", "len_ks", "len_mean", "n"]
+_SAMPLE_KEEP = ("stderr", "invalid_ci95_lo", "invalid_ci95_hi", "len_null_tv_q95", "len_null_ks_q95", "len_tv_p",
+                "len_ks_p")
+
+
+def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[str, stats.Diff | None]:
+    """Exact NLL per token and invalid fraction of `key` minus the reference's at `steps`: Welch
+    over seeds with several, else a two-sample bootstrap over the samples of the lowest seed."""
+    out: dict[str, stats.Diff | None] = {"nll": None, "invalid": None}
+    a, b = (_runs_of(study.exact, k) for k in (key, ref_key))
+    a, b = (x[x["steps"] == steps] if len(x) else x for x in (a, b))
+    if a.empty or b.empty:
+        return out
+    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
+        out["nll"] = stats.seed_difference(a["nats_per_token"], b["nats_per_token"])
+        out["invalid"] = stats.seed_difference(a["invalid_fraction"], b["invalid_fraction"])
+        return out
+    per = study.exact_samples
+    if per.empty:
+        return out
+    sa, sb = (_runs_of(per, k) for k in (key, ref_key))
+    sa, sb = sa[sa["steps"] == steps], sb[sb["steps"] == steps]
+    if sa.empty or sb.empty:
+        return out
+    sa, sb = sa[sa["seed"] == sa["seed"].min()], sb[sb["seed"] == sb["seed"].min()]
+    va, vb = sa[sa["logp"].notna()], sb[sb["logp"].notna()]
+    if len(va) >= 2 and len(vb) >= 2:
+        out["nll"] = stats.bootstrap_difference(stats.log_token_ratio, np.c_[-va["logp"], va["n_tokens"]],
+                                                np.c_[-vb["logp"], vb["n_tokens"]])
+    out["invalid"] = stats.bootstrap_difference(stats.column_mean, sa["logp"].isna().to_numpy(float)[:, None],
+                                                sb["logp"].isna().to_numpy(float)[:, None])
+    return out
+
+
+def exact_samples_table(study: Study, config: dict | None) -> Table:
+    """Per method and sampling steps: the samples scored by the source itself, next to the data."""
+    ref = reference_methods(config)
+    frame = _ensure(study.exact, _SAMPLE_COLS + list(_SAMPLE_KEEP))
+    agg = aggregate(frame, GROUP + ["steps"], _SAMPLE_COLS, keep=_SAMPLE_KEEP)
+    data = data_rows(_ensure(study.exact_data, _SAMPLE_COLS + list(_SAMPLE_KEEP)),
+                     _SAMPLE_COLS + list(_SAMPLE_KEEP)).assign(steps=np.nan)
+    rows = _ensure(_stack(config, agg, data), agg.columns)
+    recs = rows.to_dict("records")
+    diffs = [sample_differences(study, _key(r), _ref_key(r, ref), r["steps"])
+             if r["method"] != "data" and _ref_key(r, ref) else {} for r in recs]
+    rows["nll_diff_vs_ref"] = [d["nll"].estimate if d.get("nll") else np.nan for d in diffs]
+    rows["nll_significant"] = [d["nll"].significant if d.get("nll") else None for d in diffs]
+    rows["invalid_diff_vs_ref"] = [d["invalid"].estimate if d.get("invalid") else np.nan for d in diffs]
+    rows["invalid_significant"] = [d["invalid"].significant if d.get("invalid") else None for d in diffs]
+
+    def mark(text, d):
+        return f"{text} {MARK}" if d is not None and d.significant and text != DASH else text
+
+    def nll_cell(r):
+        err = r.get("nats_per_token_sd") if not missing(r.get("nats_per_token_sd")) else r.get("stderr")
+        return pm(r["nats_per_token"], err)
+
+    def invalid_cell(r):
+        if missing(r["invalid_fraction"]):
+            return DASH
+        if not missing(r.get("invalid_fraction_sd")):
+            return f"{100 * r['invalid_fraction']:.1f}% ± {100 * r['invalid_fraction_sd']:.1f}"
+        ci = "" if missing(r.get("invalid_ci95_lo")) else \
+            f" [{100 * r['invalid_ci95_lo']:.1f}, {100 * r['invalid_ci95_hi']:.1f}]"
+        return f"{100 * r['invalid_fraction']:.1f}%{ci}"
+
+    def length_cell(r, col, null):
+        if missing(r[col]):
+            return DASH
+        text = pm(r[col], r.get(f"{col}_sd"))
+        return text + ("" if missing(r.get(null)) else f" (null q95 {fmt(r[null])})")
+
+    disp = _disp(rows, {**_ident_display(rows, steps=True),
+                        "Exact NLL (nats/token)": [mark(nll_cell(r), d.get("nll")) for r, d in zip(recs, diffs)],
+                        "Invalid [95%]": [mark(invalid_cell(r), d.get("invalid")) for r, d in zip(recs, diffs)],
+                        "Unigram entropy": _f(rows, "unigram_entropy_mean"),
+                        "Mean length": _f(rows, "len_mean"),
+                        "Length TV to the law": [length_cell(r, "len_tv", "len_null_tv_q95") for r in recs],
+                        "Length KS": [length_cell(r, "len_ks", "len_null_ks_q95") for r in recs],
+                        "Samples": _f(rows, "n", "int")})
+    cols = ["method", "layout", "size", "steps", "n_seeds"] + [x for c in _SAMPLE_COLS for x in (c, f"{c}_sd")]
+    out = rows[cols + list(_SAMPLE_KEEP) + ["nll_diff_vs_ref", "nll_significant", "invalid_diff_vs_ref",
+                                            "invalid_significant"]]
+    return Table("exact_samples", "Samples scored by the source's exact law, by sampling steps (synthetic corpus)",
+                 out, disp, [
+        "Exact NLL: -log p(sample) under the source, per predicted token (varlen: symbols + 1; fixed: L-1), "
+        "over the samples the source can emit; the data row is held-out data, i.e. what a perfect model scores "
+        "(lower than the data means less diverse, higher means worse samples). Invalid: the share of samples "
+        "the source gives probability 0 (e.g. a mismatched bracket), with a 95% Wilson interval.",
+        "Length TV / KS: total variation and Kolmogorov-Smirnov distance between the generated lengths and the "
+        "exact length law (varlen); null q95: the 95th percentile of the same distance for as many documents "
+        "drawn from the source itself, so a value below it is indistinguishable from a perfect model.",
+        "± is the standard error over samples for one seed (sd over seeds with several). " + MARK_NOTE])
+
+
+def synthetic_summary(study: Study, config: dict | None) -> Table:
+    """The headline of a synthetic study: bound gap, and at the fewest and the most steps the exact
+    sample NLL and invalid fraction (the paper's "few steps" claim is the gap between the two)."""
+    ref = reference_methods(config)
+    gap = bound_gap_table(study, config).data
+    samples = exact_samples_table(study, config).data
+    model = samples[samples["method"] != "data"]
+    steps = sorted(model["steps"].dropna().unique()) if len(model) else []
+    t = gap[GROUP + ["n_seeds", "strict_nats_per_token", "strict_err", "diff_vs_ref", "diff_significant",
+                     "exact_nats_per_token"]]
+    cols = {**_ident_display(t), "Seeds": _f(t, "n_seeds", "int"),
+            "Bound gap (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"])
+                                       + (f" {MARK}" if r["diff_significant"] is True else "")
+                                       for r in t.to_dict("records")]}
+    data = t.copy()
+    for k in ([steps[0], steps[-1]] if len(steps) > 1 else steps):
+        at = model[model["steps"] == k].drop_duplicates(GROUP)
+        m = t[GROUP].merge(at, on=GROUP, how="left")
+        recs = m.to_dict("records")
+        err = [r.get("nats_per_token_sd") if not missing(r.get("nats_per_token_sd")) else r.get("stderr") for r in recs]
+        cols[f"Exact NLL @{fmt(k, 'int')}"] = [pm(r["nats_per_token"], e) + (f" {MARK}" if r["nll_significant"] is True
+                                                                                else "") for r, e in zip(recs, err)]
+        cols[f"Invalid @{fmt(k, 'int')}"] = [DASH if missing(r["invalid_fraction"]) else
+                                             f"{100 * r['invalid_fraction']:.1f}%"
+                                             + (f" {MARK}" if r["invalid_significant"] is True else "") for r in recs]
+        data[f"exact_nll_{int(k)}"] = m["nats_per_token"].to_numpy()
+        data[f"invalid_{int(k)}"] = m["invalid_fraction"].to_numpy()
+        data[f"nll_{int(k)}_significant"] = m["nll_significant"].to_numpy()
+        data[f"invalid_{int(k)}_significant"] = m["invalid_significant"].to_numpy()
+    ref_data = samples[samples["method"] == "data"]
+    note = "" if ref_data.empty else " Data: " + ", ".join(
+        f"{r['layout']} {fmt(r['nats_per_token'])} nats/token" for r in ref_data.to_dict("records")) + "."
+    return Table("summary", "Headline results (synthetic corpus: exact metrics)", data, _disp(t, cols), [
+        "Bound gap: strict bound minus the exact NLL of the same test rows (bound_gap table). Exact NLL @N: "
+        "samples at N sampling steps scored by the source (exact_samples table), to compare with the data's "
+        "exact NLL." + note, "Invalid: samples the source cannot emit. " + MARK_NOTE,
+        "Reference (\"DID\") per layout: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(ref.items())) + "."])
+
+
+__all__ = ["bound_gap_table", "exact_samples_table", "synthetic_summary", "ci_text"]
+
+
+# --- figures ------------------------------------------------------------------------------------
+def _gap_curves(study: Study) -> pd.DataFrame:
+    """Validation-curve points as gaps: the strict bound minus the exact NLL of the same valid rows."""
+    h = study.history
+    if h.empty or "valid_nats_per_token" not in h.columns or study.bound_gap.empty:
+        return pd.DataFrame()
+    floor = study.bound_gap.set_index("run")["valid_exact_nats_per_token"]
+    v = h.dropna(subset=["valid_nats_per_token"]).copy()
+    v["floor"] = v["run"].map(floor)
+    v = v.dropna(subset=["floor"])
+    v["gap"] = v["valid_nats_per_token"] - v["floor"]
+    return v
+
+
+def gap_curve_figure(study: Study, config: dict | None, path):
+    """Bound gap on the validation rows vs optimizer step and vs training FLOPs, mean ± sd over seeds."""
+    from analysis import figures as F
+
+    title = ("Bound gap during training: strict validation bound minus the exact NLL of the same rows\n"
+             "(synthetic corpus; mean ± sd over seeds; 0 = the true law with a tight bound)")
+    v = _gap_curves(study)
+    if v.empty:
+        return F.placeholder(path, "Bound gap during training", "no synthetic study with validation curves")
+
+    @F.styled
+    def draw():
+        panels = [(c, lab, log) for c, lab, log in (("step", "optimizer step", False),
+                                                    ("train_flops", "training FLOPs (estimated, log scale)", True))
+                  if c in v.columns and v[c].notna().any()]
+        colors = F.study_colors(study)
+        fig, axes = F._new(len(panels), title)
+        for (m, lay, size), g in sort_rows(v, config).groupby(GROUP, sort=False):
+            kw = dict(color=colors[str(m)], ls=F.LINESTYLE.get(lay, "-"), marker=F.MARKER.get(lay, "o"), ms=3.5)
+            for ax, (col, _, log) in zip(axes, panels):
+                a = g.groupby("step").agg(x=(col, "mean"), y=("gap", "mean"), sd=("gap", "std")).reset_index()
+                a = a[a["x"] > 0] if log else a
+                ax.plot(a["x"], a["y"], label=f"{m} ({lay})", **kw)
+                sd = a["sd"].fillna(0).to_numpy(float)
+                ax.fill_between(a["x"], a["y"] - sd, a["y"] + sd, color=kw["color"], alpha=0.15, lw=0)
+        for ax, (col, lab, log) in zip(axes, panels):
+            if log:
+                F._log_x(ax)
+            ax.axhline(0, color="0.3", lw=1, ls=":")
+            ax.set_xlabel(lab)
+            ax.set_ylabel("bound gap (nats/token)")
+            ax.set_ylim(bottom=min(0, float(v["gap"].min())) - 0.05, top=float(v["gap"].quantile(0.97)) * 1.1 + 0.1)
+        axes[-1].legend(fontsize=8)
+        return F.save_figure(fig, path)
+
+    return draw()
+
+
+def exact_steps_figure(study: Study, config: dict | None, path):
+    """Exact sample NLL and invalid fraction vs sampling steps, per layout, with the data's value."""
+    from analysis import figures as F
+
+    title = "Samples scored by the source vs sampling steps (synthetic corpus; bars: sd over seeds or 95% CI)"
+    frame = study.exact
+    if frame.empty or frame["nats_per_token"].notna().sum() == 0:
+        return F.placeholder(path, "Exact sample NLL vs sampling steps", "no synthetic study (exact.json)")
+
+    @F.styled
+    def draw():
+        agg = sort_rows(aggregate(frame, GROUP + ["steps"], ["nats_per_token", "invalid_fraction"],
+                                  keep=("stderr", "invalid_ci95_lo", "invalid_ci95_hi")), config)
+        layouts = F._layouts(agg)
+        colors = F.study_colors(study)
+        fig = F.Figure(figsize=(6.2 * len(layouts), 8.2), layout="constrained")
+        fig.suptitle(title, fontsize=12, fontweight="bold")
+        for j, layout in enumerate(layouts):
+            ax_n, ax_i = fig.add_subplot(2, len(layouts), j + 1), fig.add_subplot(2, len(layouts), len(layouts) + j + 1)
+            sub = agg[agg["layout"] == layout]
+            for (m, lay, size), g in sub.groupby(GROUP, sort=False):
+                g = g.sort_values("steps")
+                kw = dict(color=colors[str(m)], ls=F.LINESTYLE.get(lay, "-"), marker=F.MARKER.get(lay, "o"),
+                          capsize=3, label=str(m))
+                several = g["n_seeds"].max() > 1
+                err_n = g["nats_per_token_sd"] if several else 1.96 * g["stderr"]
+                ax_n.errorbar(g["steps"], g["nats_per_token"], yerr=err_n.fillna(0).to_numpy(float), **kw)
+                y = 100 * g["invalid_fraction"].to_numpy(float)
+                if several:
+                    err_i = 100 * g["invalid_fraction_sd"].fillna(0).to_numpy(float)
+                else:
+                    err_i = np.clip(np.vstack([y - 100 * g["invalid_ci95_lo"].to_numpy(float),
+                                               100 * g["invalid_ci95_hi"].to_numpy(float) - y]), 0, None)
+                ax_i.errorbar(g["steps"], y, yerr=np.nan_to_num(err_i), **kw)
+            ref = study.exact_data[study.exact_data["layout"] == layout] if len(study.exact_data) else study.exact_data
+            if len(ref):
+                ax_n.axhline(ref["nats_per_token"].mean(), color="0.3", ls=":", lw=1.5, label="data (held out)")
+            for ax in (ax_n, ax_i):
+                F._steps_axis(ax, sub["steps"])
+                ax.grid(True, alpha=0.3)
+            ax_n.set_title(f"{layout} layout", fontsize=10)
+            ax_n.set_ylabel("exact NLL of samples (nats/token)")
+            ax_i.set_ylabel("invalid samples (%)")
+            ax_i.set_xlabel("sampling steps")
+            ax_n.legend(fontsize=8)
+        return F.save_figure(fig, path)
+
+    return draw()
+
+
+def length_cdf_figure(study: Study, config: dict | None, path):
+    """Generated length CDF per method (pooled over seeds) against the source's exact length law."""
+    from analysis import figures as F
+
+    per = study.exact_samples
+    title = "Generated length CDF vs the exact length law (synthetic corpus, variable-length runs)"
+    if per.empty or "length" not in per.columns or per["length"].notna().sum() == 0 or not study.length_pmf:
+        return F.placeholder(path, "Generated length CDF", "no synthetic variable-length study (exact.json)")
+
+    @F.styled
+    def draw():
+        p = per.dropna(subset=["length"])
+        steps = sorted(p["steps"].dropna().unique())
+        shown = [steps[0], steps[-1]] if len(steps) > 1 else steps
+        colors = F.study_colors(study)
+        fig, axes = F._new(len(shown), title, sharey=True)
+        pmf = np.asarray(study.length_pmf, float)
+        law = np.cumsum(pmf)
+        for ax, k in zip(axes, shown):
+            ax.step(np.arange(law.size), law, where="post", color="0.1", lw=2.2, label="exact law")
+            for (m, lay, size), g in sort_rows(p[p["steps"] == k], config).groupby(GROUP, sort=False):
+                x = np.sort(g["length"].to_numpy(float))
+                ax.step(np.r_[0, x], np.r_[0, np.arange(1, x.size + 1) / x.size], where="post", color=colors[str(m)],
+                        lw=1.4, label=f"{m} (n={x.size})")
+            ax.set_title(f"{F.fmt(k, 'int')} sampling steps", fontsize=10)
+            ax.set_xlabel("length (symbols)")
+            ax.set_xlim(0, law.size)
+        axes[0].set_ylabel("cumulative fraction")
+        axes[-1].legend(fontsize=8, loc="lower right")
+        return F.save_figure(fig, path)
+
+    return draw()
+
+
+def synthetic_figures(study: Study, config: dict | None, out_dir) -> list:
+    from pathlib import Path
+
+    out = Path(out_dir)
+    return [gap_curve_figure(study, config, out / "bound_gap_curves.png"),
+            exact_steps_figure(study, config, out / "exact_steps.png"),
+            length_cdf_figure(study, config, out / "length_cdf.png")]
