@@ -32,3 +32,6 @@ rule all:
     input:
         report_outputs(),
         MLFLOW_MARKER,
+        # every result the report and MLflow summarise is a target too, so a deleted one is rebuilt
+        # (Snakemake does not re-create a missing input of a job whose outputs are up to date)
+        study_results(),

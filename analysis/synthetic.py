@@ -12,8 +12,8 @@ import pandas as pd
 
 from analysis import stats
 from analysis.tables import (DASH, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
-                             _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, fmt, missing, pm,
-                             reference_methods, sort_rows)
+                             _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, fmt,
+                             lowest_seed_samples, missing, pm, reference_methods, sort_rows)
 from harness.study import Study
 
 GAP_COLS = ["strict_nats_per_token", "paper_nats_per_token", "exact_nats_per_token", "strict_negative_rows",
@@ -73,9 +73,10 @@ def bound_gap_table(study: Study, config: dict | None) -> Table:
         "of gaps (= of bounds: same rows) from the reference row. " + MARK_NOTE])
 
 
-_SAMPLE_COLS = ["nats_per_token", "invalid_fraction", "unigram_entropy_mean", "len_tv", "len_ks", "len_mean", "n"]
+_SAMPLE_COLS = ["nats_per_token", "invalid_fraction", "unigram_entropy_mean", "len_tv", "len_ks", "len_mean", "n",
+                "doc_nats_per_token", "doc_invalid_fraction", "doc_n"]
 _SAMPLE_KEEP = ("stderr", "invalid_ci95_lo", "invalid_ci95_hi", "len_null_tv_q95", "len_null_ks_q95", "len_tv_p",
-                "len_ks_p")
+                "len_ks_p", "doc_stderr", "doc_invalid_ci95_lo", "doc_invalid_ci95_hi")
 
 
 def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[str, stats.Diff | None]:
@@ -89,15 +90,13 @@ def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[
     if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
         out["nll"] = stats.seed_difference(a["nats_per_token"], b["nats_per_token"])
         out["invalid"] = stats.seed_difference(a["invalid_fraction"], b["invalid_fraction"])
+        if key[1] == "fixed":   # windows: the documents they hold whole (see exact.complete_documents)
+            out["doc_nll"] = stats.seed_difference(a["doc_nats_per_token"], b["doc_nats_per_token"])
+            out["doc_invalid"] = stats.seed_difference(a["doc_invalid_fraction"], b["doc_invalid_fraction"])
         return out
-    per = study.exact_samples
-    if per.empty:
-        return out
-    sa, sb = (_runs_of(per, k) for k in (key, ref_key))
-    sa, sb = sa[sa["steps"] == steps], sb[sb["steps"] == steps]
+    sa, sb = lowest_seed_samples(study.exact_samples, key, ref_key, steps)
     if sa.empty or sb.empty:
         return out
-    sa, sb = sa[sa["seed"] == sa["seed"].min()], sb[sb["seed"] == sb["seed"].min()]
     va, vb = sa[sa["logp"].notna()], sb[sb["logp"].notna()]
     if len(va) >= 2 and len(vb) >= 2:
         out["nll"] = stats.bootstrap_difference(stats.log_token_ratio, np.c_[-va["logp"], va["n_tokens"]],
@@ -122,6 +121,8 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
     rows["nll_significant"] = [d["nll"].significant if d.get("nll") else None for d in diffs]
     rows["invalid_diff_vs_ref"] = [d["invalid"].estimate if d.get("invalid") else np.nan for d in diffs]
     rows["invalid_significant"] = [d["invalid"].significant if d.get("invalid") else None for d in diffs]
+    rows["doc_nll_significant"] = [d["doc_nll"].significant if d.get("doc_nll") else None for d in diffs]
+    rows["doc_invalid_significant"] = [d["doc_invalid"].significant if d.get("doc_invalid") else None for d in diffs]
 
     def mark(text, d):
         return f"{text} {MARK}" if d is not None and d.significant and text != DASH else text
@@ -130,14 +131,18 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
         err = r.get("nats_per_token_sd") if not missing(r.get("nats_per_token_sd")) else r.get("stderr")
         return pm(r["nats_per_token"], err)
 
-    def invalid_cell(r):
-        if missing(r["invalid_fraction"]):
+    def nll_doc_cell(r):
+        err = r.get("doc_nats_per_token_sd") if not missing(r.get("doc_nats_per_token_sd")) else r.get("doc_stderr")
+        return pm(r["doc_nats_per_token"], err)
+
+    def invalid_cell(r, p=""):
+        if missing(r[f"{p}invalid_fraction"]):
             return DASH
-        if not missing(r.get("invalid_fraction_sd")):
-            return f"{100 * r['invalid_fraction']:.1f}% ± {100 * r['invalid_fraction_sd']:.1f}"
-        ci = "" if missing(r.get("invalid_ci95_lo")) else \
-            f" [{100 * r['invalid_ci95_lo']:.1f}, {100 * r['invalid_ci95_hi']:.1f}]"
-        return f"{100 * r['invalid_fraction']:.1f}%{ci}"
+        if not missing(r.get(f"{p}invalid_fraction_sd")):
+            return f"{100 * r[f'{p}invalid_fraction']:.1f}% ± {100 * r[f'{p}invalid_fraction_sd']:.1f}"
+        ci = "" if missing(r.get(f"{p}invalid_ci95_lo")) else \
+            f" [{100 * r[f'{p}invalid_ci95_lo']:.1f}, {100 * r[f'{p}invalid_ci95_hi']:.1f}]"
+        return f"{100 * r[f'{p}invalid_fraction']:.1f}%{ci}"
 
     def length_cell(r, col, null):
         if missing(r[col]):
@@ -152,10 +157,14 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
                         "Mean length": _f(rows, "len_mean"),
                         "Length TV to the law": [length_cell(r, "len_tv", "len_null_tv_q95") for r in recs],
                         "Length KS": [length_cell(r, "len_ks", "len_null_ks_q95") for r in recs],
-                        "Samples": _f(rows, "n", "int")})
+                        "Samples": _f(rows, "n", "int"),
+                        "Whole docs in windows: exact NLL": [mark(nll_doc_cell(r), d.get("doc_nll"))
+                                                             for r, d in zip(recs, diffs)],
+                        "invalid": [mark(invalid_cell(r, "doc_"), d.get("doc_invalid")) for r, d in zip(recs, diffs)],
+                        "documents": _f(rows, "doc_n", "int")})
     cols = ["method", "layout", "size", "steps", "n_seeds"] + [x for c in _SAMPLE_COLS for x in (c, f"{c}_sd")]
     out = rows[cols + list(_SAMPLE_KEEP) + ["nll_diff_vs_ref", "nll_significant", "invalid_diff_vs_ref",
-                                            "invalid_significant"]]
+                                            "invalid_significant", "doc_nll_significant", "doc_invalid_significant"]]
     return Table("exact_samples", "Samples scored by the source's exact law, by sampling steps (synthetic corpus)",
                  out, disp, [
         "Exact NLL: -log p(sample) under the source, per predicted token (varlen: symbols + 1; fixed: L-1), "
@@ -165,6 +174,9 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
         "Length TV / KS: total variation and Kolmogorov-Smirnov distance between the generated lengths and the "
         "exact length law (varlen); null q95: the 95th percentile of the same distance for as many documents "
         "drawn from the source itself, so a value below it is indistinguishable from a perfect model.",
+        "Whole docs in windows (fixed layout): a window of L-1 tokens is invalid if any token is, so the "
+        "documents a window holds whole (between two EOS) are also scored by the document law; short documents "
+        "fit whole more often, so compare these between methods, not with the length law.",
         "± is the standard error over samples for one seed (sd over seeds with several). " + MARK_NOTE])
 
 
@@ -186,6 +198,13 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
     for k in ([steps[0], steps[-1]] if len(steps) > 1 else steps):
         at = model[model["steps"] == k].drop_duplicates(GROUP)
         m = t[GROUP].merge(at, on=GROUP, how="left")
+        for col in ("nats_per_token", "invalid_fraction", "nll_significant", "invalid_significant"):  # fixed: whole docs
+            src = {"nats_per_token": "doc_nats_per_token", "invalid_fraction": "doc_invalid_fraction"}.get(col, f"doc_{col}")
+            fixed = m["layout"] == "fixed"
+            m.loc[fixed, col] = m.loc[fixed, src]
+            if col == "nats_per_token":
+                m.loc[fixed, "nats_per_token_sd"] = m.loc[fixed, "doc_nats_per_token_sd"]
+                m.loc[fixed, "stderr"] = m.loc[fixed, "doc_stderr"]
         recs = m.to_dict("records")
         err = [r.get("nats_per_token_sd") if not missing(r.get("nats_per_token_sd")) else r.get("stderr") for r in recs]
         cols[f"Exact NLL @{fmt(k, 'int')}"] = [pm(r["nats_per_token"], e) + (f" {MARK}" if r["nll_significant"] is True
@@ -199,11 +218,12 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
         data[f"invalid_{int(k)}_significant"] = m["invalid_significant"].to_numpy()
     ref_data = samples[samples["method"] == "data"]
     note = "" if ref_data.empty else " Data: " + ", ".join(
-        f"{r['layout']} {fmt(r['nats_per_token'])} nats/token" for r in ref_data.to_dict("records")) + "."
+        f"{r['layout']} {fmt(r['doc_nats_per_token'] if r['layout'] == 'fixed' else r['nats_per_token'])} nats/token"
+        for r in ref_data.to_dict("records")) + "."
     return Table("summary", "Headline results (synthetic corpus: exact metrics)", data, _disp(t, cols), [
         "Bound gap: strict bound minus the exact NLL of the same test rows (bound_gap table). Exact NLL @N: "
         "samples at N sampling steps scored by the source (exact_samples table), to compare with the data's "
-        "exact NLL." + note, "Invalid: samples the source cannot emit. " + MARK_NOTE,
+        "exact NLL; fixed-layout rows score the documents their windows hold whole." + note, "Invalid: samples the source cannot emit. " + MARK_NOTE,
         "Reference (\"DID\") per layout: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(ref.items())) + "."])
 
 
@@ -262,6 +282,17 @@ def gap_curve_figure(study: Study, config: dict | None, path):
     return draw()
 
 
+def _whole_documents_for_fixed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fixed-layout rows with their whole-document numbers in the sample columns (a window is
+    invalid if any of its L-1 tokens is, so the documents it holds whole are what compares)."""
+    f = frame.copy()
+    fixed = f["layout"] == "fixed"
+    for col in ("nats_per_token", "stderr", "invalid_fraction", "invalid_ci95_lo", "invalid_ci95_hi"):
+        if f"doc_{col}" in f.columns:
+            f.loc[fixed, col] = f.loc[fixed, f"doc_{col}"]
+    return f
+
+
 def exact_steps_figure(study: Study, config: dict | None, path):
     """Exact sample NLL and invalid fraction vs sampling steps, per layout, with the data's value."""
     from analysis import figures as F
@@ -273,7 +304,8 @@ def exact_steps_figure(study: Study, config: dict | None, path):
 
     @F.styled
     def draw():
-        agg = sort_rows(aggregate(frame, GROUP + ["steps"], ["nats_per_token", "invalid_fraction"],
+        f = _whole_documents_for_fixed(frame)
+        agg = sort_rows(aggregate(f, GROUP + ["steps"], ["nats_per_token", "invalid_fraction"],
                                   keep=("stderr", "invalid_ci95_lo", "invalid_ci95_hi")), config)
         layouts = F._layouts(agg)
         colors = F.study_colors(study)
@@ -296,13 +328,15 @@ def exact_steps_figure(study: Study, config: dict | None, path):
                     err_i = np.clip(np.vstack([y - 100 * g["invalid_ci95_lo"].to_numpy(float),
                                                100 * g["invalid_ci95_hi"].to_numpy(float) - y]), 0, None)
                 ax_i.errorbar(g["steps"], y, yerr=np.nan_to_num(err_i), **kw)
-            ref = study.exact_data[study.exact_data["layout"] == layout] if len(study.exact_data) else study.exact_data
+            data = _whole_documents_for_fixed(study.exact_data) if len(study.exact_data) else study.exact_data
+            ref = data[data["layout"] == layout] if len(data) else data
             if len(ref):
                 ax_n.axhline(ref["nats_per_token"].mean(), color="0.3", ls=":", lw=1.5, label="data (held out)")
             for ax in (ax_n, ax_i):
                 F._steps_axis(ax, sub["steps"])
                 ax.grid(True, alpha=0.3)
-            ax_n.set_title(f"{layout} layout", fontsize=10)
+            ax_n.set_title(f"{layout} layout" + (": the documents windows hold whole" if layout == "fixed" else ""),
+                           fontsize=10)
             ax_n.set_ylabel("exact NLL of samples (nats/token)")
             ax_i.set_ylabel("invalid samples (%)")
             ax_i.set_xlabel("sampling steps")

@@ -298,6 +298,18 @@ def ppl_table(study: Study, config: dict | None) -> Table:
         "vs DID: the difference from the reference row with its 95% interval. " + MARK_NOTE])
 
 
+def lowest_seed_samples(per: pd.DataFrame, key: tuple, ref_key: tuple, steps) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-sample rows at `steps` of `key` and of the reference, each of its lowest seed
+    (the within-run bootstrap when a row has one seed); empty frames when either has none."""
+    if per.empty:
+        return per, per
+    sa, sb = (_runs_of(per, k) for k in (key, ref_key))
+    sa, sb = sa[sa["steps"] == steps], sb[sb["steps"] == steps]
+    if sa.empty or sb.empty:
+        return sa.iloc[0:0], sb.iloc[0:0]
+    return sa[sa["seed"] == sa["seed"].min()], sb[sb["seed"] == sb["seed"].min()]
+
+
 def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[str, stats.Diff | None]:
     """Gen PPL (as log, token-weighted) and mean entropy of `key` minus the reference's at `steps`,
     two-sample bootstrap over samples (one seed: the lowest common one), or Welch over seeds."""
@@ -310,14 +322,9 @@ def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[
         out["log_gen_ppl"] = stats.seed_difference(np.log(a["gen_ppl"]), np.log(b["gen_ppl"]))
         out["entropy_nats"] = stats.seed_difference(a["entropy_nats"], b["entropy_nats"])
         return out
-    per = study.genppl_samples
-    if per.empty:
-        return out
-    sa, sb = (_runs_of(per, k) for k in (key, ref_key))
-    sa, sb = sa[sa["steps"] == steps], sb[sb["steps"] == steps]
+    sa, sb = lowest_seed_samples(study.genppl_samples, key, ref_key, steps)
     if sa.empty or sb.empty:
         return out
-    sa, sb = sa[sa["seed"] == sa["seed"].min()], sb[sb["seed"] == sb["seed"].min()]
     out["log_gen_ppl"] = stats.bootstrap_difference(stats.log_token_ratio, sa[["nll", "n_targets"]].to_numpy(),
                                                     sb[["nll", "n_targets"]].to_numpy())
     ea, eb = sa["entropy_nats"].dropna().to_numpy()[:, None], sb["entropy_nats"].dropna().to_numpy()[:, None]

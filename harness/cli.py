@@ -63,8 +63,10 @@ def _cmd_report(args) -> int:
     import subprocess
 
     from harness.config import load_config
+    from harness.study import check_results
 
     load_config(args.config)   # a bad config is one line here, as for every other command
+    check_results(args.study_dir)   # a truncated or schema-less result file: one line naming it, no report
     cmd = [sys.executable, "-m", "analysis", str(args.study_dir), "--config", str(args.config)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                    "log": _cmd_log}[args.command]
         return handler(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from harness.errors import report_error
+
+        report_error(f"error: {err}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

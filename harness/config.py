@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -120,13 +121,32 @@ def is_synthetic_study(cfg: dict) -> bool:
 
 
 # --- the API ----------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path) -> dict:
-    """A YAML mapping from `path`; a missing file or a syntax error is a UserError."""
+    """A YAML mapping from `path`; a missing file, a syntax error or a duplicate key is a UserError."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise UserError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -139,8 +159,26 @@ def read_yaml(path) -> dict:
     return data
 
 
+def _non_finite(value, where: str = "") -> str | None:
+    """The dotted path of the first NaN/inf number in `value` (JSON schema bounds let NaN pass)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "config"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where and isinstance(k, str) else f"{where}[{k}]" if where else str(k))
+        if found:
+            return found
+    return None
+
+
 def check_config(cfg: dict) -> None:
     """Schema validation plus the checks a schema cannot express; raises a one-line UserError."""
+    bad = _non_finite(cfg)
+    if bad is not None:
+        value = cfg
+        for part in bad.replace("[", ".").replace("]", "").split("."):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        raise UserError(f"{bad}: {value} is not a finite number")
     err = _first_error(cfg)
     if err is not None:
         raise UserError(describe_error(err))

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import re
@@ -171,11 +172,27 @@ def shakespeare(line_sep: str = "\n", plays: list[str] | None = None) -> list[Do
         files = [f for f in files if f.stem in set(plays)]
     docs: list[Document] = []
     for f in files:
-        docs.extend(parse_play(f.read_text(encoding="utf-8"), f.stem, line_sep))
+        docs.extend(parse_play(_read_utf8(f), f.stem, line_sep))
     return docs
 
 
 # --- local files ------------------------------------------------------------------------------
+def _read_utf8(path) -> str:
+    """The text of a corpus file; a binary or non-UTF-8 file is one UserError naming the byte."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+                        "convert it to UTF-8 or leave it out") from None
+    if "\x00" in text:
+        raise UserError(f"{path}: a binary file (NUL byte at character {text.index(chr(0))}), not text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text() does
+
+
 @corpus("text-files")
 def text_files(paths, text_field: str = "text", group_by: str = "file") -> list[Document]:
     """Local files: `.txt` = one document per file, `.jsonl` = one document per line.
@@ -199,20 +216,19 @@ def text_files(paths, text_field: str = "text", group_by: str = "file") -> list[
     docs: list[Document] = []
     for f, name in zip(files, names):
         if f.endswith(".jsonl"):
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[text_field]
-                    except (ValueError, KeyError, TypeError):
-                        raise UserError(f"{f}:{i + 1}: not a JSON object with a {text_field!r} string") from None
-                    if not isinstance(text, str):
-                        raise UserError(f"{f}:{i + 1}: field {text_field!r} is not a string")
-                    doc_id = f"{name}/{i:07d}"
-                    docs.append(Document(doc_id, doc_id if group_by == "document" else name, text))
+            for i, line in enumerate(io.StringIO(_read_utf8(f))):  # lines as open() splits them
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"{f}:{i + 1}: not a JSON object with a {text_field!r} string") from None
+                if not isinstance(text, str):
+                    raise UserError(f"{f}:{i + 1}: field {text_field!r} is not a string")
+                doc_id = f"{name}/{i:07d}"
+                docs.append(Document(doc_id, doc_id if group_by == "document" else name, text))
         elif f.endswith(".txt"):
-            docs.append(Document(name, name, Path(f).read_text(encoding="utf-8")))
+            docs.append(Document(name, name, _read_utf8(f)))
         else:
             raise UserError(f"text-files: {f} is neither .txt nor .jsonl")
     return docs

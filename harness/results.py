@@ -171,10 +171,31 @@ def write_result(path: str | os.PathLike, kind: str, header: dict, settings: dic
     if missing:
         raise ValueError(f"result header lacks {', '.join(missing)} (build it with harness.results.provenance)")
     obj = {"schema": SCHEMA, "kind": kind, **{k: header[k] for k in HEADER_KEYS}}
-    obj["settings"] = settings
+    obj["settings"] = portable_paths(settings)
     obj["values"] = values
     obj = _finite(obj)
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    return obj
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable_paths(obj: Any) -> Any:
+    """A copy of `obj` whose absolute paths are relative: to the repository when they lie in it,
+    else to the working directory when they lie below it (so committed results carry no machine
+    paths); an absolute path elsewhere is kept, since nothing relative would name it."""
+    if isinstance(obj, dict):
+        return {k: portable_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v) for v in obj]
+    if isinstance(obj, Path):
+        obj = str(obj)
+    if isinstance(obj, str) and os.path.isabs(obj) and "\n" not in obj:
+        path = os.path.normpath(obj)
+        for root in (str(REPO_ROOT), os.getcwd()):
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                return os.path.relpath(path, root)
     return obj
 
 
@@ -183,21 +204,94 @@ def header_of(result: dict) -> dict:
     return {k: result[k] for k in HEADER_KEYS}
 
 
+#: (key, allowed types, in words) of every result key with a fixed type (schema didbench.result/1)
+_RESULT_TYPES = (
+    ("kind", (str,), "a string"), ("study", (str, type(None)), "a string"), ("run", (str, type(None)), "a string"),
+    ("seed", (int, type(None)), "an integer"), ("config_hash", (str,), "a string"), ("git_commit", (str,), "a string"),
+    ("versions", (dict,), "a mapping"), ("created", (str,), "a string"), ("settings", (dict,), "a mapping"),
+    ("values", (dict,), "a mapping"),
+)
+
+
+def _parse_json(path: Path, what: str):
+    """The JSON value in `path`; unreadable, not UTF-8 or not JSON: one UserError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not a valid {what}: not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not a valid {what}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from `path` (e.g. train.json); missing, truncated or not an object: one UserError."""
+    path = Path(path)
+    obj = _parse_json(path, what)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a valid {what}: a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """The rows of a training history.csv (harness.train writes it whole, with a final newline).
+
+    A file cut mid-row (no final newline, or a row with fewer fields than the header), a binary
+    or non-UTF-8 file, or a non-numeric step is one UserError naming the file and line, instead
+    of a curve that silently loses points.
+    """
+    import csv
+    import io
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not a training history: not UTF-8 text (byte {err.start})") from None
+    if "\x00" in text:
+        raise UserError(f"{path} is not a training history: a binary file")
+    if text and not text.endswith("\n"):
+        raise UserError(f"{path} is truncated (its last line is cut off): rerun the training job to rewrite it")
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return []
+    header = rows[0]
+    if "step" not in header:
+        raise UserError(f"{path} is not a training history: no 'step' column in its header")
+    out = []
+    for i, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{path}:{i}: {len(row)} fields, the header has {len(header)} (truncated or corrupted)")
+        rec = dict(zip(header, row))
+        try:
+            float(rec["step"])
+        except ValueError:
+            raise UserError(f"{path}:{i}: step {rec['step']!r} is not a number") from None
+        out.append(rec)
+    return out
+
+
 def read_result(path: str | os.PathLike, kind: str | None = None) -> dict:
     """Load and validate a result file (schema tag, required keys, optionally its kind)."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    obj = _parse_json(path, "didbench result")
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
         found = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path} is not a didbench result (schema {found!r}, expected {SCHEMA!r})")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise UserError(f"{path} lacks the result key(s) {', '.join(missing)}")
+    wrong = [f"{k} is {type(obj[k]).__name__}, not {what}" for k, types, what in _RESULT_TYPES
+             if not isinstance(obj[k], types) or isinstance(obj[k], bool) and bool not in types]
+    if wrong:
+        raise UserError(f"{path} is not a valid result: {'; '.join(wrong)}")
     if kind is not None and obj["kind"] != kind:
         raise UserError(f"{path} holds a {obj['kind']!r} result, expected {kind!r}")
     return obj
@@ -205,5 +299,5 @@ def read_result(path: str | os.PathLike, kind: str | None = None) -> dict:
 
 __all__ = [
     "SCHEMA", "provenance", "config_hash", "git_commit", "versions", "device_name", "write_result", "read_result",
-    "header_of", "atomic_write_bytes", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
+    "header_of", "read_json_object", "read_history", "atomic_write_bytes", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
 ]

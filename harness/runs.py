@@ -1,7 +1,6 @@
 """Load a trained run (method with EMA weights, config, tokenizer) for evaluation."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -9,7 +8,8 @@ import torch
 
 from harness import data as data_lib
 from harness.methods import Method, UserError
-from harness.train import build_method, load_checkpoint
+from harness.results import read_json_object
+from harness.train import build_method, expected_recipe, load_checkpoint
 
 
 @dataclass
@@ -22,19 +22,29 @@ class LoadedRun:
     run_dir: str
 
 
-def load_run(run_dir: str, data_dir: str | None = None, device: str | torch.device = "cpu", ema: bool = True) -> LoadedRun:
-    """The method of `run_dir/checkpoint.pt` in eval mode (EMA weights unless ema=False)."""
+def load_run(run_dir: str, data_dir: str | None = None, device: str | torch.device = "cpu", ema: bool = True,
+             study_config: dict | None = None) -> LoadedRun:
+    """The method of `run_dir/checkpoint.pt` in eval mode (EMA weights unless ema=False).
+
+    `study_config`: the config the results will be labelled with; the checkpoint's training recipe
+    must be the one this config gives its run (a checkpoint of another recipe copied into the run
+    directory would otherwise be evaluated under the study's name and config hash).
+    """
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         raise UserError(f"no trained model in {run_dir} (missing checkpoint.pt): train it first")
     state = load_checkpoint(path)
     info, config = state["info"], state["config"]
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint {path} is malformed: its config is a {type(config).__name__}, not a mapping")
     if data_dir is None:
         data_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(run_dir))), "data")
     tokenizer = data_lib.load_tokenizer(data_dir)
     if tokenizer.vocab.to_dict() != info["vocab"]:
         raise UserError(f"checkpoint {path} was trained with a different vocabulary than the data in {data_dir}")
     manifest = data_lib.load_manifest(data_dir)
+    if study_config is not None:
+        check_recipe(path, info, study_config, manifest, tokenizer.vocab)
     method = build_method(config, info["method"], info["layout"], manifest, tokenizer.vocab)
     try:
         method.load_state_dict(state["ema" if ema else "model"])
@@ -43,6 +53,23 @@ def load_run(run_dir: str, data_dir: str | None = None, device: str | torch.devi
     method.to(device).eval()
     train_json = os.path.join(run_dir, "train.json")
     if os.path.exists(train_json):
-        with open(train_json) as fh:
-            info = {**info, **json.load(fh)}
+        summary = read_json_object(train_json, "training summary")
+        if info.get("recipe") and summary.get("recipe") not in (None, info["recipe"]):
+            raise UserError(f"{train_json} (recipe {summary['recipe']}) does not belong to checkpoint {path} "
+                            f"(recipe {info['recipe']}): retrain the run")
+        info = {**info, **summary}
     return LoadedRun(method, config, info, data_dir, tokenizer, run_dir)
+
+
+def check_recipe(path: str, info: dict, study_config: dict, manifest: dict, vocab) -> None:
+    """One-line UserError unless the checkpoint's recipe hash is the one `study_config` gives its run."""
+    if info.get("size") != study_config.get("size"):
+        raise UserError(f"checkpoint {path} is a {info.get('size')!r} model, the study's size is "
+                        f"{study_config.get('size')!r}: retrain the run")
+    if not info.get("recipe"):
+        return   # a checkpoint from before recipes were recorded: nothing to compare
+    expected = expected_recipe(study_config, info["method"], info["layout"], int(info["seed"]), manifest, vocab)
+    if info["recipe"] != expected:
+        raise UserError(f"checkpoint {path} was trained with another recipe ({info['recipe']}) than this study's "
+                        f"{info['run']} ({expected}): the config or data changed, or the file was copied from "
+                        "elsewhere; retrain the run")

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import UserError
+from harness.results import read_history as read_history_rows
+
 #: identity columns every per-run frame starts with
 ID = ["run", "method", "layout", "size", "seed"]
 #: group key for aggregation over seeds
@@ -323,9 +326,13 @@ def _exact_row(base: dict, entry: dict) -> dict:
     lo, hi = (entry.get("invalid_ci95") or [math.nan, math.nan])[:2]
     lengths = entry.get("lengths") if isinstance(entry.get("lengths"), dict) else {}
     null = lengths.get("null") if isinstance(lengths.get("null"), dict) else {}
+    docs = entry.get("documents") if isinstance(entry.get("documents"), dict) else {}   # fixed layout
+    dlo, dhi = (docs.get("invalid_ci95") or [math.nan, math.nan])[:2]
     return {**base, **{k: num(entry.get(k)) for k in _EXACT_KEYS}, "invalid_ci95_lo": num(lo),
             "invalid_ci95_hi": num(hi), **{f"len_{k}": num(lengths.get(k)) for k in ("mean", "tv", "ks", "tv_p", "ks_p")},
-            **{f"len_null_{k}": num(null.get(k)) for k in ("tv_mean", "tv_q95", "ks_mean", "ks_q95")}}
+            **{f"len_null_{k}": num(null.get(k)) for k in ("tv_mean", "tv_q95", "ks_mean", "ks_q95")},
+            **{f"doc_{k}": num(docs.get(k)) for k in ("n", "nats_per_token", "stderr", "invalid_fraction")},
+            "doc_invalid_ci95_lo": num(dlo), "doc_invalid_ci95_hi": num(dhi)}
 
 
 def _load_exact(ident, values, out):
@@ -387,9 +394,16 @@ def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
 
 
 def read_history(path: Path, problems: list[str]) -> pd.DataFrame | None:
-    """history.csv as a DataFrame with numeric columns, or None if absent/unreadable."""
+    """history.csv as a DataFrame with numeric columns, or None if absent/unreadable; a file cut
+    mid-row keeps its complete rows and is noted (harness.results.read_history says how)."""
     if not path.is_file():
         return None
+    try:
+        read_history_rows(path)
+    except UserError as exc:
+        problems.append(str(exc))
+        if "not UTF-8" in str(exc) or "binary" in str(exc):
+            return None
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError) as exc:
@@ -438,6 +452,30 @@ def _corpus_name(study_dir: Path, config: dict | None, problems: list[str]) -> s
         if corpus:
             return str(corpus)
     return None
+
+
+def check_results(study_dir) -> int:
+    """Read every file the report and MLflow summarise with the strict readers (train.json,
+    history.csv, eval/<kind>.json against the result schema and its kind, cost/<layout>.json);
+    the first bad one is a UserError naming it. Returns how many files were checked."""
+    from harness.results import read_json_object, read_result
+
+    n = 0
+    for run_dir in run_dirs(study_dir):
+        if (run_dir / "train.json").is_file():
+            read_json_object(run_dir / "train.json", "training summary")
+            n += 1
+        if (run_dir / "history.csv").is_file():
+            read_history_rows(run_dir / "history.csv")
+            n += 1
+        for kind in ALL_EVAL_FILES:
+            if (run_dir / "eval" / f"{kind}.json").is_file():
+                read_result(run_dir / "eval" / f"{kind}.json", kind)
+                n += 1
+    for path in cost_files(study_dir):
+        read_result(path, "cost")
+        n += 1
+    return n
 
 
 def run_dirs(study_dir: Path) -> list[Path]:

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from harness.errors import UserError
+from harness.results import read_history, read_json_object, read_result
 from harness.study import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name,
-                              read_json, run_dirs)
+                           run_dirs)
 
 #: bump when what a run records changes, so existing runs are logged again
 TRACKING_FORMAT = "1"
@@ -272,23 +274,21 @@ def history_metrics(path: Path, t0_ms: int) -> list:
     m: list = []
     if not path.is_file():
         return m
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = num(row.get("step"))
-            if not math.isfinite(step):
-                continue
-            wall = num(row.get("wall_time"))
-            ts = t0_ms + int(1000 * wall) if math.isfinite(wall) else t0_ms
-            for col, value in row.items():
-                if col not in ("step", "wall_time") and col:
-                    _add(m, f"train/{col}", value, step=int(step), ts=ts)
+    for row in read_history(path):             # a cut or binary file is one UserError, not lost points
+        step = num(row.get("step"))
+        if not math.isfinite(step):
+            continue
+        wall = num(row.get("wall_time"))
+        ts = t0_ms + int(1000 * wall) if math.isfinite(wall) else t0_ms
+        for col, value in row.items():
+            if col not in ("step", "wall_time") and col:
+                _add(m, f"train/{col}", value, step=int(step), ts=ts)
     return m
 
 
 def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None, t0_ms: int) -> Payload:
     """What the MLflow run of one trained model records."""
-    problems: list[str] = []
-    train = read_json(run_dir / "train.json", problems) or {}
+    train = read_json_object(run_dir / "train.json", "training summary") if (run_dir / "train.json").is_file() else {}
     cfg_path = run_dir / "config.yaml"
     try:
         run_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else config
@@ -301,7 +301,8 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     files: list[tuple[Path, str | None]] = [(run_dir / f, None) for f in ("train.json", "history.csv", "config.yaml")]
     eval_dir = run_dir / "eval"
     for kind in ALL_EVAL_FILES:
-        result = read_json(eval_dir / f"{kind}.json", problems)
+        path = eval_dir / f"{kind}.json"
+        result = read_result(path, kind) if path.is_file() else None   # a bad file stops the logger
         if result is not None:
             values = result.get("values") if isinstance(result.get("values"), dict) else {}
             p.metrics += eval_metrics(kind, values)
@@ -311,7 +312,7 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
         files += [(f, "eval") for f in sorted(eval_dir.iterdir()) if f.suffix in (".json", ".jsonl") and f.is_file()]
     if ident.get("layout") and ident.get("method"):     # the study's cost job of this run's layout
         cost = cost_file(study_dir, ident["layout"])
-        result = read_json(cost, problems)
+        result = read_result(cost, "cost") if cost.is_file() else None
         if result is not None:
             values = result.get("values") if isinstance(result.get("values"), dict) else {}
             p.metrics += cost_metrics(values, ident["method"])
@@ -431,23 +432,126 @@ def log_study(study_dir, config: dict | None) -> dict:
 
 
 def _log_study(study_dir: Path, config: dict | None) -> dict:
-    from mlflow.tracking import MlflowClient
-
     study = str((config or {}).get("study") or study_dir.name)
     uri = tracking_uri(study_dir)
+    t0 = int(time.time() * 1000)
+    dirs = run_dirs(study_dir)
+    # every payload is read (strictly) before MLflow is touched: a bad result file stops here with
+    # one line naming it, and never replaces a good run by one without its metrics
+    payloads = [run_payload(run_dir, study_dir, study, config, t0) for run_dir in dirs]
+    payloads.append(study_payload(study_dir, study, config, len(dirs)))
+    if _is_server(uri):
+        for var, value in HTTP_DEFAULTS.items():   # bounded waits: never hang on a silent server
+            os.environ.setdefault(var, value)
+    else:
+        ensure_store(uri)
+    try:
+        return _write(uri, study_dir, study, payloads, dirs)
+    except Exception as err:
+        if not _is_tracking_error(err):
+            raise
+        raise UserError(f"MLflow at {uri} failed: {_first_line(err)}") from None
+
+
+#: MLflow's HTTP client settings unless the environment sets them: 20 s per request, 2 retries,
+#: 1 s backoff factor (about a minute at most before a silent or unreachable server is an error)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
+
+
+def _is_tracking_error(err: BaseException) -> bool:
+    """An error of the tracking store or the connection to it (not a bug of this module)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    mods = {c.__module__.split(".")[0] for c in type(err).__mro__}
+    return bool(names & {"MlflowException", "RequestException", "ConnectionError", "TimeoutError", "OSError"}
+                or mods & {"requests", "urllib3", "sqlalchemy", "sqlite3", "alembic"})
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _write(uri: str, study_dir: Path, study: str, payloads: list[Payload], dirs: list[Path]) -> dict:
+    from mlflow.tracking import MlflowClient
+
     artifacts = None if _is_server(uri) else (study_dir / "mlartifacts").resolve().as_uri()
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, study, artifacts)
     existing = _runs_by_key(client, exp_id)
     summary = {"experiment": study, "experiment_id": exp_id, "tracking_uri": uri, "logged": [], "skipped": [],
                "replaced": []}
-    t0 = int(time.time() * 1000)
-    dirs = run_dirs(study_dir)
-    for run_dir in dirs:
-        p = run_payload(run_dir, study_dir, study, config, t0)
+    for p in payloads:
         _sync(client, exp_id, p, existing.get(p.key, []), summary)
-    p = study_payload(study_dir, study, config, len(dirs))
-    _sync(client, exp_id, p, existing.get(p.key, []), summary)
     keys = {f"{study}/{d.name}" for d in dirs}
     summary["runs"] = sum(1 for k, rs in _runs_by_key(client, exp_id).items() if k in keys for _ in rs)
     return summary
+
+
+# --- the SQLite store: built whole, once ------------------------------------------------------------
+def _sqlite_path(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
+
+
+def _store_complete(path: Path, head: str) -> bool:
+    """True if the SQLite file holds a fully migrated MLflow schema (alembic at the head revision)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return [r[0] for r in rows] == [head]
+
+
+def ensure_store(uri: str) -> None:
+    """Create a fresh SQLite store atomically, under a lock shared by every logger of that file.
+
+    MLflow migrates a new SQLite file in dozens of steps; a process killed (or a disk filling up)
+    in between leaves a half-built store on which every later run fails, and loggers of several
+    studies creating one shared store at once race in alembic. Here the store is built under a
+    temporary name and renamed into place, with `<db>.lock` held, so others wait for it. A store
+    found half-built (not at MLflow's head revision) is moved aside to `<db>.broken-<time>` and
+    built afresh: the JSON results are the source of truth, and the next `log` re-logs them.
+    """
+    import fcntl
+
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    head = _get_latest_schema_revision()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if path.exists() and _store_complete(path, head):
+            return
+        if path.exists():
+            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            os.replace(path, aside)
+            import sys
+
+            print(f"mlflow: {path} was half-built (not at schema {head}); moved aside to {aside.name} "
+                  "and building a new store (every run is logged again from the JSON results)", file=sys.stderr)
+        for old in path.parent.glob(f".{path.name}.*.tmp"):   # left by a killed creation
+            old.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").resolve().as_uri())
+            store.engine.dispose()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

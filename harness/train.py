@@ -24,6 +24,7 @@ import csv
 import io
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -225,13 +226,46 @@ class _SignalFlag:
 # ------------------------------------------------------------------------------------ the loop
 
 
-def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, dropout: float | None = None):
-    """Instantiate the registered method for this run from the study config."""
-    max_len = int(config["data"]["seq_len"] if layout == "fixed" else config["data"]["max_len"])
+def _method_options(config: dict, method: str, dropout: float | None) -> dict:
     options = dict((config.get("methods") or {}).get(method, {}) or {})
     if dropout is not None:
         options.setdefault("dropout", dropout)
-    return methods.build(method, vocab, config.get("size", "tiny"), layout, max_len, **options)
+    return options
+
+
+def _max_len(config: dict, layout: str) -> int:
+    return int(config["data"]["seq_len"] if layout == "fixed" else config["data"]["max_len"])
+
+
+def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, dropout: float | None = None):
+    """Instantiate the registered method for this run from the study config."""
+    options = _method_options(config, method, dropout)
+    return methods.build(method, vocab, config.get("size", "tiny"), layout, _max_len(config, layout), **options)
+
+
+def _settings(config: dict, method_name: str, steps: int | None) -> TrainSettings:
+    """The run's TrainSettings with `steps` = train.steps x step_multiplier unless given."""
+    settings = TrainSettings.from_config(config.get("train", {}))
+    multiplier = (config.get("train", {}).get("step_multiplier") or {}).get(method_name, 1)
+    settings.steps = int(steps if steps is not None else max(1, round(settings.steps * multiplier)))
+    return settings
+
+
+def expected_recipe(config: dict, method_name: str, layout: str, seed: int, manifest: dict, vocab) -> str:
+    """The recipe hash `train` records for this run of `config` on this data (see recipe_hash)."""
+    settings = _settings(config, method_name, None)
+    return recipe_hash(settings, seed, {"options": _method_options(config, method_name, settings.dropout),
+                                        "data_hash": manifest.get("config_hash"), "vocab": vocab.to_dict(),
+                                        "max_len": _max_len(config, layout)})
+
+
+def check_data_fits(config: dict, layout: str, manifest: dict, data_dir) -> None:
+    """One-line UserError when the prepared data was cut at another length than the config says."""
+    key = "seq_len" if layout == "fixed" else "max_len"
+    want, have = config["data"].get(key), manifest.get(key)
+    if have is not None and want is not None and int(have) != int(want):
+        raise UserError(f"data.{key} is {want} in the config but the data in {data_dir} was prepared with "
+                        f"{key}={have}: prepare it again (or fix the config)")
 
 
 def train(
@@ -253,14 +287,13 @@ def train(
     from harness.config import config_hash, run_name
     from harness.results import provenance
 
-    settings = TrainSettings.from_config(config.get("train", {}))
-    multiplier = (config.get("train", {}).get("step_multiplier") or {}).get(method_name, 1)
-    total_steps = int(steps if steps is not None else round(settings.steps * multiplier))
-    settings.steps = total_steps
+    settings = _settings(config, method_name, steps)
+    total_steps = settings.steps
     ctx = _Distributed()
     device = ctx.device
 
     manifest = data_lib.load_manifest(data_dir)
+    check_data_fits(config, layout, manifest, data_dir)
     tokenizer = data_lib.load_tokenizer(data_dir)
     train_data = data_lib.load_split(data_dir, "train", layout)
     if len(train_data) < settings.batch_size:
@@ -624,14 +657,37 @@ def check_matches(got: dict, expect: dict, path: str) -> None:
             )
 
 
+#: what each kind of checkpoint must hold (harness.train writes both; anything else is refused)
+CHECKPOINT_KEYS = {
+    "didbench.state/1": ("info", "step", "model", "optimizer", "ema", "history", "wall_time"),
+    "didbench.checkpoint/1": ("info", "model", "ema", "config"),
+}
+
+
 def load_checkpoint(path: str, expect: dict | None = None) -> dict:
     """Load a state or final checkpoint, with one-line errors for corrupt or mismatched files."""
+    import pickle
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers/numbers/strings only (all a didbench state
+        # holds), so a crafted file cannot run code while it is loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if re.search(r"GLOBAL |Unsupported global|Unsupported class", str(err)):  # code, not damage
+            raise UserError(f"checkpoint {path} holds objects other than tensors and plain data; refused "
+                            "(loading it could run code): delete it or retrain") from None
+        raise UserError(f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}); delete it to start over") from None
     except Exception as err:  # truncated / not a torch file
         raise UserError(f"checkpoint {path} is corrupted or unreadable ({type(err).__name__}); delete it to start over") from None
-    if not isinstance(state, dict) or "info" not in state or "model" not in state:
+    required = CHECKPOINT_KEYS.get(state.get("kind") if isinstance(state, dict) else None)
+    if required is None or not isinstance(state.get("info"), dict):
         raise UserError(f"{path} is not a didbench checkpoint")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is malformed: it lacks {', '.join(missing)}; delete it or retrain")
+    missing = [k for k in ("run", "method", "layout", "size", "vocab", "max_len") if k not in state["info"]]
+    if missing:
+        raise UserError(f"checkpoint {path} is malformed: its info lacks {', '.join(missing)}; delete it or retrain")
     if expect is not None:
         check_matches(state["info"], expect, path)
     return state

@@ -37,8 +37,11 @@ def test_scored_samples_flag_impossible_ones():
     assert row["invalid"] == 2 and row["invalid_fraction"] == 0.5 and row["logp"][1] is None
     assert row["nats_per_token"] == pytest.approx(-(s["logp"][0] + s["logp"][3]) / 6)
     # fixed windows: EOS is the stream separator, scored from the stationary distribution
-    fixed = exact.score_samples(SRC, [{"token_ids": [A, VOCAB.eos, OPEN, CLOSE]}], VOCAB, "fixed", SRC.stationary())
-    assert np.isfinite(fixed["logp"][0]) and fixed["tokens"][0] == 4 and fixed["lengths"] is None
+    rows = [{"token_ids": [A, VOCAB.eos, OPEN, CLOSE]}, {"token_ids": [A, VOCAB.eos, OPEN]}]   # DID-fixed may stop short
+    fixed = exact.score_samples(SRC, rows, VOCAB, "fixed", SRC.stationary())
+    assert np.isfinite(fixed["logp"]).all() and list(fixed["tokens"]) == [4, 3] and fixed["lengths"] is None
+    one = exact.score_samples(SRC, rows[1:], VOCAB, "fixed", SRC.stationary())
+    assert one["logp"][0] == pytest.approx(fixed["logp"][1])
 
 
 def test_bound_gap_is_bound_minus_exact_nll_per_token():
@@ -121,3 +124,17 @@ def test_synthetic_tables_test_against_the_reference(tmp_path):
     assert "exact metrics" in summary.title
     line = analysis.significance_line(summary)
     assert "ar (varlen): higher likelihood bound" in line and "invalid fraction @8" in line
+
+
+def test_fixed_windows_also_score_the_documents_they_hold_whole():
+    e = SRC.eos
+    docs = exact.complete_documents(SRC, [np.array([A, e, OPEN, CLOSE, e, A, A, e, OPEN, e, OPEN])])
+    # [OPEN, CLOSE] and [A, A] are whole (between two EOS) and valid; [OPEN] is whole and invalid;
+    # the pieces before the first and after the last EOS are cut by the window
+    assert docs["logp"][0] == pytest.approx(SRC.log_prob([OPEN, CLOSE]))
+    assert docs["logp"][1] == pytest.approx(SRC.log_prob([A, A])) and docs["logp"][2] == -math.inf
+    assert list(docs["tokens"]) == [3, 3, 2]
+    row = exact.summarise({"logp": np.array([-3.0]), "tokens": np.array([11]), "lengths": None,
+                           "entropy": np.array([1.0]), "documents": docs}, None, seed=0)
+    assert row["documents"]["n"] == 3 and row["documents"]["invalid"] == 1
+    assert row["documents"]["nats_per_token"] == pytest.approx(-(docs["logp"][0] + docs["logp"][1]) / 6)

@@ -762,3 +762,506 @@ def test_workflow_survives_a_killed_training_job(tmp_path):
     for r in study_runs(cfg):
         rel = Path("results") / cfg["study"] / "runs" / r["name"]
         assert_same_weights(faulty / rel, clean / rel)
+
+
+# ============================================================================ 5. hardening (issue 13)
+# Each case below failed on the code before issue 13 and passes now; the comment names the item.
+
+
+class _RunsCode:
+    """A pickle payload that runs a shell command when unpickled (what a crafted checkpoint holds)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "state"])
+def test_crafted_checkpoint_never_runs_code(which, train_cfg, toy_data, reference, tmp_path):
+    """(1) A checkpoint.pt (evaluate) or resume/state.pt (train) whose pickle would run code: it is
+    refused with one line, and the code never runs (no marker file)."""
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    good = load_checkpoint(str(run / ("checkpoint.pt" if which == "checkpoint" else STATE_FILE)))
+    torch.save({**good, "config" if which == "checkpoint" else "history": _RunsCode(marker)},
+               run / ("checkpoint.pt" if which == "checkpoint" else STATE_FILE))
+    if which == "checkpoint":
+        proc = cli("evaluate", "ppl", "--config", train_cfg, "--run", run, "--data", toy_data,
+                   "--out", run / "eval" / "ppl.json")
+        assert not (run / "eval" / "ppl.json").exists()
+    else:
+        (run / "checkpoint.pt").unlink()
+        proc = cli(*train_args(train_cfg, toy_data, run))
+        assert not (run / "checkpoint.pt").exists()
+    one_error_line(proc, "holds objects other than tensors and plain data; refused")
+    assert not marker.exists(), "the checkpoint's pickle ran code"
+
+
+def test_every_path_in_a_rule_is_shell_quoted(tmp_path):
+    """(2) DIDBENCH_EVALUATORS = '<dir with a space>/$(touch MARK) --bogus': the jobs that get it
+    pass it as one argument and run no command from it; every interpolated value of every rule's
+    shell command is quoted (`:q`)."""
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for cmd in re.findall(r'shell:\s*\n((?:\s*"[^\n]*"\n)+)', smk.read_text()):
+            for field in re.findall(r"\{([^{}]+)\}", cmd):
+                assert field.endswith(":q") or field in ("threads", "params.launcher"), (smk.name, field)
+    marker = tmp_path / "MARK"
+    hostile = f"{tmp_path}/ev dir/$(touch {marker}) --bogus"
+    work = tmp_path / "w"
+    env = _env(DIDBENCH_EVALUATORS=hostile)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--directory", str(work),
+                          "--configfile", "tests/configs/micro.yaml"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    commands = [c for c in re.findall(r"^Shell command: (.*)$", dry.stdout, flags=re.M) if "evaluator" in c]
+    assert len(commands) >= 2, dry.stdout[-3000:]   # the evaluator cache and every genppl job
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                 f"open({str(tmp_path / 'argv.jsonl')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (fake / "python").chmod(0o755)
+    for cmd in commands:
+        log = re.search(r"> (\S+) 2>&1$", cmd).group(1)
+        (work / Path(shlex_split_one(log))).parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["bash", "-c", f"set -euo pipefail; export PATH={fake}:$PATH; {cmd}"], cwd=work,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert not marker.exists(), "a path from the environment ran a command"
+    argvs = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
+    for argv in argvs:
+        assert "--bogus" not in argv, argv
+        flag = "--evaluator-dir" if "--evaluator-dir" in argv else "--out"
+        assert argv[argv.index(flag) + 1].startswith(f"{tmp_path}/ev dir/$(touch "), argv
+
+
+def shlex_split_one(word: str) -> str:
+    import shlex
+
+    (value,) = shlex.split(word)
+    return value
+
+
+@pytest.fixture
+def logged_study(fake_study):
+    """The fake study logged once to its fresh SQLite store: (study_dir, config, uri, run ids by name)."""
+    from harness import tracking
+
+    study_dir, config, uri = fake_study
+    tracking.log_study(study_dir, config)
+    return study_dir, config, uri, {n: rs[0].info.run_id for n, rs in _active_runs(uri, config["study"]).items()}
+
+
+@pytest.mark.parametrize("content", ["truncated", "{}", "not-an-object", "values-a-list"])
+def test_bad_result_file_fails_log_and_report_and_keeps_the_good_run(content, logged_study, train_cfg):
+    """(3) A truncated or schema-less result in a logged study: `log` and `report` fail with one
+    line naming the file, and the good MLflow run is not replaced."""
+    from harness import tracking
+    from harness.methods import UserError
+
+    study_dir, config, uri, ids = logged_study
+    name = "did-varlen-tiny-s0"
+    target = study_dir / "runs" / name / "eval" / "ppl.json"
+    text = target.read_text()
+    target.write_text({"truncated": text[: len(text) // 2], "{}": "{}", "not-an-object": "[1, 2]",
+                       "values-a-list": json.dumps({**json.loads(text), "values": [1]})}[content])
+    with pytest.raises(UserError, match=re.escape(str(target))):
+        tracking.log_study(study_dir, config)
+    after = _active_runs(uri, config["study"])
+    assert {n: rs[0].info.run_id for n, rs in after.items()} == ids          # nothing replaced
+    assert "nats_per_token" in after[name][0].data.metrics
+    proc = cli("report", "--config", train_cfg, "--study-dir", study_dir)
+    one_error_line(proc, str(target))
+
+
+def _dag_skeleton(work: Path) -> None:
+    """Every output of the micro study's DAG as an empty file (in DAG order, older to newer), so
+    Snakemake sees a finished study without running anything."""
+    env = _env(DIDBENCH_EVALUATORS=str(work / "ev"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--directory", str(work),
+                          "--configfile", "tests/configs/micro.yaml"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    order = ["prepare_data", "evaluator_cache", "train", "eval_ppl", "eval_samples", "eval_genppl", "eval_mauve",
+             "eval_diversity", "eval_lengths", "eval_exact", "cost", "report", "mlflow_log"]
+    blocks: dict[str, list[str]] = {}
+    for chunk in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", dry.stdout):
+        m = re.search(r"^(?:local)?rule (\w+):", chunk, flags=re.M)
+        out = re.search(r"^\s+output: (.*)$", chunk, flags=re.M)
+        if m and out:
+            blocks.setdefault(m.group(1), []).extend(x.strip() for x in out.group(1).split(","))
+    t = time.time() - 1000
+    for rule in order:
+        for o in blocks.get(rule, []):
+            p = work / o
+            p.mkdir(parents=True, exist_ok=True) if rule == "report" else (
+                p.parent.mkdir(parents=True, exist_ok=True), p.touch())
+            os.utime(p, (t, t))
+        t += 10
+
+
+def _dry_counts(work: Path, *args) -> subprocess.CompletedProcess:
+    env = _env(DIDBENCH_EVALUATORS=str(work / "ev"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args, "--directory", str(work),
+                           "--configfile", "tests/configs/micro.yaml"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_deleted_result_file_is_rebuilt(tmp_path):
+    """(4) A result file deleted from a finished study: `snakemake` rebuilds it, then the report
+    and the MLflow log that summarise it (not "Nothing to be done")."""
+    work = tmp_path / "w"
+    _dag_skeleton(work)
+    assert "Nothing to be done" in _dry_counts(work).stdout
+    (work / "results/micro/runs/ar-varlen-tiny-s0/eval/ppl.json").unlink()
+    out = _dry_counts(work).stdout
+    stats = out.split("Job stats:", 1)[1] if "Job stats:" in out else out
+    for rule in ("eval_ppl", "report", "mlflow_log"):
+        assert re.search(rf"^{rule}\s+1$", stats, flags=re.M), out[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["cut-mid-row", "binary"])
+def test_damaged_history_is_detected(damage, fake_study):
+    """(5) history.csv cut mid-row, or binary: `log` fails with one line naming the file (no curve
+    that silently lost points, no UnicodeDecodeError), and the report notes the file."""
+    from harness import tracking
+    from harness.methods import UserError
+    from harness.study import load_study
+
+    study_dir, config, _ = fake_study
+    hist = study_dir / "runs" / "did-varlen-tiny-s0" / "history.csv"
+    text = hist.read_text()
+    hist.write_bytes(text[: len(text) - 7].encode() if damage == "cut-mid-row" else b"\x89PNG\r\n\x1a\n\xff\xfe" * 40)
+    with pytest.raises(UserError, match=re.escape(str(hist)) + ".*(truncated|not UTF-8)") as err:
+        tracking.log_study(study_dir, config)
+    assert "\n" not in str(err.value)
+    assert any(str(hist) in p for p in load_study(study_dir, config).problems)
+
+
+def test_checkpoint_of_another_recipe_is_refused(toy_config, train_cfg, toy_data, reference, tmp_path):
+    """(6) A checkpoint trained with another recipe (another lr) copied into a run directory is not
+    evaluated and labelled with this study's config hash."""
+    other = tmp_path / "other"
+    train(_small_cfg(toy_config, steps=2, lr=3e-3), "ar", "fixed", 0, str(toy_data), str(other), progress=False)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
+    proc = cli("evaluate", "ppl", "--config", train_cfg, "--run", run, "--data", toy_data,
+               "--out", run / "eval" / "ppl.json")
+    one_error_line(proc, "was trained with another recipe", "retrain the run")
+    assert not (run / "eval").exists()
+
+
+def test_seq_len_other_than_the_prepared_data(toy_config, toy_data, tmp_path):
+    """(7) data.seq_len 4096 in the config, 32 in the prepared data: `train` stops with one line."""
+    cfg = write_config(tmp_path / "c.yaml", toy_config, data__seq_len=4096, data__max_len=4096)
+    proc = cli(*train_args(cfg, toy_data, tmp_path / "run"))
+    one_error_line(proc, "data.seq_len is 4096 in the config", "seq_len=32")
+    assert not (tmp_path / "run").exists()
+
+
+HALF_BUILT = """
+import sys
+import sqlalchemy
+from alembic import command
+from alembic.script import ScriptDirectory
+from mlflow.store.db.utils import _get_alembic_config
+from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+url = "sqlite:///" + sys.argv[1]
+engine = sqlalchemy.create_engine(url)
+InitialBase.metadata.create_all(engine)
+config = _get_alembic_config(url)
+revs = [r.revision for r in ScriptDirectory.from_config(config).walk_revisions()][::-1]
+tables = lambda: set(sqlalchemy.inspect(engine).get_table_names())  # noqa: E731
+for i in range(len(revs) // 2, len(revs)):  # from half way: the first migration that creates a table
+    before = tables()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revs[i])
+    if tables() - before:
+        break
+with engine.begin() as connection:  # killed after its DDL, before alembic recorded it (SQLite DDL is not transactional)
+    connection.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = :v"), {"v": revs[i - 1]})
+"""
+
+
+def test_half_built_sqlite_store_is_rebuilt(fake_study):
+    """(8) A logger killed while MLflow migrated a fresh SQLite store left it half-built: the next
+    `log` moves it aside, builds a new store and logs everything (no `table ... already exists`)."""
+    from harness import tracking
+
+    study_dir, config, uri = fake_study
+    db = study_dir / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-c", HALF_BUILT, str(db)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and db.exists(), proc.stderr[-3000:]
+    summary = tracking.log_study(study_dir, config)
+    assert summary["runs"] == 8
+    _assert_complete(study_dir, uri, config["study"])
+    assert list(study_dir.glob("mlflow.db.broken-*")) and not list(study_dir.glob(".mlflow.db.*.tmp"))
+
+
+KILL_IN_CREATE = """
+import os, signal, sys
+from harness import tracking
+real = os.replace
+os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)   # dies with the store built, before the rename
+tracking.ensure_store("sqlite:///" + sys.argv[1])
+"""
+
+
+def test_killed_while_creating_the_store_leaves_no_half_store(fake_study):
+    """(8) SIGKILL while the fresh store is built: no mlflow.db at all (only a temp file), and the
+    next `log` builds it and logs everything."""
+    from harness import tracking
+
+    study_dir, config, uri = fake_study
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CREATE, str(study_dir / "mlflow.db")], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (study_dir / "mlflow.db").exists()
+    tracking.log_study(study_dir, config)
+    _assert_complete(study_dir, uri, config["study"])
+    assert not list(study_dir.glob(".mlflow.db.*.tmp"))
+
+
+@pytest.mark.parametrize("server", ["silent", "unreachable"])
+def test_tracking_server_that_never_answers_is_one_line(server, fake_study, train_cfg):
+    """(9) A server that accepts connections and never answers, or no server at all: `log` ends
+    with one line after bounded waits, never hangs, no traceback."""
+    import socket
+
+    from harness import tracking
+
+    timeout, retries = int(tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]), \
+        int(tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    assert timeout * (retries + 1) <= 120                              # the defaults are bounded
+    study_dir, _, _ = fake_study
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if server == "silent":
+        sock.listen(64)                                             # accepts (backlog), never answers
+        env = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", MLFLOW_HTTP_REQUEST_TIMEOUT="2",
+                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+    else:
+        sock.close()
+        env = _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")  # the defaults
+    try:
+        t0 = time.monotonic()
+        proc = cli("log", "--config", train_cfg, "--study-dir", study_dir, env=env, timeout=240)
+        one_error_line(proc, f"MLflow at http://127.0.0.1:{port} failed")
+        assert time.monotonic() - t0 < 200
+    finally:
+        sock.close()
+
+
+SHARED_LOG = """
+import sys, time
+from pathlib import Path
+import yaml
+from harness.tracking import log_study
+study_dir, me, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+Path(me).touch()
+while len(list(Path(me).parent.glob("ready*"))) < n:
+    time.sleep(0.001)
+log_study(study_dir, yaml.safe_load(Path(study_dir, "config.yaml").read_text()))
+"""
+
+
+def test_four_studies_create_one_shared_store_at_once(tmp_path, monkeypatch):
+    """(10) Four studies log at the same instant into one fresh shared SQLite URI: all succeed
+    (the store is created once, under a lock), each with all its runs."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_study import make_fake_study
+
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    (tmp_path / "shared").mkdir()
+    studies = []
+    for i in range(4):
+        study_dir, config, _ = make_fake_study(tmp_path / f"s{i}", study=f"fake{i}", missing={})
+        (study_dir / "config.yaml").write_text(yaml.safe_dump(config))
+        studies.append((study_dir, config))
+    (tmp_path / "sync").mkdir()
+    env = _env(MLFLOW_TRACKING_URI=uri)
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED_LOG, str(d), str(tmp_path / "sync" / f"ready{i}"), "4"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (d, _) in enumerate(studies)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-1500:] for _, err in outs]
+    for d, config in studies:
+        _assert_complete(d, uri, config["study"])
+
+
+def test_non_utf8_corpus_is_one_line(toy_config, tmp_path):
+    """(11) A binary or non-UTF-8 file in a text-files corpus: one line naming it, no data."""
+    corpus = _corpus_dir(tmp_path / "corpus", [["To be, or not to be."] * 20 for _ in range(5)])
+    (corpus / "f2.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    proc = _prepare_with_corpus(toy_config, tmp_path, {"name": "text-files", "paths": [str(corpus / "*.jsonl")]})
+    one_error_line(proc, "f2.jsonl: not UTF-8 text")
+    assert not (tmp_path / "data").exists()
+
+
+def test_nan_learning_rate_is_one_line(toy_config, toy_data, tmp_path):
+    """(11) `lr: .nan` passes the schema's bounds (NaN compares false): one line, nothing trained."""
+    cfg = write_config(tmp_path / "c.yaml", toy_config, train__lr=float("nan"))
+    assert "lr: .nan" in cfg.read_text()
+    proc = cli(*train_args(cfg, toy_data, tmp_path / "run"))
+    one_error_line(proc, "train.lr: nan is not a finite number")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["train.json", "features.npz", "checkpoint-without-config"])
+def test_damaged_run_files_are_one_line(damage, train_cfg, toy_data, reference, tmp_path):
+    """(11) A truncated train.json (evaluate ppl), a truncated features.npz (evaluate mauve), a
+    checkpoint dict without its config: one line each, no result written."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    out = run / "eval" / ("mauve.json" if damage == "features.npz" else "ppl.json")
+    if damage == "train.json":
+        text = (run / "train.json").read_text()
+        (run / "train.json").write_text(text[: len(text) // 2])
+        needle = "train.json is not a valid training summary"
+    elif damage == "checkpoint-without-config":
+        state = load_checkpoint(str(run / "checkpoint.pt"))
+        del state["config"]
+        torch.save(state, run / "checkpoint.pt")
+        needle = "checkpoint.pt is malformed: it lacks config"
+    else:
+        from harness.evaluate.genppl import save_features
+
+        proc = cli("evaluate", "samples", "--config", train_cfg, "--run", run, "--data", toy_data,
+                   "--out", run / "eval" / "samples.json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        import numpy as np
+
+        save_features(run / "eval" / "features.npz", np.ones((4, 8), np.float32), {2: np.ones((2, 8), np.float32)})
+        data = (run / "eval" / "features.npz").read_bytes()
+        (run / "eval" / "features.npz").write_bytes(data[: len(data) // 2])
+        needle = "features.npz: truncated or corrupted"
+    if damage == "features.npz":
+        proc = cli("evaluate", "mauve", "--config", train_cfg, "--out", out)
+    else:
+        proc = cli("evaluate", "ppl", "--config", train_cfg, "--run", run, "--data", toy_data, "--out", out)
+    one_error_line(proc, needle)
+    assert not out.exists()
+
+
+def test_duplicate_yaml_keys_are_refused(toy_config, toy_data, tmp_path):
+    """(12) A key given twice in a YAML config is refused (not last-wins), by the CLI and by the
+    workflow, with one line naming the key and both lines."""
+    text = yaml.safe_dump(toy_config, sort_keys=False).replace("  lr: ", "  lr: 0.5\n  lr: ", 1)
+    assert text.count("  lr: ") == 2
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text(text)
+    proc = cli(*train_args(cfg, toy_data, tmp_path / "run"))
+    one_error_line(proc, "dup.yaml", "duplicate key 'lr'")
+    assert not (tmp_path / "run").exists()
+    env = _env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    snake = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--directory", str(tmp_path / "w"),
+                            "--configfile", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert snake.returncode != 0 and "duplicate key 'lr'" in snake.stdout + snake.stderr
+    assert "Traceback" not in snake.stdout + snake.stderr
+
+
+RECOVERY_JOB = """
+# sitecustomize for one job: `evaluate ppl` writes half its result, says so, and hangs (killed later)
+import os, sys, time
+argv = getattr(sys, "argv", [])
+if "evaluate" in argv and "ppl" in argv:
+    out = argv[argv.index("--out") + 1]
+    open(out, "w").write('{{"schema": "didbench.result/1", "kind": "pp')
+    open({marker!r}, "w").write(out)
+    time.sleep(600)
+"""
+
+
+def test_documented_recovery_after_a_killed_snakemake(tmp_path):
+    """(13) Snakemake killed mid-job (its lock left, a job's output half-written): the next plain
+    `snakemake` refuses; the README's recovery commands, typed as written, unlock and plan the cut-off
+    job again."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Recovering from an interruption", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^(\.venv/bin/snakemake [^#\n]*?)\s*(?:#.*)?$", section.split("```bash", 1)[1]
+                          .split("```", 1)[0], flags=re.M)
+    assert [c.split()[-1] for c in commands] == ["--unlock", "--rerun-incomplete"]
+    work = tmp_path / "w"
+    _dag_skeleton(work)
+    target = work / "results/micro/runs/ar-varlen-tiny-s0/eval/ppl.json"
+    target.unlink()
+    inject, marker = tmp_path / "inject", tmp_path / "started"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(RECOVERY_JOB.format(marker=str(marker)))
+    env = _env(DIDBENCH_EVALUATORS=str(work / "ev"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = f"{env['PYTHONPATH']}{os.pathsep}{inject}"
+    snake = subprocess.Popen([sys.executable, "-m", "snakemake", str(target.relative_to(work)), "--cores", "1",
+                              "--directory", str(work), "--configfile", "tests/configs/micro.yaml"], cwd=REPO,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(marker.exists, snake, timeout=300)
+    os.killpg(snake.pid, signal.SIGKILL)                     # Snakemake and its job, no chance to clean up
+    snake.wait(60)
+    assert list((work / ".snakemake" / "locks").iterdir())                   # the dead run's lock is left
+    plain = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(work),
+                            "--configfile", "tests/configs/micro.yaml"], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode != 0 and "--rerun-incomplete" in plain.stderr     # what the user sees
+    extra = ["--directory", str(work), "--configfile", "tests/configs/micro.yaml"]
+    for i, command in enumerate(commands):
+        argv = [sys.executable, "-m", "snakemake", *command.split()[1:], *extra] + (["-n"] if i == 1 else [])
+        proc = subprocess.run(argv, cwd=REPO, env={**env, "PYTHONPATH": _env()["PYTHONPATH"]}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, (command, (proc.stdout + proc.stderr)[-3000:])
+        if i == 0:
+            assert not any((work / ".snakemake" / "locks").glob("*.lock"))
+    assert re.search(r"^eval_ppl\s+1$", proc.stdout.split("Job stats:", 1)[1], flags=re.M), proc.stdout[-3000:]
+
+
+def test_the_reason_of_a_disk_full_failure_reaches_the_console(train_cfg, toy_data, tmp_path):
+    """(14) A job whose disk is full cannot write its log either: its one error line still reaches
+    the console (the workflow's shell prefix keeps it on fd 3)."""
+    from harness.errors import CONSOLE_PREFIX
+
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert "CONSOLE_PREFIX" in common.split("shell.prefix(", 1)[1].split(")\n", 1)[0]
+    log, out = tmp_path / "logs" / "train.log", tmp_path / "run"
+    log.parent.mkdir()
+    args = " ".join(shlex_quote(str(a)) for a in _cmd(train_args(train_cfg, toy_data, out)))
+    proc = subprocess.run(["bash", "-c", f"set -euo pipefail; {CONSOLE_PREFIX}{args} > {shlex_quote(str(log))} 2>&1"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_fsize_limit(16))   # the disk fills up after 16 bytes of any file
+    assert proc.returncode == 2, proc.stderr
+    assert "File too large" not in log.read_text()                     # the reason could not reach the log
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write") and "File too large" in lines[0], \
+        proc.stderr
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def test_results_record_no_machine_paths(tmp_path, monkeypatch):
+    """(15) Paths in a result's settings (e.g. the evaluator cache, the samples file) are recorded
+    relative to the repository, or to the study's working directory, not as absolute paths."""
+    from harness import results
+
+    monkeypatch.chdir(tmp_path)
+    header = results.provenance({"study": "s"}, {"run": "r"})
+    obj = results.write_result(tmp_path / "eval" / "x.json", "genppl", header,
+                               {"evaluator": {"source": str(REPO / "resources" / "evaluators" / "smollm2")},
+                                "samples": str(tmp_path / "results" / "s" / "runs" / "r" / "eval" / "samples.json"),
+                                "paths": [str(REPO / "config" / "default.yaml")], "mc": 2}, {"v": 1.0})
+    on_disk = json.loads((tmp_path / "eval" / "x.json").read_text())
+    assert on_disk["settings"] == obj["settings"] == {
+        "evaluator": {"source": "resources/evaluators/smollm2"}, "samples": "results/s/runs/r/eval/samples.json",
+        "paths": ["config/default.yaml"], "mc": 2}

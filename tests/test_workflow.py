@@ -236,17 +236,18 @@ def test_dry_run(configfile, tmp_path):
     for rule in ("eval_ppl", "eval_samples", "eval_genppl", "eval_mauve", "eval_diversity"):
         assert counts[rule] == n_runs, rule
     layouts = {r["layout"] for r in cfg["runs"]}
-    assert counts["cost"] == len(layouts) and "eval_speed" not in counts      # the study-level cost job, per layout
+    with_cost = "cost" in cfg["evaluate"]["metrics"]     # the study-level cost job, per layout
+    assert counts.get("cost", 0) == (len(layouts) if with_cost else 0) and "eval_speed" not in counts
     assert counts.get("eval_lengths", 0) == n_varlen
     assert counts["evaluator_cache"] == 1
     # the resolved config is written under the study, named by its hash
     resolved = tmp_path / "results" / cfg["study"] / "config" / f"{config_hash(cfg)}.yaml"
     assert yaml.safe_load(resolved.read_text()) == cfg
-    # every job is a `python -m harness` command, except the report: `python -m analysis` (the
-    # harness never imports the analysis package)
+    # every job is a `python -m harness` command; the report's (`harness report`) checks every result
+    # file, then runs `python -m analysis` in its own process (the harness never imports analysis)
     commands = re.findall(r"^(?:exec )?(\S+(?: \S+)*?) -m harness (\w+)", out, flags=re.M)
-    assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "cost", "log"}
-    assert len(re.findall(r"python -m analysis \S+ --config ", out)) == 1
+    assert {c[1] for c in commands} == {"prepare", "train", "evaluate", "report", "log"} | ({"cost"} if with_cost else set())
+    assert len(re.findall(r"python -m harness report --config \S+ --study-dir ", out)) == 1
 
 
 def test_synthetic_study_plans_exact_metrics_not_the_evaluator(tmp_path):

@@ -14,6 +14,8 @@ They replace the evaluator-LM metrics (gen PPL, MAUVE) where the truth is known:
   variation and Kolmogorov-Smirnov distance, each next to its null distribution (the same
   number of documents drawn from the source itself), so a distance can be read against noise.
   The held-out references get the same numbers (the "data" row: what a perfect model scores).
+  Fixed layout: also `documents`, the same numbers for the documents a window holds whole (between
+  two EOS), since one bad token makes a whole window invalid.
 
 Rows and denominators follow ppl.json: varlen rows are documents, N = symbols + 1 (the end);
 fixed rows are stream windows (documents joined by EOS), N = L - 1, scored from the exact
@@ -130,13 +132,29 @@ def score_samples(source, rows: list[dict], vocab, layout: str, stationary=None)
     else:
         ids = [to_source_ids([t for j, t in enumerate(r["token_ids"]) if not (j == 0 and t == vocab.bos)], vocab,
                              source.n_symbols) for r in rows]
-        width = {len(x) for x in ids}
-        if len(width) > 1:
-            raise UserError(f"fixed-layout rows of different lengths {sorted(width)}: not stream windows")
-        logp = source.stream_log_prob(np.stack(ids), stationary) if ids else np.zeros(0)
+        logp = np.zeros(len(ids))
+        for width in {len(x) for x in ids}:  # a fixed-length sampler may stop short (DID-fixed): by width
+            pick = [i for i, x in enumerate(ids) if len(x) == width]
+            logp[pick] = source.stream_log_prob(np.stack([ids[i] for i in pick]), stationary)
         tokens = np.array([len(x) for x in ids], np.int64)
         lengths = None
-    return {"logp": logp, "tokens": tokens, "lengths": lengths, "entropy": np.array([unigram_entropy(x) for x in ids])}
+    return {"logp": logp, "tokens": tokens, "lengths": lengths, "entropy": np.array([unigram_entropy(x) for x in ids]),
+            **({"documents": complete_documents(source, ids)} if layout == "fixed" else {})}
+
+
+def complete_documents(source, windows) -> dict:
+    """The documents a fixed-layout window holds whole (between two EOS), scored by the document
+    law: one invalid token anywhere makes a whole 63-token window invalid, so this per-document
+    view is what separates methods on the fixed layout. Short documents fit whole more often, so
+    these are length-biased: compare them between methods, not with the length law."""
+    logp, tokens = [], []
+    for w in windows:
+        eos = np.flatnonzero(np.asarray(w) == source.eos)
+        for a, b in zip(eos[:-1], eos[1:]):
+            doc = np.asarray(w[a + 1 : b])
+            logp.append(source.log_prob(doc))
+            tokens.append(doc.size + 1)
+    return {"logp": np.asarray(logp, np.float64), "tokens": np.asarray(tokens, np.int64)}
 
 
 def summarise(scored: dict, pmf: np.ndarray | None, seed: int) -> dict:
@@ -147,6 +165,12 @@ def summarise(scored: dict, pmf: np.ndarray | None, seed: int) -> dict:
     out = {"n": n, **ratio(-logp[valid], tokens[valid]), "invalid": bad, "invalid_fraction": bad / n if n else None,
            "invalid_ci95": wilson(bad, n), "unigram_entropy_mean": float(scored["entropy"].mean()) if n else None,
            "logp": [float(v) if math.isfinite(v) else None for v in logp], "n_tokens_per_sample": tokens.tolist()}
+    if "documents" in scored:
+        d = scored["documents"]
+        ok, m = np.isfinite(d["logp"]), int(d["logp"].size)
+        out["documents"] = {"n": m, **ratio(-d["logp"][ok], d["tokens"][ok]), "invalid": int(m - ok.sum()),
+                            "invalid_fraction": (m - ok.sum()) / m if m else None,
+                            "invalid_ci95": wilson(int(m - ok.sum()), m)}
     if pmf is not None and scored["lengths"] is not None and n:
         tv, ks = length_distances(scored["lengths"], pmf)
         null = length_null(n, pmf, seed)
@@ -217,8 +241,9 @@ def run(args, config: dict) -> dict:
     if layout == "fixed":  # references are rows of the split: score them at their own position
         split_data = load_split(args.data, refs[0].get("split", "test"), layout) if refs else None
         rl, rt = score_rows(source, split_data, [r["index"] for r in refs], layout) if refs else (np.zeros(0), np.zeros(0))
-        ref_scored = {"logp": rl, "tokens": rt, "lengths": None, "entropy": np.array(
-            [unigram_entropy(to_source_ids(r["token_ids"], vocab, source.n_symbols)) for r in refs])}
+        ref_ids = [to_source_ids(r["token_ids"], vocab, source.n_symbols) for r in refs]
+        ref_scored = {"logp": rl, "tokens": rt, "lengths": None, "entropy": np.array([unigram_entropy(x) for x in ref_ids]),
+                      "documents": complete_documents(source, ref_ids)}
     else:
         ref_scored = score_samples(source, refs, vocab, layout)
     values["data"] = summarise(ref_scored, pmf, seed)

@@ -255,11 +255,15 @@ def load_features(path) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     from harness.methods import UserError
 
     try:
-        with np.load(path) as z:
-            p = z["p"]
-            q = {int(k[2:]): z[k] for k in z.files if k.startswith("q_")}
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"cannot read MAUVE features from {path}: {err}") from None
+        with np.load(path, allow_pickle=False) as z:
+            p = np.asarray(z["p"])
+            q = {int(k[2:]): np.asarray(z[k]) for k in z.files if k.startswith("q_")}
+    except FileNotFoundError:
+        raise UserError(f"cannot read MAUVE features from {path}: no such file (run genppl first)") from None
+    except Exception as err:  # a truncated zip fails in many ways (BadZipFile, EOFError, zlib.error, ...)
+        detail = (str(err).splitlines() or [""])[0] or type(err).__name__
+        raise UserError(f"cannot read MAUVE features from {path}: truncated or corrupted ({detail}); "
+                        "rerun genppl") from None
     return p, q
 
 

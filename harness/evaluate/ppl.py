@@ -115,7 +115,7 @@ def run(args, config: dict) -> dict:
 
     s = settings(config, "ppl")
     device = pick_device(args.device)
-    loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema)
+    loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema, study_config=config)
     data = load_split(args.data, s["split"], loaded.info["layout"])
     n_seq = min(len(data), int(s["max_sequences"]))
     batches = eval_batches(data, int(s["batch_size"]), n_seq)

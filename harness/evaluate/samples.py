@@ -206,7 +206,7 @@ def run(args, config: dict) -> dict:
     if jsonl.resolve().parent != out.resolve().parent:
         raise UserError(f"--jsonl must be in the same folder as --out ({out.parent}), got {jsonl}")
     device = pick_device(args.device)
-    loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema)
+    loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema, study_config=config)
     refs = _write_references(config, args.data, loaded.info["layout"], loaded.tokenizer, args.references)
     rows, by_steps = generate(loaded.method, loaded.tokenizer, steps=steps_list(s["steps"]), n=int(s["n"]),
                               batch_size=int(s["batch_size"]), seed=int(s["seed"]), top_p=float(s["top_p"]),

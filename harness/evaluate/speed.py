@@ -96,7 +96,7 @@ def run(args, config: dict) -> dict:
     s = settings(config, "speed")
     steps = steps_list(settings(config, "samples")["steps"])
     device = pick_device(args.device)
-    loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema)
+    loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema, study_config=config)
     train = train_throughput(Path(args.run) / "history.csv", int(s["skip_rows"]))
     sample = sample_cost(loaded.method, steps, n=int(s["n"]), warmup=int(s["warmup"]), repeats=int(s["repeats"]))
     data = load_split(args.data, "test", loaded.info["layout"])

@@ -29,15 +29,21 @@ def _shell_quote(path):
     return shlex.quote(path).replace("{", "{{").replace("}", "}}")
 
 
+from harness.errors import CONSOLE_PREFIX
+
+# CONSOLE_PREFIX: fd 3 keeps the console, so a job's error line reaches it even when its log
+# cannot be written (a full disk); harness.errors.report_error writes there too
 shell.prefix(
-    "set -euo pipefail; export PYTHONPATH="
+    "set -euo pipefail; "
+    + CONSOLE_PREFIX
+    + "export PYTHONPATH="
     + _shell_quote(REPO)
     + "${{PYTHONPATH:+:$PYTHONPATH}}; export PATH="
     + _shell_quote(os.path.dirname(sys.executable))
     + ":$PATH; "
 )
 
-from harness.config import config_hash, load_config, study_runs
+from harness.config import config_hash, load_config, read_yaml, study_runs
 from harness.errors import UserError
 
 
@@ -50,6 +56,11 @@ def _shown(path):
 def _study_config():
     """The validated, default-filled study config, or a one-line error (no traceback)."""
     cli_files = [_shown(str(f)) for f in workflow.overwrite_configfiles]
+    try:  # Snakemake's own YAML reading keeps the last of duplicate keys: refuse them here
+        for f in cli_files or [os.path.join(REPO, "config", "default.yaml")]:
+            read_yaml(f)
+    except UserError as err:
+        sys.exit(f"error: {err}")
     if cli_files:
         raw = dict(workflow.config_settings.overwrite_config)
         source = ", ".join(cli_files)

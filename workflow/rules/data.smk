@@ -19,7 +19,7 @@ rule prepare_data:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness prepare --config {params.cfg} --out {params.out} > {log} 2>&1"
+        "python -m harness prepare --config {params.cfg:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 # The evaluator LM (gen PPL, MAUVE features), cached once as a plain HF folder whose marker
@@ -38,4 +38,4 @@ rule evaluator_cache:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate evaluator --name {wildcards.name} --out {params.out} > {log} 2>&1"
+        "python -m harness evaluate evaluator --name {wildcards.name:q} --out {params.out:q} > {log:q} 2>&1"

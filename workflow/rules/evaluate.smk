@@ -30,8 +30,8 @@ rule eval_ppl:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate ppl --config {params.cfg} --run {params.run} --data {params.data}"
-        " --out {output.result} > {log} 2>&1"
+        "python -m harness evaluate ppl --config {params.cfg:q} --run {params.run:q} --data {params.data:q}"
+        " --out {output.result:q} > {log:q} 2>&1"
 
 
 rule eval_samples:
@@ -56,8 +56,8 @@ rule eval_samples:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate samples --config {params.cfg} --run {params.run} --data {params.data}"
-        " --out {output.result} --jsonl {output.samples} --references {output.references} > {log} 2>&1"
+        "python -m harness evaluate samples --config {params.cfg:q} --run {params.run:q} --data {params.data:q}"
+        " --out {output.result:q} --jsonl {output.samples:q} --references {output.references:q} > {log:q} 2>&1"
 
 
 rule eval_genppl:
@@ -81,9 +81,9 @@ rule eval_genppl:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate genppl --config {params.cfg} --samples {input.samples}"
-        " --references {input.references} --evaluator-dir {params.evaluator}"
-        " --out {output.result} --features {output.features} > {log} 2>&1"
+        "python -m harness evaluate genppl --config {params.cfg:q} --samples {input.samples:q}"
+        " --references {input.references:q} --evaluator-dir {params.evaluator:q}"
+        " --out {output.result:q} --features {output.features:q} > {log:q} 2>&1"
 
 
 rule eval_mauve:
@@ -103,8 +103,8 @@ rule eval_mauve:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate mauve --config {params.cfg} --samples {input.samples}"
-        " --features {input.features} --out {output.result} > {log} 2>&1"
+        "python -m harness evaluate mauve --config {params.cfg:q} --samples {input.samples:q}"
+        " --features {input.features:q} --out {output.result:q} > {log:q} 2>&1"
 
 
 rule eval_diversity:
@@ -125,8 +125,8 @@ rule eval_diversity:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate diversity --config {params.cfg} --samples {input.samples}"
-        " --references {input.references} --out {output.result} > {log} 2>&1"
+        "python -m harness evaluate diversity --config {params.cfg:q} --samples {input.samples:q}"
+        " --references {input.references:q} --out {output.result:q} > {log:q} 2>&1"
 
 
 rule eval_lengths:
@@ -147,8 +147,8 @@ rule eval_lengths:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate lengths --config {params.cfg} --samples {input.samples}"
-        " --references {input.references} --out {output.result} > {log} 2>&1"
+        "python -m harness evaluate lengths --config {params.cfg:q} --samples {input.samples:q}"
+        " --references {input.references:q} --out {output.result:q} > {log:q} 2>&1"
 
 
 rule eval_exact:
@@ -172,8 +172,8 @@ rule eval_exact:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate exact --config {params.cfg} --data {params.data} --ppl {input.ppl}"
-        " --samples {input.samples} --references {input.references} --out {output.result} > {log} 2>&1"
+        "python -m harness evaluate exact --config {params.cfg:q} --data {params.data:q} --ppl {input.ppl:q}"
+        " --samples {input.samples:q} --references {input.references:q} --out {output.result:q} > {log:q} 2>&1"
 
 
 rule eval_speed:
@@ -195,8 +195,8 @@ rule eval_speed:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness evaluate speed --config {params.cfg} --run {params.run} --data {params.data}"
-        " --out {output.result} > {log} 2>&1"
+        "python -m harness evaluate speed --config {params.cfg:q} --run {params.run:q} --data {params.data:q}"
+        " --out {output.result:q} > {log:q} 2>&1"
 
 
 # The study's cost measurement (harness/cost.py): every method of one layout timed in ONE
@@ -224,5 +224,5 @@ rule cost:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness cost --config {params.cfg} --study-dir {params.study} --layout {wildcards.layout}"
-        " --threads {threads} --out {output.result} > {log} 2>&1"
+        "python -m harness cost --config {params.cfg:q} --study-dir {params.study:q} --layout {wildcards.layout:q}"
+        " --threads {threads} --out {output.result:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
 """Study-level aggregation, run on the submitting machine (localrules): tables and figures from
-every result file, then one MLflow experiment for the study (a single writer, so cluster jobs
+every result file (`harness report` checks each against its schema first, then runs `python -m
+analysis`), then one MLflow experiment for the study (a single writer, so cluster jobs
 never contend for the tracking database; `harness log` is idempotent)."""
 
 
@@ -25,7 +26,7 @@ rule report:
     conda:
         CONDA_ENV
     shell:
-        "python -m analysis {params.study} --config {params.cfg} > {log} 2>&1"
+        "python -m harness report --config {params.cfg:q} --study-dir {params.study:q} > {log:q} 2>&1"
 
 
 rule mlflow_log:
@@ -46,5 +47,5 @@ rule mlflow_log:
     conda:
         CONDA_ENV
     shell:
-        "python -m harness log --config {params.cfg} --study-dir {params.study}"
-        " --marker {output.marker} > {log} 2>&1"
+        "python -m harness log --config {params.cfg:q} --study-dir {params.study:q}"
+        " --marker {output.marker:q} > {log:q} 2>&1"

@@ -35,7 +35,7 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "exec {params.launcher} -m harness train --config {params.cfg}"
-        " --method {params.method} --layout {params.layout} --seed {params.seed}"
-        " --steps {params.steps} --data {params.data} --out {params.out} --quiet"
-        " > {log} 2>&1"
+        "exec {params.launcher} -m harness train --config {params.cfg:q}"
+        " --method {params.method:q} --layout {params.layout:q} --seed {params.seed:q}"
+        " --steps {params.steps:q} --data {params.data:q} --out {params.out:q} --quiet"
+        " > {log:q} 2>&1"
