@@ -481,6 +481,8 @@ def _bench_rows(obj: dict) -> tuple[str, list[dict]]:
     """(kind, rows) of a `harness bench` JSON: "train" (bench-train) or "sample" (bench-sample)."""
     rows = [r for r in (obj.get("rows") or []) if isinstance(r, dict)]
     kind = str(obj.get("kind") or "")
+    if kind == "bench-attention":
+        return "attention", rows
     if kind.endswith("sample") or (not kind and any("s_per_sample" in r for r in rows)):
         return "sample", rows
     return "train", rows
@@ -512,6 +514,8 @@ def bench_plot(obj: dict, title: str) -> Figure | None:
     kind, rows = _bench_rows(obj)
     if not rows:
         return None
+    if kind == "attention":
+        return _attention_plot(obj, rows, title)
 
     def stat(r, key):          # (median, min, max); a missing min/max falls back to the median
         d = r.get(key) if isinstance(r.get(key), dict) else {"median": r.get(key)}
@@ -558,6 +562,39 @@ def bench_plot(obj: dict, title: str) -> Figure | None:
                xlabel=f"{what} (median, min–max{', log scale' if logx else ''})")
     hbar_panel(a2, df, "ratio", order=order, colors=colors, labels="r_label", ref_line=1.0,
                xlabel=f"{'s/sample' if kind == 'sample' else 's/step'} relative to DID (> 1: slower than DID)")
+    a2.tick_params(axis="y", labelleft=False)
+    _method_legend(fig, df["method"], colors)
+    return fig
+
+
+def _attention_plot(obj: dict, rows: list[dict], title: str) -> Figure | None:
+    """`bench attention`: forward + backward time of each packed-attention strategy per case (left)
+    and relative to one dense call on [B, L] (right: < 1 = cheaper than what a padded canvas costs)."""
+    recs = []
+    for r in rows:
+        secs = r.get("seconds") if isinstance(r.get("seconds"), dict) else {}
+        dense = num((secs.get("dense@L") or {}).get("median"))
+        case = f"L={r.get('L', '?')} · B={r.get('B', '?')} · kept {num(r.get('kept_fraction')):.2f}"
+        for name, st in secs.items():
+            m = num((st or {}).get("median"))
+            lo, hi = num((st or {}).get("min")), num((st or {}).get("max"))
+            q = m / dense if np.isfinite(dense) and dense > 0 else float("nan")
+            recs.append({"case": case, "method": name, "ms": 1e3 * m, "ms_lo": 1e3 * lo, "ms_hi": 1e3 * hi,
+                         "ratio": q, "ratio_lo": q, "ratio_hi": q,
+                         "v_label": f"{1e3 * m:.1f} ms" if np.isfinite(m) else None,
+                         "r_label": f"{q:.2f}×" if np.isfinite(q) else None})
+    if not recs:
+        return None
+    df = pd.DataFrame(recs)
+    order = list(dict.fromkeys(df["case"]))
+    colors = method_colors(df["method"])
+    sub = f"{obj.get('size', '')} heads, {obj.get('threads', '?')} threads; bars: median, whiskers: min–max"
+    fig, (a1, a2) = _new(2, f"{title}\n{sub}", height=_bar_height(len(order), len(df) + len(order)),
+                         width=6.6, sharey=True)
+    hbar_panel(a1, df, "ms", order=order, colors=colors, labels="v_label",
+               xlabel="attention forward + backward (ms)")
+    hbar_panel(a2, df, "ratio", order=order, colors=colors, labels="r_label", ref_line=1.0,
+               xlabel="time relative to one dense call on [B, L]")
     a2.tick_params(axis="y", labelleft=False)
     _method_legend(fig, df["method"], colors)
     return fig

@@ -85,14 +85,17 @@ def on_generator_device(t: torch.Tensor, generator: torch.Generator | None) -> t
 class AR(Method):
     """Causal transformer LM with an untied output layer over the vocabulary.
 
-    Options: `temperature` (sampling, default 1.0), `dropout` (backbone, default 0.0).
-    The sampler recomputes the whole prefix at every step (no KV cache): NFE = forward calls.
+    Options: `temperature` (sampling, default 1.0), `dropout` (backbone, default 0.0), `kv_cache`
+    (sampling, default true: after one call on BOS + prompt, each step feeds only the new token
+    against the cached keys and values; false recomputes the whole prefix every step). Either
+    way NFE = forward calls, and the logits agree to float rounding (so a seed gives the same
+    samples unless rounding flips a draw).
     """
 
     layouts = ("fixed", "varlen")
     time_conditioned = False
     paper_equals_strict = True  # the NLL is exact: nothing to truncate
-    OPTIONS = {"temperature": 1.0, "dropout": 0.0}
+    OPTIONS = {"temperature": 1.0, "dropout": 0.0, "kv_cache": True}
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
         super().__init__(vocab, size, layout, max_len, **options)
@@ -103,6 +106,9 @@ class AR(Method):
         self.temperature = float(opts["temperature"])
         if self.temperature <= 0:
             raise UserError("ar option temperature must be > 0")
+        if not isinstance(opts["kv_cache"], bool):
+            raise UserError(f"ar option kv_cache must be true or false, got {opts['kv_cache']!r}")
+        self.kv_cache = opts["kv_cache"]
         from harness.backbone import Backbone, backbone_config
 
         cfg = backbone_config(size, time_cond=False, causal=True, dropout=float(opts["dropout"]), max_len=max_len)
@@ -157,6 +163,8 @@ class AR(Method):
                 (it separates documents) and does not stop.
         varlen: stops at EOS (not returned); a sequence still running at max_len-1 content
                 tokens is cut there and counted in info['truncated'].
+        With the `kv_cache` option (default) the first call reads BOS + prompt and every later
+        call one new token per running row; rows that stop leave the cache (KVCache.select).
         """
         if n < 1:
             raise UserError("number of samples must be >= 1")
@@ -172,9 +180,19 @@ class AR(Method):
         active = torch.ones(n, dtype=torch.bool, device=dev)
         done_len = torch.full((n,), -1, dtype=torch.long, device=dev)  # sequence length incl. BOS at stop
         nfe = 0
+        cache, cached_rows = None, None  # the KV cache and the rows of x it holds, in order
         while active.any() and x.shape[1] < total:
             rows = active.nonzero().squeeze(-1)
-            last = self.backbone(x[rows])[:, -1]  # the whole prefix again: no KV cache
+            if not self.kv_cache:
+                last = self.backbone(x[rows])[:, -1]  # the whole prefix again
+            elif cache is None:  # BOS + prompt in one call; the cache holds at most total-1 inputs
+                hidden, cache = self.backbone.decode(x[rows], capacity=total - 1)
+                last, cached_rows = hidden[:, -1], rows
+            else:
+                if len(rows) < len(cached_rows):  # rows that stopped at EOS leave the cache
+                    cache = cache.select(active[cached_rows].nonzero().squeeze(-1))
+                    cached_rows = rows
+                last = self.backbone.decode(x[rows, -1:], cache)[0][:, -1]  # the new token only
             logits = suppress(self.head(last).float(), self.suppressed).double() / self.temperature
             probs = on_generator_device(torch.softmax(logits, dim=-1), generator)
             nxt = torch.full((n,), self.vocab.pad, dtype=torch.long, device=dev)
@@ -191,7 +209,7 @@ class AR(Method):
         tokens = [x[i, 1 : done_len[i]].tolist() for i in range(n)]
         info = {
             "sampler": "ancestral",
-            "kv_cache": False,
+            "kv_cache": self.kv_cache,
             "steps_ignored": True,
             "requested_steps": int(steps),
             "temperature": self.temperature,

@@ -117,18 +117,22 @@ def _tables(x0, keep, lengths, dtype, protect=None) -> _Tables:
     b_suffix = torch.cat([b, fill], 1).flip(1)  # [B, Q+1], entry c-1 is b[Q-(c-1)]
     b_cols = torch.stack([b_prefix, b_suffix])  # [2, B, Q+1]
     a_steps = torch.stack([a, a.flip(1)]).permute(2, 0, 1)  # [M, 2, B]
-    match = a_steps[..., None] == b_cols[None]  # [M, 2, B, Q+1] bool
+    # 0 where the x0 token matches, -inf elsewhere: X[c] <- logaddexp(X[c], X[c-1] + gate) is the
+    # recurrence (logaddexp(x, -inf) = x exactly), two kernels per step and no Python slicing
+    gate = torch.zeros((M, 2, B, Q + 1), dtype=dtype, device=device)
+    gate.masked_fill_(a_steps[..., None] != b_cols[None], ninf)  # [M, 2, B, Q+1]
 
     hist = torch.empty((M + 1, 2, B, Q + 2), dtype=dtype, device=device)
     hist[:, :, :, 0].fill_(ninf)  # (fill_, not `= ninf`: a strided copy_ is ~50x slower on CPU)
     hist[0, :, :, 1:].fill_(ninf)
     hist[0, 0, :, 1] = 0.0  # P[0][0] = 1 (the empty prefix embeds once)
     hist[0, 1, torch.arange(B, device=device), 1 + Q - n] = 0.0  # S[M][n] = 1
+    lefts, rights, gates = hist[..., :-1].unbind(0), hist[..., 1:].unbind(0), gate.unbind(0)
+    shifted = torch.empty((2, B, Q + 1), dtype=dtype, device=device)
     for k in range(M):
-        prev = hist[k]
-        grown = torch.logaddexp(prev[..., 1:], prev[..., :-1])
-        torch.where(match[k], grown, prev[..., 1:], out=hist[k + 1, :, :, 1:])
-    del match
+        torch.add(lefts[k], gates[k], out=shifted)
+        torch.logaddexp(rights[k], shifted, out=rights[k + 1])
+    del gate
 
     log_n = hist[M, 0, torch.arange(B, device=device), 1 + n]  # N(x_t, x0) after the anchor
     if not bool(torch.isfinite(log_n).all()):

@@ -49,12 +49,12 @@ class _Head(nn.Module):
             nn.init.zeros_(lin.weight)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
-        forbid = torch.zeros(vocab.size, dtype=torch.bool)
-        forbid[suppressed_tokens(vocab)] = True
-        self.register_buffer("forbidden", forbid, persistent=False)
+        self.register_buffer("forbidden", torch.tensor(suppressed_tokens(vocab), dtype=torch.long), persistent=False)
 
     def token_log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.token(h).float().masked_fill(self.forbidden, float("-inf"))
+        logits = self.token(h).float()
+        # in place on the fresh layer output (its backward does not need it): no second [T, V] copy
+        logits.index_fill_(-1, self.forbidden, float("-inf"))
         return torch.log_softmax(logits, dim=-1)
 
 

@@ -8,8 +8,10 @@ Inputs come in two layouts:
 * dense  `tokens [B, L]`: every row is a full sequence of length L (fixed-length data, masked canvases);
 * packed `tokens [T]` + `lengths [B]` (sum = T): sequences concatenated with no padding. Attention
   never crosses sequences, rotary positions restart at 0 for every sequence, and the cost is per
-  sequence: with flash-attn on GPU the varlen kernel is used; otherwise sequences are grouped into
-  length buckets (a factor <= 2 apart) and each bucket is padded only to its own longest row.
+  sequence (harness/attention.py chooses the kernel).
+
+A causal dense backbone also decodes incrementally (`Backbone.decode` with a `KVCache`): new tokens
+attend over the cached keys and values of the prefix, so an autoregressive step costs one token.
 
 The backbone has no output head: methods put theirs on the returned hidden states.
 """
@@ -22,10 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # optional GPU fast path
-    from flash_attn import flash_attn_varlen_func  # type: ignore
-except Exception:  # pragma: no cover - not installed on CPU machines
-    flash_attn_varlen_func = None
+from harness.attention import packed_attention
 
 SIZES: dict[str, dict] = {
     # a few M parameters: trains in minutes on a laptop CPU
@@ -89,13 +88,6 @@ def sequence_ids(lengths: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=total)
 
 
-def _length_buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Group sequence indices whose lengths lie within a factor of two (padding waste < 2x)."""
-    lens = lengths.clamp_min(1).to(torch.float64)
-    cls = torch.ceil(torch.log2(lens)).to(torch.long)
-    return [torch.nonzero(cls == c, as_tuple=False).flatten() for c in torch.unique(cls)]
-
-
 # --------------------------------------------------------------------------------------------
 # rotary embeddings (NeoX style: rotate the two halves of the head dimension)
 
@@ -121,6 +113,74 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos = cos[:, None, :].to(x.dtype)
     sin = sin[:, None, :].to(x.dtype)
     return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# incremental decoding
+
+
+class KVCache:
+    """Keys and values of a dense causal prefix, for `Backbone.decode`.
+
+    One buffer `kv [n_layers, 2, B, H, capacity, hd]` (k at index 0, v at 1) whose first `length`
+    positions hold the prefix; `layer(i)` gives layer i's (k, v) [B, H, length, hd]. New tokens
+    are written in place (the buffer doubles when full), so a decoding step copies only its own
+    keys and values. `select(rows)` keeps some rows with one index_select. The buffer is allocated
+    on the first write, in the dtype and on the device of the keys.
+    """
+
+    def __init__(self, n_layers: int, capacity: int = 0):
+        self.n_layers = n_layers
+        self.capacity = int(capacity)
+        self.length = 0
+        self.kv: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.kv is None else self.kv.shape[2]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of layer i, each [B, H, length, hd] (views into the buffer)."""
+        if self.kv is None:
+            raise ValueError("the cache is empty")
+        return self.kv[i, 0, :, :, : self.length], self.kv[i, 1, :, :, : self.length]
+
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer i's keys/values of the new tokens (k, v [B, H, n, hd]) after the prefix and
+        return layer i's keys/values over prefix + new tokens. `length` moves on only in
+        `advance`, once every layer has written."""
+        b, h, n, hd = k.shape
+        end = self.length + n
+        if self.kv is None:
+            self.capacity = max(self.capacity, end)
+            self.kv = k.new_empty((self.n_layers, 2, b, h, self.capacity, hd))
+        elif self.kv.shape[2] != b:
+            raise ValueError(f"cache holds {self.kv.shape[2]} rows but got {b}: use select() first")
+        elif end > self.capacity:  # grow by doubling: amortised O(1) copies per token
+            self.capacity = max(end, 2 * self.capacity)
+            grown = self.kv.new_empty((*self.kv.shape[:4], self.capacity, hd))
+            grown[..., : self.length, :] = self.kv[..., : self.length, :]
+            self.kv = grown
+        self.kv[i, 0, :, :, self.length : end] = k
+        self.kv[i, 1, :, :, self.length : end] = v
+        return self.kv[i, 0, :, :, :end], self.kv[i, 1, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += int(n)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache of only these rows (indices [R] or a bool mask [B]), in their order."""
+        rows = torch.as_tensor(rows)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().squeeze(-1)
+        out = KVCache(self.n_layers, self.capacity)
+        out.length = self.length
+        if self.kv is not None:
+            out.kv = self.kv.index_select(2, rows.to(self.kv.device))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +235,9 @@ class Block(nn.Module):
             nn.init.zeros_(self.ada.weight)
             nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, cos, sin, lengths, cond, rows):
-        """x: [B, L, d] dense or [T, d] packed; cond: per-token-broadcastable modulation or None."""
+    def forward(self, x, cos, sin, lengths, cond, rows, kv=None):
+        """x: [B, L, d] dense or [T, d] packed; cond: per-token-broadcastable modulation or None;
+        kv: (KVCache, layer index) when decoding dense causal input incrementally."""
         if self.cfg.time_cond:
             mod = self.ada(cond)
             if rows is not None:  # packed: one modulation row per token
@@ -185,56 +246,35 @@ class Block(nn.Module):
                 mod = mod[:, None, :]
             sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
             h = self.norm1(x) * (1 + sc1) + sh1
-            x = x + g1 * self.drop(self._attention(h, cos, sin, lengths))
+            x = x + g1 * self.drop(self._attention(h, cos, sin, lengths, kv))
             h = self.norm2(x) * (1 + sc2) + sh2
             return x + g2 * self.drop(self.mlp(h))
-        x = x + self.drop(self._attention(self.norm1(x), cos, sin, lengths))
+        x = x + self.drop(self._attention(self.norm1(x), cos, sin, lengths, kv))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-    def _attention(self, h, cos, sin, lengths):
+    def _attention(self, h, cos, sin, lengths, kv=None):
         cfg = self.cfg
         shape = h.shape[:-1]
         qkv = self.qkv(h).view(*shape, 3, cfg.n_heads, cfg.head_dim)
         q, k, v = qkv.unbind(dim=-3)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = cfg.dropout if self.training else 0.0
-        if lengths is None:  # dense [B, L, H, hd]
+        if kv is not None:  # dense decoding: the new tokens attend over the cached prefix and themselves
+            cache, layer = kv
+            past, n = cache.length, shape[1]
+            keys, values = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
+            mask = None  # one new token sees every key
+            if n > 1:  # causal among the new tokens: new token i sees keys 0 .. past + i
+                mask = torch.ones(n, past + n, dtype=torch.bool, device=h.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, dropout_p=p)
+            out = out.transpose(1, 2)
+        elif lengths is None:  # dense [B, L, H, hd]
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=cfg.causal
             ).transpose(1, 2)
         else:
             out = packed_attention(q, k, v, lengths, causal=cfg.causal, dropout_p=p)
         return self.proj(out.reshape(*shape, cfg.d_model))
-
-
-def packed_attention(q, k, v, lengths: torch.Tensor, causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention within each packed sequence. q, k, v: [T, H, hd] -> [T, H, hd]."""
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        max_len = int(lengths.max())
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, causal=causal)
-    if bool((lengths == lengths[0]).all()):  # equal lengths: a plain dense batch, no mask needed
-        n, width = len(lengths), int(lengths[0])
-        qd, kd, vd = (t.view(n, width, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=causal)
-        return out.transpose(1, 2).reshape(q.shape)
-    out = torch.empty_like(q)
-    starts = torch.cumsum(lengths, 0) - lengths
-    for idx in _length_buckets(lengths):
-        lens = lengths[idx]
-        width = int(lens.max())
-        offs = torch.arange(width, device=q.device)
-        valid = offs[None, :] < lens[:, None]  # [nb, width]
-        gather = (starts[idx][:, None] + offs[None, :]).clamp_max(q.shape[0] - 1)
-        gather = torch.where(valid, gather, starts[idx][:, None])  # padding reads a real token, is masked
-        qb, kb, vb = (t[gather].transpose(1, 2) for t in (q, k, v))  # [nb, H, width, hd]
-        mask = valid[:, None, None, :]
-        if causal:
-            mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()[None, None]
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
-        ob = ob.transpose(1, 2)  # [nb, width, H, hd]
-        out[gather[valid]] = ob[valid]
-    return out
 
 
 class Backbone(nn.Module):
@@ -282,6 +322,34 @@ class Backbone(nn.Module):
             shift, scale = mod.chunk(2, dim=-1)
             x = x * (1 + scale) + shift
         return x
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+               capacity: int | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Incremental decoding of dense causal input: hidden states of the new tokens and the cache.
+
+        tokens [B, n_new] continue the cached prefix (none: a new cache, positions from 0); their
+        positions continue from len(cache), and they attend over prefix + themselves, causally
+        among themselves. Returns (hidden [B, n_new, d], the cache updated in place with them),
+        equal to forward(prefix + tokens)[:, -n_new:] up to float rounding. `capacity` sizes a new
+        cache's buffer (tokens it holds before growing; default cfg.max_len).
+        """
+        cfg = self.cfg
+        if not cfg.causal or cfg.time_cond:
+            raise ValueError("decode needs a causal backbone without time conditioning")
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise ValueError("decode takes dense new tokens [B, n_new] with n_new >= 1")
+        if cache is None:
+            cache = KVCache(cfg.n_layers, cfg.max_len if capacity is None else capacity)
+        elif cache.batch_size is not None and cache.batch_size != tokens.shape[0]:
+            raise ValueError(f"cache holds {cache.batch_size} rows but got {tokens.shape[0]}: use select() first")
+        n = tokens.shape[1]
+        positions = torch.arange(cache.length, cache.length + n, device=tokens.device)
+        cos, sin = self.rotary.cos_sin(positions)
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None, None, None, kv=(cache, i))
+        cache.advance(n)
+        return self.norm(x), cache
 
     # ------------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:

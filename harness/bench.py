@@ -8,9 +8,37 @@ prints s/step, clean tokens/s, peak memory and each method's step time relative 
 min/median/max over repeats, and writes the rows as JSON (plotted by
 `analysis.figures.bench_figure`).
 
+The limit next to every ratio. Each case (size, layout, L, B) also times, in the same
+interleaved loop, two bare networks (`BareBackbone`: the shared Backbone of that size,
+bidirectional, no time input, + a linear output layer + cross-entropy on every input token,
+AdamW step), each on its own fixed input:
+
+* `backbone@L`   : the dense [B, L] input a masked baseline (RADD, MDLM) feeds its network; in
+                   the varlen layout L is the canvas width they use (the split's max_len); the
+                   output layer scores clean - kept positions, as many as RADD/MDLM mask;
+* `backbone@kept`: the packed survivors DID's network sees in that very step: the tokens and
+                   per-row lengths are read off DID's own backbone call (`network_input`: a
+                   forward pre-hook on the DID method's backbone during `method.loss(batch)`
+                   after `torch.manual_seed(seed)`, the call interrupted before the network
+                   runs), so no line of DID's forward process is repeated here.
+
+`limit` = t(backbone@L) / t(backbone@kept), per repeat: the ratio to a masked baseline that a
+zero-overhead DID (nothing but the network on its survivors) would get. `achieved` is the
+fraction of that limit reached (`achieved_fraction`): for radd/mdlm, (t_method / t_DID) /
+limit; for the DID reference row, t(backbone@kept) / t_DID (its speed-up over the dense bare
+network divided by the limit: 1 = DID has zero overhead beyond its network). Other methods
+(AR, ILM: their networks do not run on the dense canvas) get none. The case's kept fraction
+(kept tokens / clean tokens, DID's `kept_fraction` loss stat) is printed, with a warning when
+it is outside 0.45-0.55; `--balanced-seed` times each case at the seed in 0..9 whose kept
+fraction is nearest 0.5 instead of `--seed`. `--no-limit` skips the two bare networks.
+
 `python -m harness bench sample` times sampling (float64 probabilities included) of trained runs
 of a study at several step counts: seconds per sample, generated tokens/s and NFE, with a
-generator seeded identically for every repeat and method.
+generator seeded identically for every repeat and method. Hooks on each method's backbone
+(`NetworkProbe`) also count, in the timed calls, the network calls, the tokens the network
+processes per call (dense [B, N] = B * N, packed = T) and the mean row length per call, and time
+every call (synchronised on CUDA), giving the fraction of the wall time spent outside the network
+(sampling, bookkeeping, transfers).
 
 The two timing loops, `interleaved_train` and `interleaved_sample`, are also what the study's
 cost job (`python -m harness cost`, harness/cost.py) runs on a study's trained checkpoints.
@@ -26,16 +54,27 @@ import statistics
 import sys
 import time
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from harness import data as data_lib
 from harness import methods
+from harness.backbone import Backbone, backbone_config
 from harness.batch import Batch, Vocab
 from harness.methods import UserError
 
 FIXED_METHODS = ["did-fixed", "radd", "mdlm", "ar"]
 VARLEN_METHODS = ["did", "radd", "mdlm", "ilm", "ar"]
 REFERENCE = {"fixed": "did-fixed", "varlen": "did"}
+#: the two bare-network entries of every `bench train` case (see the module docstring)
+DENSE, KEPT = "backbone@L", "backbone@kept"
+#: the methods whose network is the backbone on the dense canvas: their ratio has a limit
+DENSE_CANVAS = ("radd", "mdlm")
+#: the kept-fraction range the issue asks the batch to fall in (a warning outside it)
+KEPT_RANGE = (0.45, 0.55)
 
 
 def _sync(device: torch.device) -> None:
@@ -157,6 +196,101 @@ def interleaved_train(models: dict, batch, *, device: torch.device, use_bf16: bo
     return out
 
 
+def _call_inputs(args: tuple, kwargs: dict):
+    """(tokens, lengths or None) of a Backbone.forward(tokens, lengths=None, sigma=None) call."""
+    tokens = args[0] if args else kwargs["tokens"]
+    lengths = args[1] if len(args) > 1 else kwargs.get("lengths")
+    return tokens, lengths
+
+
+class NetworkProbe:
+    """Counts, sizes and times the calls of one module (a method's backbone) inside a `with`.
+
+    Calls are the module's forward (hooks) and its `decode` entry point when it has one (the KV-
+    cached incremental path of a causal Backbone, which bypasses forward; wrapped by an instance
+    attribute for the duration of the block). Each call records its input tokens
+    (`tokens.numel()`: B * N for a dense [B, N] input, T for a packed [T] one, the new tokens
+    only for decode) and its rows (B, or len(lengths) when packed), both read off the shapes (no
+    device transfer), and the time inside it (time.perf_counter() at both ends, after
+    torch.cuda.synchronize on CUDA, so a call's time is its GPU work). A call made inside another
+    counts once. Everything is undone on leaving the block, also on an error.
+    """
+
+    ENTRY_POINTS = ("decode",)
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device = module, torch.device(device)
+        self.tokens: list[int] = []
+        self.rows: list[int] = []
+        self.seconds = 0.0
+        self._t0 = 0.0
+        self._depth = 0
+        self._handles: list = []
+        self._wrapped: list[str] = []
+
+    def _enter(self, tokens: torch.Tensor, lengths: torch.Tensor | None) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
+        self.tokens.append(int(tokens.numel()))
+        self.rows.append(int(lengths.shape[0]) if lengths is not None else int(tokens.shape[0]))
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _leave(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            _sync(self.device)
+            self.seconds += time.perf_counter() - self._t0
+
+    def _pre(self, module, args, kwargs):
+        self._enter(*_call_inputs(args, kwargs))
+
+    def _post(self, module, args, output):
+        self._leave()
+
+    def _wrap(self, name: str) -> None:
+        original = getattr(self.module, name)
+
+        def wrapper(*args, **kwargs):
+            self._enter(args[0] if args else kwargs["tokens"], None)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._leave()
+
+        setattr(self.module, name, wrapper)  # an instance attribute shadows the class method
+        self._wrapped.append(name)
+
+    def __enter__(self) -> "NetworkProbe":
+        self._depth = 0
+        self._handles = [self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         self.module.register_forward_hook(self._post)]
+        for name in self.ENTRY_POINTS:
+            if callable(getattr(type(self.module), name, None)) and name not in vars(self.module):
+                self._wrap(name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for name in self._wrapped:
+            delattr(self.module, name)
+        self._handles, self._wrapped = [], []
+
+    @property
+    def calls(self) -> int:
+        return len(self.tokens)
+
+    def tokens_per_call(self) -> float:
+        """Tokens the network processed per call, averaged over the calls (0 without calls)."""
+        return statistics.mean(self.tokens) if self.tokens else 0.0
+
+    def row_length_per_call(self) -> float:
+        """Per call tokens / rows (the mean sequence length the network saw), averaged over calls."""
+        return statistics.mean(t / r for t, r in zip(self.tokens, self.rows)) if self.tokens else 0.0
+
+
 def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int, repeats: int, seed: int,
                        top_p: float = 1.0) -> dict[tuple[str, int], dict]:
     """Time `sample(n, k)` of several methods at each k of `steps`, methods interleaved per repeat.
@@ -165,9 +299,13 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
     calls at the smallest k. Then, per k, in each of `repeats` rounds every method makes one
     timed call with a generator freshly seeded with `seed` (the same seed for every round and
     every method, so the rounds are identical work). Returns {(name, k): {"times": [s per call],
-    "nfe": [...], "mean_length": [...], "content_tokens": [...], "peak_mem_mb"}} where the
-    content tokens of a sample are its generated ids that are not BOS/EOS/PAD/MASK (the length
-    `evaluate samples` reports), mean_length their mean over the call's samples.
+    "nfe": [...], "mean_length": [...], "content_tokens": [...], "peak_mem_mb", and, measured by
+    a NetworkProbe on the method's `backbone` during the timed call (None for a method without
+    one): "network_calls", "tokens_per_call", "row_length_per_call", "network_seconds",
+    "outside_fraction" (1 - network seconds / call seconds, clipped to [0, 1])}} (lists: one
+    value per repeat), where the content tokens of a sample are its generated ids that are not
+    BOS/EOS/PAD/MASK (the length `evaluate samples` reports), mean_length their mean over the
+    call's samples.
     """
     def call(method, k):
         gen = torch.Generator(device=method.device).manual_seed(int(seed))
@@ -181,23 +319,141 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
         for _ in range(int(repeats)):
             for name, method in samplers.items():
                 device = method.device
+                net = getattr(method, "backbone", None)
+                probe = NetworkProbe(net, device) if isinstance(net, nn.Module) else None
                 _sync(device)
                 _reset_peak(device)
                 before, own = _allocated(device), _own_bytes(method) if device.type == "cuda" else 0
-                t0 = time.perf_counter()
-                res = call(method, k)
-                _sync(device)
-                dt = time.perf_counter() - t0
+                with probe or contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    res = call(method, k)
+                    _sync(device)
+                    dt = time.perf_counter() - t0
                 specials = set(method.vocab.specials)
                 lengths = [sum(1 for t in ids if int(t) not in specials) for ids in res.tokens]
                 e = out.setdefault((name, k), {"times": [], "nfe": [], "mean_length": [], "content_tokens": [],
-                                              "peak_mem_mb": None})
+                                              "peak_mem_mb": None, "network_calls": [], "tokens_per_call": [],
+                                              "row_length_per_call": [], "network_seconds": [],
+                                              "outside_fraction": []})
                 e["times"].append(dt)
                 e["nfe"].append(int(res.nfe))
                 e["mean_length"].append(statistics.mean(lengths) if lengths else 0.0)
                 e["content_tokens"].append(sum(lengths))
                 e["peak_mem_mb"] = _max(e["peak_mem_mb"], _alone_peak_mb(device, before, own))
+                if probe is None:
+                    for key in ("network_calls", "tokens_per_call", "row_length_per_call", "network_seconds",
+                                "outside_fraction"):
+                        e[key] = None
+                    continue
+                e["network_calls"].append(probe.calls)
+                e["tokens_per_call"].append(probe.tokens_per_call())
+                e["row_length_per_call"].append(probe.row_length_per_call())
+                e["network_seconds"].append(probe.seconds)
+                e["outside_fraction"].append(min(1.0, max(0.0, 1.0 - probe.seconds / dt)) if dt > 0 else 0.0)
     return out
+
+
+# --- the limit of a zero-overhead DID: the bare network on the dense and on the kept input ----
+class BareBackbone(nn.Module):
+    """The bare shared network timed as if it were a method: Backbone (bidirectional, no time
+    input) + nn.Linear(d_model, vocab) + cross-entropy (target: the token) on the first
+    `head_rows` positions (default: every input token).
+
+    On the dense canvas `head_rows` is the number of positions RADD/MDLM score (the masked ones:
+    as many as DID deletes, clean - kept), so `backbone@L` is a zero-overhead RADD step; on the
+    kept tokens the head covers every slot, as DID's heads do.
+
+    It runs on the fixed input given at construction, dense `tokens` [B, N] or packed `tokens`
+    [T] + `lengths` [B], whatever batch `loss` is handed (so interleaved_train times it next to
+    the methods on their shared batch): the least a step of any method feeding this input to the
+    backbone and an output layer costs.
+    """
+
+    def __init__(self, vocab_size: int, size: str, max_len: int, tokens: torch.Tensor,
+                 lengths: torch.Tensor | None = None, head_rows: int | None = None):
+        super().__init__()
+        self.head_rows = head_rows
+        cfg = backbone_config(size, time_cond=False, causal=False, max_len=max_len)
+        self.backbone = Backbone(cfg, vocab_size)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+        self.register_buffer("tokens", tokens.detach().clone(), persistent=False)
+        self.register_buffer("lengths", None if lengths is None else lengths.detach().clone(), persistent=False)
+
+    def loss(self, batch=None) -> tuple[torch.Tensor, dict]:
+        hidden = self.backbone(self.tokens, self.lengths)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), self.tokens.reshape(-1)
+        if self.head_rows is not None:
+            hidden, targets = hidden[: self.head_rows], targets[: self.head_rows]
+        return F.cross_entropy(self.head(hidden).float(), targets), {}
+
+
+class _Captured(Exception):
+    """Raised by network_input's hook: the input is recorded, the network need not run."""
+
+
+def network_input(method, batch, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens, lengths) of the first backbone call of `method.loss(batch)` after
+    `torch.manual_seed(seed)`: exactly what interleaved_train's step at that seed feeds the
+    network (for DID: the packed survivors and their per-row lengths). A forward pre-hook on
+    `method.backbone` copies the input and interrupts the call, so the network does not run
+    (the work before it, e.g. DID's DP, does, without gradients)."""
+    got: dict = {}
+
+    def hook(module, args, kwargs):
+        tokens, lengths = _call_inputs(args, kwargs)
+        got["tokens"] = tokens.detach().clone()
+        got["lengths"] = None if lengths is None else lengths.detach().clone()
+        raise _Captured
+
+    handle = method.backbone.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            method.loss(batch)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"{type(method).__name__}.loss made no backbone call")
+    return got["tokens"], got["lengths"]
+
+
+def dense_input(batch: Batch, width: int, pad: int) -> torch.Tensor:
+    """[B, width] tokens of the dense canvas: the rows of the batch, PAD after each row's length
+    (fixed rows are already `width` long; varlen: the masked baselines' canvas of max_len)."""
+    x0 = batch.x0[:, :width]
+    canvas = torch.full((x0.shape[0], width), pad, dtype=x0.dtype, device=x0.device)
+    canvas[:, : x0.shape[1]] = torch.where(batch.valid_mask()[:, :width], x0, torch.full_like(x0, pad))
+    return canvas
+
+
+def limit_ratio(timing: dict) -> dict | None:
+    """{min, median, max} over repeats of t(backbone@L) / t(backbone@kept) (None without them)."""
+    if DENSE not in timing or KEPT not in timing:
+        return None
+    return ratio_summary(timing[DENSE]["times"], timing[KEPT]["times"])
+
+
+def achieved_fraction(timing: dict, name: str, reference: str) -> dict | None:
+    """{min, median, max} over repeats of the fraction of the limit a row reaches.
+
+    Per repeat i, with limit_i = t(backbone@L)_i / t(backbone@kept)_i:
+    * a dense-canvas baseline (radd, mdlm): (t_name_i / t_reference_i) / limit_i: its measured
+      ratio to DID over the ratio a zero-overhead DID would get against the bare dense network;
+    * the reference (DID) itself: t(backbone@kept)_i / t_reference_i, i.e. its speed-up over
+      the bare dense network divided by the limit (1 = no cost beyond the network).
+    None for other methods (AR, ILM), for a reference that is not a DID method, or without the
+    bare-network timings.
+    """
+    if DENSE not in timing or KEPT not in timing or reference not in timing or reference not in REFERENCE.values():
+        return None
+    dense, kept, ref = timing[DENSE]["times"], timing[KEPT]["times"], timing[reference]["times"]
+    if name == reference:
+        return summary([k / r for k, r in zip(kept, ref)])
+    if name in DENSE_CANVAS and name in timing:
+        return summary([(m / r) / (d / k) for m, r, d, k in zip(timing[name]["times"], ref, dense, kept)])
+    return None
 
 
 # --- `bench train` / `bench sample` ---------------------------------------------------------------
@@ -232,6 +488,24 @@ def train_row(name: str, timing: dict, ref_times: list[float] | None, clean_toke
     return row
 
 
+def kept_fraction(tokens: torch.Tensor, batch: Batch) -> float:
+    """Network tokens / clean tokens of one DID step (its loss stat `kept_fraction`)."""
+    return float(tokens.numel()) / float(batch.lengths.sum())
+
+
+def _case_seed(did_model, batch: Batch, args) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """(seed, kept tokens, kept lengths) of a case: `--seed`, or with `--balanced-seed` the seed
+    in 0..9 whose kept fraction is nearest 0.5 (the smallest such seed on a tie)."""
+    seeds = range(10) if args.balanced_seed else [args.seed]
+    best = None
+    for sd in seeds:
+        tokens, lengths = network_input(did_model, batch, sd)
+        gap = abs(kept_fraction(tokens, batch) - 0.5)
+        if best is None or gap < best[0]:
+            best = (gap, sd, tokens, lengths)
+    return best[1], best[2], best[3]
+
+
 def bench_train(args) -> dict:
     device = torch.device(args.device)
     use_bf16 = device.type == "cuda" and not args.fp32
@@ -251,16 +525,42 @@ def bench_train(args) -> dict:
         batch = fixed_batches(args.data, L, B, vocab) if layout == "fixed" else varlen_batch(args.data, B)
         max_len = L if layout == "fixed" else int(data_lib.load_split(args.data, "train", "varlen").max_len)
         batch = batch.to(device)
-        print(f"\n[{size} {layout} L={max_len} B={B}: {batch.clean_tokens()} clean tokens per step]", flush=True)
         models = {}
         for name in names:
             torch.manual_seed(0)
             model = methods.build(name, vocab, size, layout, max_len).to(device).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             models[name] = (model, opt)
-        timing = interleaved_train(models, batch, device=device, use_bf16=use_bf16, warmup=args.warmup,
-                                   repeats=args.repeats, seed=args.seed)
-        ref = reference_method(layout) if reference_method(layout) in timing else names[0]
+        # DID's network input of this case: read off the DID method's own backbone call
+        did_name = REFERENCE[layout]
+        if did_name in models:
+            did_model = models[did_name][0]
+        else:
+            torch.manual_seed(0)
+            did_model = methods.build(did_name, vocab, size, layout, max_len).to(device).train()
+        seed, kept_tokens, kept_lengths = _case_seed(did_model, batch, args)
+        if did_name not in models:
+            del did_model
+        kept = kept_fraction(kept_tokens, batch)
+        dense = dense_input(batch, max_len, vocab.pad)
+        print(f"\n[{size} {layout} L={max_len} B={B}: {batch.clean_tokens()} clean tokens per step; seed {seed}: "
+              f"DID keeps {kept_tokens.numel()} ({kept:.1%})]", flush=True)
+        if not KEPT_RANGE[0] <= kept <= KEPT_RANGE[1]:
+            print(f"warning: the kept fraction {kept:.3f} is outside {KEPT_RANGE[0]}-{KEPT_RANGE[1]}: the limit and "
+                  f"the ratios are for this draw (try --balanced-seed or another --batch-size)", flush=True)
+        timed = dict(models)
+        if args.limit:
+            masked = batch.clean_tokens() - kept_tokens.numel()  # what RADD/MDLM score, in expectation
+            for entry, (tokens, lengths, head_rows) in ((DENSE, (dense, None, masked)),
+                                                        (KEPT, (kept_tokens, kept_lengths, None))):
+                torch.manual_seed(0)
+                bare = BareBackbone(vocab.size, size, max_len, tokens, lengths, head_rows).to(device).train()
+                timed[entry] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
+        timing = interleaved_train(timed, batch, device=device, use_bf16=use_bf16, warmup=args.warmup,
+                                   repeats=args.repeats, seed=seed)
+        ref = reference_method(layout) if reference_method(layout) in models else names[0]
+        limit = limit_ratio(timing)
+        bare_s = {e: summary(timing[e]["times"]) if e in timing else None for e in (DENSE, KEPT)}
         for n in names:
             t = train_row(n, timing[n], timing[ref]["times"], batch.clean_tokens())
             row = {
@@ -276,16 +576,26 @@ def bench_train(args) -> dict:
                 "reference": ref,
                 "peak_mem_mb": t["peak_mem_mb"],
                 "params": sum(p.numel() for p in models[n][0].parameters()),
+                "seed": seed,
+                "kept_fraction": kept,
+                "kept_tokens": int(kept_tokens.numel()),
+                "dense_tokens": int(dense.numel()),
+                "backbone_dense_s_per_step": bare_s[DENSE],
+                "backbone_kept_s_per_step": bare_s[KEPT],
+                "limit_ratio": limit,
+                "achieved_fraction": achieved_fraction(timing, n, ref),
             }
             if "dp_seconds" in t:
                 row["dp_seconds"] = t["dp_seconds"]
                 row["dp_fraction_of_step"] = t["dp_fraction"]
             rows.append(row)
-        _print_table([r for r in rows if r["size"] == size and r["layout"] == layout and r["seq_len"] == max_len])
-        del models
+        _print_table([r for r in rows if r["size"] == size and r["layout"] == layout and r["seq_len"] == max_len],
+                     {e: v for e, v in bare_s.items() if v is not None},
+                     {DENSE: dense.numel(), KEPT: kept_tokens.numel()})
+        del models, timed
     return {"kind": "bench-train", "device": _device_name(device), "precision": "bf16" if use_bf16 else "float32",
-            "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "threads": torch.get_num_threads(),
-            "rows": rows}
+            "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "balanced_seed": args.balanced_seed,
+            "limit": args.limit, "threads": torch.get_num_threads(), "rows": rows}
 
 
 def _batch_size(args, size: str, layout: str, L: int | None) -> int:
@@ -305,16 +615,42 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _print_table(rows: list[dict]) -> None:
-    print(f"{'method':>10} {'s/step (med)':>13} {'min':>8} {'max':>8} {'tok/s':>10} {'x DID (min/med/max)':>22} {'DP share':>9} {'peak MB':>8}")
+def _print_table(rows: list[dict], bare: dict | None = None, bare_tokens: dict | None = None) -> None:
+    """The rows of one case; `bare` {entry: s/step summary} adds the bare-network lines (tokens/s
+    of those: the tokens of their own input, `bare_tokens`)."""
+    def med(d, f):
+        return format(d["median"], f) if d else "-"
+
+    print(f"{'method':>13} {'s/step (med)':>13} {'min':>8} {'max':>8} {'tok/s':>10} {'x DID (min/med/max)':>22} "
+          f"{'limit':>6} {'achieved':>9} {'DP share':>9} {'peak MB':>8}")
     for r in rows:
         s, q = r["s_per_step"], r["ratio_to_did"]
         dp = f"{r['dp_fraction_of_step']['median']:.1%}" if "dp_fraction_of_step" in r else "-"
         mem = r["peak_mem_mb"] if r["peak_mem_mb"] is not None else "-"
+        ach = med(r.get("achieved_fraction"), ".1%")
         print(
-            f"{r['method']:>10} {s['median']:13.4f} {s['min']:8.4f} {s['max']:8.4f} {r['tokens_per_s']['median']:10.0f} "
-            f"{q['min']:6.2f} / {q['median']:5.2f} / {q['max']:5.2f} {dp:>9} {mem:>8}"
+            f"{r['method']:>13} {s['median']:13.4f} {s['min']:8.4f} {s['max']:8.4f} {r['tokens_per_s']['median']:10.0f} "
+            f"{q['min']:6.2f} / {q['median']:5.2f} / {q['max']:5.2f} {med(r.get('limit_ratio'), '.2f'):>6} {ach:>9} "
+            f"{dp:>9} {mem:>8}"
         )
+    for entry, s in (bare or {}).items():
+        tok = (bare_tokens or {}).get(entry)
+        tps = f"{tok / s['median']:10.0f}" if tok else f"{'-':>10}"
+        print(f"{entry:>13} {s['median']:13.4f} {s['min']:8.4f} {s['max']:8.4f} {tps} {'(bare network)':>22}")
+
+
+def network_numbers(t: dict) -> dict:
+    """The NetworkProbe numbers of one interleaved_sample entry as a bench-sample row's keys:
+    network_calls (median over repeats), tokens_per_call and row_length_per_call (means over
+    repeats of the per-call means), network_seconds and outside_fraction ({min, median, max});
+    all None for a method without a backbone."""
+    if not t.get("network_calls"):
+        return dict.fromkeys(("network_calls", "tokens_per_call", "row_length_per_call", "network_seconds",
+                              "outside_fraction"))
+    return {"network_calls": statistics.median(t["network_calls"]),
+            "tokens_per_call": statistics.mean(t["tokens_per_call"]),
+            "row_length_per_call": statistics.mean(t["row_length_per_call"]),
+            "network_seconds": summary(t["network_seconds"]), "outside_fraction": summary(t["outside_fraction"])}
 
 
 def bench_sample(args) -> dict:
@@ -347,45 +683,27 @@ def bench_sample(args) -> dict:
                    "s_per_sample": summary([s / args.n for s in t["times"]]),
                    "gen_tokens_per_s": summary([c / s for c, s in zip(t["content_tokens"], t["times"])]),
                    "nfe": statistics.median(t["nfe"]), "mean_length": statistics.mean(t["mean_length"]),
-                   "peak_mem_mb": t["peak_mem_mb"]}
+                   "peak_mem_mb": t["peak_mem_mb"], **network_numbers(t)}
             if ref:
                 row["ratio_to_did"] = ratio_summary(t["times"], timing[(ref, steps)]["times"])
                 row["reference"] = ref
             rows.append(row)
             q = row.get("ratio_to_did") or {"median": float("nan")}
+            net = (f" tok/call={row['tokens_per_call']:.0f} len/call={row['row_length_per_call']:.1f} "
+                   f"outside={row['outside_fraction']['median']:.1%}") if row["network_calls"] is not None else ""
             print(f"{name:>22} steps={steps:<5} s/sample={row['s_per_sample']['median']:.4f} NFE={row['nfe']:<6} "
-                  f"len={row['mean_length']:.1f} x DID={q['median']:.2f}", flush=True)
+                  f"len={row['mean_length']:.1f}{net} x DID={q['median']:.2f}", flush=True)
     return {"kind": "bench-sample", "device": _device_name(device), "repeats": args.repeats, "warmup": args.warmup,
             "seed": args.seed, "threads": torch.get_num_threads(), "rows": rows}
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness bench")
-    sub = p.add_subparsers(dest="what", required=True)
-    t = sub.add_parser("train", help="training step cost, methods interleaved on identical data")
-    t.add_argument("--data", default="results/default/data", help="a prepared data directory (make study / harness prepare)")
-    t.add_argument("--sizes", nargs="+", default=["tiny", "small"])
-    t.add_argument("--fixed-lengths", nargs="*", type=int, default=[128, 1024])
-    t.add_argument("--no-varlen", dest="varlen", action="store_false")
-    t.add_argument("--methods", nargs="*", default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--warmup", type=int, default=1)
-    t.add_argument("--repeats", type=int, default=3)
-    t.add_argument("--seed", type=int, default=0, help="global RNG seed before every timed step (same work every repeat)")
-    t.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--out", default=None)
-    s = sub.add_parser("sample", help="sampling cost of a study's trained runs at several step counts")
-    s.add_argument("--study-dir", default="results/default")
-    s.add_argument("--steps", nargs="+", type=int, default=[16, 64])
-    s.add_argument("--n", type=int, default=16)
-    s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0, help="generator seed of every timed call (same work every repeat)")
-    s.add_argument("--methods", nargs="*", default=None)
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    """`python -m harness bench train|sample|attention ...`."""
+    if argv[:1] == ["attention"]:  # its own parser: attention strategies alone, no data needed
+        from harness import bench_attention
+
+        return bench_attention.main(argv[1:])
+    args = build_parser().parse_args(argv)
     if args.what == "train" and not os.path.exists(os.path.join(args.data, "manifest.json")):
         raise UserError(f"no prepared data in {args.data}: run `python -m harness prepare --config config/default.yaml --out {args.data}`")
     result = bench_train(args) if args.what == "train" else bench_sample(args)
@@ -396,6 +714,57 @@ def main(argv: list[str]) -> int:
         atomic_write_text(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`bench train|sample` options (`bench attention` has its own: harness.bench_attention)."""
+    from harness.backbone import SIZES
+
+    sizes = ", ".join(SIZES)
+    p = argparse.ArgumentParser(prog="python -m harness bench",
+                                description="Cost benchmarks: methods interleaved in one process on identical work.")
+    sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("attention", help="packed-attention strategies alone on DID-like length mixes "
+                                     "(`bench attention --help`)", add_help=False)
+    train_help = ("training step cost, methods interleaved on identical data; columns 'limit' (bare backbone on "
+                  "dense L / on DID's kept tokens: the ratio a zero-overhead DID would get) and 'achieved' (the "
+                  "fraction of it reached), and the case's kept fraction")
+    t = sub.add_parser("train", help=train_help, description=train_help)
+    t.add_argument("--data", default="results/default/data", help="a prepared data directory (make study / harness prepare)")
+    t.add_argument("--sizes", nargs="+", default=["tiny", "small"], help=f"model sizes ({sizes}; default: %(default)s)")
+    t.add_argument("--fixed-lengths", nargs="*", type=int, default=[128, 1024],
+                   help="fixed-layout sequence lengths L, one case each (default: %(default)s)")
+    t.add_argument("--no-varlen", dest="varlen", action="store_false", help="skip the variable-length case")
+    t.add_argument("--methods", nargs="*", default=None,
+                   help=f"methods to time (default: {' '.join(FIXED_METHODS)} at fixed length, "
+                        f"{' '.join(VARLEN_METHODS)} at variable length)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step (default: 4096 tokens / L at tiny, 2048 / L at small; varlen 32 / 8)")
+    t.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (default: 1)")
+    t.add_argument("--repeats", type=int, default=3, help="timed rounds, methods interleaved in each (default: 3)")
+    t.add_argument("--seed", type=int, default=0, help="global RNG seed before every timed step (same work every repeat)")
+    t.add_argument("--balanced-seed", action="store_true",
+                   help="time each case at the seed in 0..9 whose DID kept fraction is nearest 0.5 (instead of --seed)")
+    t.add_argument("--no-limit", dest="limit", action="store_false",
+                   help="do not time the bare backbone on dense L and on DID's kept tokens (no limit/achieved columns)")
+    t.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--out", default=None, help="write the rows as JSON here")
+    sample_help = ("sampling cost of a study's trained runs at several step counts, with NFE, the tokens and the "
+                   "mean row length per network call and the fraction of the time spent outside the network")
+    s = sub.add_parser("sample", help=sample_help, description=sample_help)
+    s.add_argument("--study-dir", default="results/default", help="a study with trained runs (default: %(default)s)")
+    s.add_argument("--steps", nargs="+", type=int, default=[16, 64], help="sampling step counts (default: %(default)s)")
+    s.add_argument("--n", type=int, default=16, help="samples per timed call (default: 16)")
+    s.add_argument("--repeats", type=int, default=3, help="timed rounds, methods interleaved in each (default: 3)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed calls per method first (default: 1)")
+    s.add_argument("--seed", type=int, default=0, help="generator seed of every timed call (same work every repeat)")
+    s.add_argument("--methods", nargs="*", default=None, help="only the runs of these methods (default: all)")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--out", default=None, help="write the rows as JSON here")
+    return p
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m harness prepare|train|evaluate|cost|report|log|bench ...`
+"""`python -m harness prepare|train|evaluate|sample|cost|report|log|bench ...`
 
 User mistakes (harness.methods.UserError) print one line `error: ...` and exit with status 2;
 a preempted training job exits with harness.train.EXIT_PREEMPTED so the workflow retries it.
@@ -89,6 +89,12 @@ def _cmd_log(args) -> int:
     return 0
 
 
+def _cmd_sample(args) -> int:
+    from harness import generate
+
+    return generate.run(args)
+
+
 def _cmd_bench(args, rest) -> int:
     from harness import bench
 
@@ -99,21 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description="didbench: DID vs masked-diffusion and insertion LMs")
     sub = p.add_subparsers(dest="command", required=True)
 
+    from harness.backbone import SIZES
+    from harness.methods import available
+    from harness.methods import get as get_method
+
+    config_help = "study config (YAML, validated against workflow/schemas/config.schema.yaml)"
     s = sub.add_parser("prepare", help="corpus -> tokenizer -> fixed/varlen token files + manifest")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, help=config_help + "; its `data` section is used")
     s.add_argument("--out", required=True, help="data directory, e.g. results/default/data")
 
     s = sub.add_parser("train", help="train one (method, layout, seed) run of a study")
-    s.add_argument("--config", required=True)
-    s.add_argument("--method", required=True)
-    s.add_argument("--layout", required=True, choices=["fixed", "varlen"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--data", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--config", required=True, help=config_help + f"; its `size` picks the backbone "
+                   f"({', '.join(SIZES)})")
+    s.add_argument("--method", required=True, help=f"the method to train: {', '.join(available())}")
+    takes = {lay: ", ".join(m for m in available() if lay in get_method(m).layouts) for lay in ("fixed", "varlen")}
+    s.add_argument("--layout", required=True, choices=["fixed", "varlen"],
+                   help=f"data layout: fixed (dense chunks; {takes['fixed']}) or varlen (one document per sequence; "
+                   f"{takes['varlen']})")
+    s.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    s.add_argument("--data", required=True, help="prepared data directory (from `prepare`)")
+    s.add_argument("--out", required=True, help="run directory: checkpoint.pt, history.csv, train.json; "
+                   "re-running resumes from <out>/resume/state.pt")
     s.add_argument("--steps", type=int, default=None, help="override train.steps (x step_multiplier)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sub.add_parser("evaluate", help="evaluate a trained run: ppl|samples|genppl|mauve|diversity|lengths|speed|evaluator", add_help=False)
+    sub.add_parser("evaluate", help="evaluate a trained run: ppl|samples|genppl|mauve|diversity|lengths|speed|evaluator "
+                   "(`evaluate --help` for its options)", add_help=False)
+
+    from harness import generate
+
+    s = sub.add_parser("sample", help="print samples of a trained run (any method, either layout)",
+                       description=generate.__doc__.split("\n\n")[0])
+    generate.add_arguments(s)
 
     s = sub.add_parser("cost", help="the study's cost job for one layout: training and sampling of every method, "
                        "interleaved in one process")
@@ -122,15 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     cost_parser(s)
 
     s = sub.add_parser("report", help="tables and figures of a study")
-    s.add_argument("--config", required=True)
-    s.add_argument("--study-dir", required=True)
+    s.add_argument("--config", required=True, help=config_help)
+    s.add_argument("--study-dir", required=True, help="results/<study>: its result files are read, tables/ and "
+                   "figures/ written")
 
     s = sub.add_parser("log", help="log a study to MLflow (idempotent)")
-    s.add_argument("--config", required=True)
-    s.add_argument("--study-dir", required=True)
+    s.add_argument("--config", required=True, help=config_help)
+    s.add_argument("--study-dir", required=True, help="results/<study> whose result files and histories are logged")
     s.add_argument("--marker", default=None, help="file written when logging completed")
 
-    sub.add_parser("bench", help="cost benchmark: methods interleaved in one process (train|sample)", add_help=False)
+    sub.add_parser("bench", help="cost benchmark: methods interleaved in one process (train|sample|attention; "
+                   "`bench train --help`, `bench sample --help`, `bench attention --help` for the options)", add_help=False)
     return p
 
 
@@ -143,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = argv[1:]
             return _cmd_evaluate(args, rest) if argv[0] == "evaluate" else _cmd_bench(args, rest)
         args = parser.parse_args(argv)
-        handler = {"prepare": _cmd_prepare, "train": _cmd_train, "cost": _cmd_cost, "report": _cmd_report,
-                   "log": _cmd_log}[args.command]
+        handler = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample, "cost": _cmd_cost,
+                   "report": _cmd_report, "log": _cmd_log}[args.command]
         return handler(args)
     except UserError as err:
         from harness.errors import report_error

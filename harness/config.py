@@ -29,10 +29,60 @@ def schema() -> dict:
         return yaml.safe_load(fh)
 
 
+# --- method names: the registry's, at validation time ------------------------------------------
+#: where the schema lists method names; its enum there names the shipped methods, and
+#: `validation_schema` replaces it with `method_names()` (so a method of another package is valid)
+METHOD_ENUMS = (
+    ("properties", "runs", "items", "properties", "method"),
+    ("properties", "methods", "propertyNames"),
+    ("properties", "train", "properties", "step_multiplier", "propertyNames"),
+)
+#: the entry-point group of the method registry (harness.methods.ENTRY_POINT_GROUP)
+METHODS_GROUP = "didbench.methods"
+
+
+def shipped_methods() -> list[str]:
+    """The methods this project ships: the schema's own enum (tests check it equals the registry's)."""
+    return list(schema()["properties"]["runs"]["items"]["properties"]["method"]["enum"])
+
+
+def method_names() -> list[str]:
+    """The method names a study may use, as the method registry (harness.methods) knows them now.
+
+    The shipped methods, the names of the `didbench.methods` entry points of the installed
+    packages (not loaded: one that fails to load is reported by `check_config`, with its reason)
+    and, when the registry is loaded in this process, whatever was registered in-process. Read
+    without importing torch where the registry is not loaded (the Snakefile validates configs too).
+    """
+    import sys
+
+    registry = sys.modules.get("harness.methods")
+    shipped = shipped_methods()
+    if registry is not None:
+        extra = set(registry.declared())
+    else:
+        from importlib import metadata
+
+        extra = {ep.name for ep in metadata.entry_points(group=METHODS_GROUP)}
+    return shipped + sorted(extra - set(shipped))  # the shipped ones first, in the schema's order
+
+
+def validation_schema() -> dict:
+    """schema() with the method-name enums (METHOD_ENUMS) set to the registry's `method_names()`."""
+    sch = copy.deepcopy(schema())
+    names = method_names()
+    for path in METHOD_ENUMS:
+        node = sch
+        for key in path:
+            node = node[key]
+        node["enum"] = names
+    return sch
+
+
 def _validator():
     import jsonschema
 
-    return jsonschema.Draft202012Validator(schema())
+    return jsonschema.Draft202012Validator(validation_schema())
 
 
 # --- defaults ---------------------------------------------------------------------------------
@@ -183,11 +233,14 @@ def check_config(cfg: dict) -> None:
     if err is not None:
         raise UserError(describe_error(err))
     seen: dict[tuple, int] = {}
+    shipped = set(shipped_methods())
     for i, run in enumerate(cfg["runs"]):
         key = (run["method"], run["layout"])
         if key in seen:
             raise UserError(f"runs[{i}]: duplicate of runs[{seen[key]}] ({key[0]}, {key[1]})")
         seen[key] = i
+        if run["method"] not in shipped:  # another package's method: load it now, check its layouts
+            _check_plugin_run(i, run)
     if cfg["data"]["min_tokens"] > cfg["data"]["max_len"]:
         raise UserError(
             f"data.min_tokens: {cfg['data']['min_tokens']} is larger than data.max_len ({cfg['data']['max_len']})"
@@ -200,6 +253,20 @@ def check_config(cfg: dict) -> None:
                         "whose law is known")
     if cfg["data"]["valid_fraction"] + cfg["data"]["test_fraction"] >= 1:
         raise UserError("data.valid_fraction + data.test_fraction must be below 1")
+
+
+def _check_plugin_run(i: int, run: dict) -> None:
+    """Load a method that the schema does not describe (an entry point's) and check the run's
+    layout against its `layouts`: a broken entry point stops the study here, with one line."""
+    from harness import methods  # imports torch: only for configs that use such a method
+
+    try:
+        cls = methods.get(run["method"])
+    except UserError as err:
+        raise UserError(f"runs[{i}].method: {err}") from None
+    if run["layout"] not in cls.layouts:
+        raise UserError(f"runs[{i}].layout: {run['layout']!r} is not allowed here (method {run['method']!r} "
+                        f"supports {', '.join(cls.layouts)})")
 
 
 def load_config(path_or_dict, source: str | None = None) -> dict:

@@ -215,7 +215,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="python -m harness cost", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the study config")
     p.add_argument("--study-dir", required=True, help="results/<study> (its runs/ and data/ are read)")
-    p.add_argument("--layout", required=True, choices=["fixed", "varlen"])
+    p.add_argument("--layout", required=True, choices=["fixed", "varlen"],
+                   help="the layout whose trained runs are timed (one run per method of that layout)")
     p.add_argument("--out", required=True, help="the result file, e.g. results/<study>/cost/<layout>.json")
     p.add_argument("--data", default=None, help="prepared data directory (default: <study-dir>/data)")
     p.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda, cuda:1, ...")

@@ -1,12 +1,27 @@
 """The Method interface and the registry.
 
 A method turns the shared backbone into a language model. The training loop, evaluation and
-the workflow talk only to this interface, so adding a method is one new module plus one
-`@register("name")` line (and an import in `harness/registry_imports.py`).
+the workflow talk only to this interface, so adding a method is one new module plus one entry
+point: methods are discovered through the entry-point group `didbench.methods` (ENTRY_POINT_GROUP)
+of the installed packages, e.g. in the pyproject.toml of your own package
+
+    [project.entry-points."didbench.methods"]
+    mymethod = "mypkg.mymethod:MyMethod"
+
+The entry point's name is the method's name in study configs; its object is a Method subclass
+(registered under that name when it is loaded; `@register("mymethod")` on the class is optional
+and must then give the same name) or a module whose import registers it. The shipped methods are
+declared the same way in this project's pyproject.toml; from a plain checkout without installed
+package metadata they are imported directly (_BUILTIN_MODULES). An entry point that fails to load
+is one UserError line naming it, raised when its method is asked for (`get`); `available()`
+lists only the methods that load.
 """
 from __future__ import annotations
 
+import importlib
+import types
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Callable, ClassVar
 
 import torch
@@ -137,6 +152,12 @@ def check_convention(convention: str) -> str:
 
 _REGISTRY: dict[str, type[Method]] = {}
 
+#: the entry-point group in which a package declares its methods (name = method name)
+ENTRY_POINT_GROUP = "didbench.methods"
+#: the shipped methods' modules (also declared as entry points in pyproject.toml), imported
+#: directly when no entry point points into them: `python -m harness` from a plain checkout
+_BUILTIN_MODULES = ("did.method", "baselines.mdlm", "baselines.radd", "baselines.ilm", "baselines.ar")
+
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
@@ -149,10 +170,62 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
-def _load_builtin_methods() -> None:
-    import importlib
+def _describe(ep: metadata.EntryPoint) -> str:
+    """`'name = module:attr' (entry point of group didbench.methods, package dist 1.0)`."""
+    dist = getattr(ep, "dist", None)
+    where = f", package {dist.name} {dist.version}" if dist is not None else ""
+    return f"'{ep.name} = {ep.value}' (entry point of group {ENTRY_POINT_GROUP}{where})"
 
-    for module in ("did.method", "baselines.mdlm", "baselines.radd", "baselines.ilm", "baselines.ar"):
+
+def _declared() -> tuple[dict[str, metadata.EntryPoint], dict[str, list[metadata.EntryPoint]]]:
+    """({name: entry point}, {name: [entry points]} of names declared by different objects)."""
+    found: dict[str, metadata.EntryPoint] = {}
+    clashes: dict[str, list[metadata.EntryPoint]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        prev = found.setdefault(ep.name, ep)
+        # the same declaration seen twice (an editable install beside a stale copy) counts once
+        if prev.value.replace(" ", "") != ep.value.replace(" ", ""):
+            clashes.setdefault(ep.name, [prev]).append(ep)
+    return found, clashes
+
+
+def entry_points() -> dict[str, metadata.EntryPoint]:
+    """The `didbench.methods` entry points of the installed packages, by method name (not loaded)."""
+    return _declared()[0]
+
+
+def _load_entry_point(ep: metadata.EntryPoint) -> type[Method]:
+    """Import an entry point's object and register it under the entry point's name."""
+    try:
+        obj = ep.load()
+    except Exception as err:  # noqa: BLE001 (third-party code: any failure is the plugin's)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"method {ep.name!r}: {_describe(ep)} failed to load: "
+                        f"{type(err).__name__}{': ' + detail if detail else ''}") from None
+    if isinstance(obj, types.ModuleType):          # a module whose import registers the method
+        if ep.name not in _REGISTRY:
+            raise UserError(f"method {ep.name!r}: {_describe(ep)} names a module that registers no method "
+                            f"{ep.name!r} (registered: {', '.join(sorted(_REGISTRY)) or 'none'})")
+        return _REGISTRY[ep.name]
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise UserError(f"method {ep.name!r}: {_describe(ep)} is {obj!r}, not a subclass of harness.methods.Method")
+    if _REGISTRY.get(ep.name) is obj:
+        return obj
+    if obj.name and obj.name != ep.name and _REGISTRY.get(obj.name) is obj:
+        raise UserError(f"method {ep.name!r}: {_describe(ep)} is registered as {obj.name!r}; "
+                        "the entry point's name and the @register name must agree")
+    if ep.name in _REGISTRY:
+        raise UserError(f"method {ep.name!r}: {_describe(ep)} clashes with {_REGISTRY[ep.name].__module__}."
+                        f"{_REGISTRY[ep.name].__qualname__}, already registered under that name")
+    return register(ep.name)(obj)
+
+
+def _load_builtin_methods() -> None:
+    """Import the shipped methods that no installed entry point declares (a plain checkout)."""
+    declared = {ep.module for ep in entry_points().values()}
+    for module in _BUILTIN_MODULES:
+        if module in declared:
+            continue
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:  # a method package not present in this checkout
@@ -162,16 +235,40 @@ def _load_builtin_methods() -> None:
 
 
 def available() -> list[str]:
+    """Every method that can be built: registered in this process, or declared by an entry point
+    that loads. One that fails to load is left out here (so a broken third-party package does not
+    stop commands that do not use it) and `get` of its name raises the one-line UserError."""
     _load_builtin_methods()
+    eps, clashes = _declared()
+    for name, ep in eps.items():
+        if name not in _REGISTRY and name not in clashes:
+            try:
+                _load_entry_point(ep)
+            except UserError:
+                pass
     return sorted(_REGISTRY)
 
 
+def declared() -> list[str]:
+    """The method names known without importing any method: registered ones and every entry point."""
+    return sorted(set(_REGISTRY) | set(entry_points()))
+
+
 def get(name: str) -> type[Method]:
+    """The Method class called `name`, loading its entry point on first use."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    eps, clashes = _declared()
+    if name in clashes:
+        raise UserError(f"method {name!r} is declared by more than one entry point: "
+                        + " and ".join(_describe(ep) for ep in clashes[name]))
+    if name in eps:
+        return _load_entry_point(eps[name])
     _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+        raise UserError(f"unknown method {name!r}; available: {', '.join(available())}") from None
 
 
 def build(name: str, vocab: Vocab, size: str, layout: str, max_len: int, **options) -> Method:

@@ -357,8 +357,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start_step, history, wall_offset = state["step"], state["history"], state["wall_time"]
-        if ctx.main and progress:
-            print(f"resuming {info['run']} from step {start_step}", flush=True)
+        if ctx.main:  # also with progress=False (the workflow's --quiet): the job log says it resumed
+            print(f"{info['run']}: resuming from step {start_step}", flush=True)
 
     def save_state(step: int, wall: float) -> None:
         if ctx.main:

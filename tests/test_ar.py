@@ -176,3 +176,103 @@ def test_flops_per_token_counts_the_full_sequence(micro):
     batch = varlen_batch([[0] + [4] * 40])
     want = 3 * (model.backbone.forward_flops([41]) + 2 * 32 * 12 * 41) / 41
     assert model.flops_per_token(batch) == pytest.approx(want)
+
+
+
+# --- the KV cache -----------------------------------------------------------------------------------
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setitem(backbone.SIZES, "small-test", dict(n_layers=2, d_model=32, n_heads=4))
+    torch.manual_seed(0)
+
+
+@torch.no_grad()
+def test_cached_decode_logits_equal_recomputation(small):
+    model = build("ar", VOCAB, "small-test", "varlen", 40).eval()
+    model.head.weight.mul_(4.0)  # sharper logits: differences would show
+    x = torch.randint(4, VOCAB.size, (3, 30))
+    x[:, 0] = VOCAB.bos
+    hidden, cache = model.backbone.decode(x[:, :5], capacity=8)  # a 5-token prompt; the buffer must grow
+    torch.testing.assert_close(suppress(model.head(hidden).float(), model.suppressed), model.logits(x[:, :5]))
+    for t in range(5, 30):
+        hidden, cache = model.backbone.decode(x[:, t : t + 1], cache)
+        assert len(cache) == t + 1 and hidden.shape == (3, 1, 32)
+        cached = suppress(model.head(hidden[:, -1]).float(), model.suppressed)
+        torch.testing.assert_close(cached, model.logits(x[:, : t + 1])[:, -1], atol=1e-5, rtol=1e-5)
+    k, v = cache.layer(1)
+    assert k.shape == v.shape == (3, 4, 30, 8)
+    # several new tokens over a cached prefix: causal among themselves
+    _, cache = model.backbone.decode(x[:, :1])
+    hidden, cache = model.backbone.decode(x[:, 1:12], cache)
+    torch.testing.assert_close(hidden, model.backbone(x[:, :12])[:, 1:], atol=1e-5, rtol=1e-5)
+    # keeping rows: the selected cache goes on exactly like a cache of those rows alone
+    kept = cache.select(torch.tensor([2, 0]))
+    assert kept.batch_size == 2 and len(kept) == 12 and cache.batch_size == 3
+    hidden, _ = model.backbone.decode(x[[2, 0], 12:14], kept)
+    torch.testing.assert_close(hidden, model.backbone(x[[2, 0], :14])[:, 12:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        model.backbone.decode(x[:, 14:15], kept)  # 3 rows against a 2-row cache
+    bidirectional = backbone.Backbone(backbone.backbone_config("small-test"), VOCAB.size)
+    with pytest.raises(ValueError):  # a cache is only valid for causal attention
+        bidirectional.decode(x[:, :2])
+
+
+class Recorder(torch.nn.Module):
+    """An output head that keeps the hidden states it is given, one [rows, d] per network call."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head, self.seen = head, []
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.seen.append(h.clone())
+        return self.head(h)
+
+
+def sampled_both_ways(layout: str, max_len: int, sample_kw: dict, eos_bias: float = 0.0):
+    """One model sampled without and with the KV cache from the same seed: the same samples, and at
+    every step the same hidden states row for row (rows that stopped must have left the cache)."""
+    plain = build("ar", VOCAB, "small-test", layout, max_len, kv_cache=False).eval()
+    with torch.no_grad():  # varied tokens and stopping steps, so rows' prefixes differ
+        plain.head.bias.zero_()
+        plain.head.bias[VOCAB.eos] = eos_bias
+    cached = build("ar", VOCAB, "small-test", layout, max_len).eval()
+    cached.load_state_dict(plain.state_dict())
+    for m in (plain, cached):
+        m.head = Recorder(m.head)
+    outs = [m.sample(8, 1, generator=torch.Generator().manual_seed(3), **sample_kw) for m in (plain, cached)]
+    assert [o.info["kv_cache"] for o in outs] == [False, True]
+    assert len(plain.head.seen) == len(cached.head.seen) == outs[0].nfe
+    for want, got in zip(plain.head.seen, cached.head.seen):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert outs[0].tokens == outs[1].tokens and outs[0].nfe == outs[1].nfe
+    assert outs[0].info["truncated"] == outs[1].info["truncated"]
+    return outs[1]
+
+
+@pytest.mark.parametrize("sample_kw", [{}, {"prompt": [4, 5, 6], "top_p": 0.8, "length": 12}])
+def test_fixed_samples_identical_with_and_without_cache(small, sample_kw):
+    prompt, width = sample_kw.get("prompt", []), sample_kw.get("length", 16) - 1
+    out = sampled_both_ways("fixed", 16, sample_kw, eos_bias=1.0)  # EOS inside does not stop
+    assert [len(t) for t in out.tokens] == [width] * 8 and out.nfe == width - len(prompt)
+    assert all(t[: len(prompt)] == prompt for t in out.tokens)
+    assert any(VOCAB.eos in t for t in out.tokens)
+
+
+@pytest.mark.parametrize("sample_kw, eos_bias", [({}, -1.0), ({"prompt": [7, 8], "top_p": 0.9}, -1.0)])
+def test_varlen_samples_identical_with_and_without_cache(small, sample_kw, eos_bias):
+    out = sampled_both_ways("varlen", 14, sample_kw, eos_bias=eos_bias)
+    lengths = [len(t) for t in out.tokens]  # rows leave at different steps, some are cut at max_len
+    assert len(set(lengths)) > 3 and out.info["truncated"] >= 1 and max(lengths) == 13, lengths
+    assert all(t[: len(sample_kw.get("prompt", []))] == sample_kw.get("prompt", []) for t in out.tokens)
+
+
+def test_kv_cache_option(small):
+    for bad in ("false", 0, 1, None):
+        with pytest.raises(UserError):
+            build("ar", VOCAB, "small-test", "varlen", 8, kv_cache=bad)
+    for flag in (False, True):
+        model = build("ar", VOCAB, "small-test", "varlen", 8, kv_cache=flag).eval()
+        assert model.kv_cache is flag
+        assert model.sample(2, 1, generator=torch.Generator().manual_seed(0)).info["kv_cache"] is flag
+    assert build("ar", VOCAB, "small-test", "fixed", 8).kv_cache is True  # the default

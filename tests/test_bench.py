@@ -1,8 +1,10 @@
 """The cost benchmark and the study's cost job run methods interleaved on identical work and
 report ratios to DID (the micro study below trains 4 runs for 2 steps: a few seconds)."""
+import argparse
 import json
 
 import pytest
+import torch
 import yaml
 
 from harness import bench
@@ -26,6 +28,110 @@ def test_bench_train_tiny(toy_data, tmp_path):
     # identical clean tokens per step for every method of a layout
     assert rows[("did-fixed", "fixed")]["clean_tokens"] == rows[("radd", "fixed")]["clean_tokens"] == 4 * 32
     assert rows[("did", "varlen")]["clean_tokens"] == rows[("radd", "varlen")]["clean_tokens"]
+    # the limit: the bare network on the dense canvas and on DID's kept tokens, in every row
+    for (method, layout), row in rows.items():
+        did = rows[("did-fixed" if layout == "fixed" else "did", layout)]
+        assert row["dense_tokens"] == 4 * row["seq_len"] and row["seed"] == 0
+        assert row["kept_tokens"] == did["kept_tokens"] and 0 < row["kept_fraction"] < 1
+        assert row["kept_fraction"] == pytest.approx(row["kept_tokens"] / row["clean_tokens"])
+        for key in ("backbone_dense_s_per_step", "backbone_kept_s_per_step", "limit_ratio", "achieved_fraction"):
+            assert row[key]["min"] <= row[key]["median"] <= row[key]["max"]
+        assert row["limit_ratio"] == did["limit_ratio"]
+
+
+def test_bench_train_no_limit_balanced_seed(toy_data, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["train", "--data", str(toy_data), "--sizes", "tiny", "--fixed-lengths", "16", "--no-varlen",
+                       "--methods", "did-fixed", "ar", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                       "--no-limit", "--balanced-seed", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["did-fixed"]["limit_ratio"] is None and rows["ar"]["achieved_fraction"] is None
+    assert rows["did-fixed"]["seed"] in range(10) and rows["did-fixed"]["backbone_dense_s_per_step"] is None
+
+
+def _tiny(name, layout, toy_data, max_len=16):
+    from harness import data as data_lib, methods
+
+    torch.manual_seed(0)
+    return methods.build(name, data_lib.load_tokenizer(toy_data).vocab, "tiny", layout, max_len)
+
+
+def test_limit_arithmetic_on_fake_times():
+    fake = {"did": {"times": [2.0, 4.0]}, "radd": {"times": [3.0, 8.0]}, "ar": {"times": [1.0, 1.0]},
+            bench.DENSE: {"times": [4.0, 6.0]}, bench.KEPT: {"times": [2.0, 2.0]}}
+    assert bench.limit_ratio(fake) == {"min": 2.0, "median": 2.5, "max": 3.0}
+    radd = bench.achieved_fraction(fake, "radd", "did")          # (3/2)/2 and (8/4)/3
+    assert radd["min"] == pytest.approx(2 / 3) and radd["max"] == pytest.approx(0.75)
+    assert radd["median"] == pytest.approx((0.75 + 2 / 3) / 2)
+    assert bench.achieved_fraction(fake, "did", "did") == {"min": 0.5, "median": 0.75, "max": 1.0}  # kept / did
+    assert bench.achieved_fraction(fake, "ar", "did") is None
+    assert bench.achieved_fraction(fake, "radd", "ar") is None                 # not a DID reference
+    no_bare = {k: v for k, v in fake.items() if k != bench.KEPT}
+    assert bench.limit_ratio(no_bare) is None and bench.achieved_fraction(no_bare, "radd", "did") is None
+
+
+def test_network_input_is_what_the_did_step_feeds(toy_data):
+    model = _tiny("did-fixed", "fixed", toy_data).train()
+    batch = bench.fixed_batches(str(toy_data), 16, 3, model.vocab)
+    torch.manual_seed(5)
+    _, stats = model.loss(batch)
+    tokens, lengths = bench.network_input(model, batch, 5)
+    assert tokens.dim() == 1 and int(lengths.sum()) == tokens.numel() and len(lengths) == 3
+    assert bench.kept_fraction(tokens, batch) == stats["kept_fraction"]
+    assert not model.backbone._forward_pre_hooks                               # the hook is gone
+    seed, kept_tokens, kept_lengths = bench._case_seed(model, batch, argparse.Namespace(balanced_seed=True, seed=0))
+    gaps = [abs(bench.kept_fraction(bench.network_input(model, batch, s)[0], batch) - 0.5) for s in range(10)]
+    assert gaps[seed] == min(gaps) and seed == gaps.index(min(gaps))
+    bare = bench.BareBackbone(model.vocab.size, "tiny", 16, kept_tokens, kept_lengths)
+    loss, st = bare.loss(None)
+    assert loss.dim() == 0 and st == {}
+
+
+class _FakeNet(torch.nn.Module):
+    """forward plus a decode entry point that calls forward (counted once)."""
+
+    def forward(self, tokens, lengths=None):
+        return tokens.float()
+
+    def decode(self, tokens, cache=None):
+        return self(tokens), cache
+
+
+def test_network_probe_counts_sizes_and_cleans_up():
+    from harness.backbone import Backbone, backbone_config
+
+    net = Backbone(backbone_config("tiny", n_layers=1, d_model=32, n_heads=2), 50)
+    with bench.NetworkProbe(net, torch.device("cpu")) as probe:
+        net(torch.zeros(3, 5, dtype=torch.long))                                          # dense [3, 5]
+        net(torch.zeros(7, dtype=torch.long), lengths=torch.tensor([3, 4]))               # packed T = 7, 2 rows
+    assert probe.calls == 2 and probe.tokens == [15, 7] and probe.rows == [3, 2]
+    assert probe.tokens_per_call() == 11 and probe.row_length_per_call() == (5 + 3.5) / 2 and probe.seconds > 0
+    assert not net._forward_pre_hooks and not net._forward_hooks
+    fake = _FakeNet()
+    with bench.NetworkProbe(fake, torch.device("cpu")) as probe:
+        fake.decode(torch.zeros(2, 1))
+        fake(torch.zeros(2, 4))
+    assert probe.tokens == [2, 8] and probe.rows == [2, 2] and "decode" not in vars(fake)
+
+
+def test_interleaved_sample_network_numbers(toy_data):
+    samplers = {name: _tiny(name, "varlen", toy_data).eval() for name in ("did", "radd", "ar")}
+    for name, m in samplers.items():                          # the probe's calls are the sampler's NFE
+        with bench.NetworkProbe(m.backbone, m.device) as probe:
+            res = m.sample(2, 3, generator=torch.Generator().manual_seed(0))
+        assert probe.calls == res.nfe > 0
+        if name == "did":
+            assert sum(probe.rows) == res.info["sequence_evaluations"]
+            assert sum(probe.tokens) >= sum(probe.rows)
+        if name == "radd":
+            assert set(probe.tokens) <= {16, 32} and probe.row_length_per_call() == 16      # canvas of max_len
+    timing = bench.interleaved_sample(samplers, [3], n=2, warmup=0, repeats=1, seed=0)
+    for name, m in samplers.items():
+        e = timing[(name, 3)]
+        assert e["network_calls"] == e["nfe"] and 0 <= e["outside_fraction"][0] <= 1
+        assert 0 < e["network_seconds"][0] <= e["times"][0] and e["tokens_per_call"][0] >= e["row_length_per_call"][0]
+        assert not m.backbone._forward_pre_hooks and not m.backbone._forward_hooks and "decode" not in vars(m.backbone)
+    assert timing[("radd", 3)]["row_length_per_call"] == [16]
 
 
 # --- the study's cost job (harness/cost.py) on a micro study ------------------------------------
@@ -120,3 +226,6 @@ def test_bench_sample_uses_the_shared_loop(micro_study, tmp_path):
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"did", "ar"} and rows["did"]["ratio_to_did"]["median"] == 1.0
     assert rows["did"]["s_per_sample"]["min"] <= rows["did"]["s_per_sample"]["max"]
+    for r in rows.values():                                   # the NetworkProbe numbers of every row
+        assert r["network_calls"] == r["nfe"] and 0 <= r["outside_fraction"]["median"] <= 1
+        assert r["tokens_per_call"] >= r["row_length_per_call"] > 0

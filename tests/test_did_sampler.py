@@ -142,3 +142,52 @@ def test_generator_makes_samples_reproducible():
     a = sample(score_fn, 5, 10, bos=BOS, cap=30, time_conditioned=True, generator=torch.Generator().manual_seed(9))
     b = sample(score_fn, 5, 10, bos=BOS, cap=30, time_conditioned=True, generator=torch.Generator().manual_seed(9))
     assert a.sequences == b.sequences and a.trajectory == b.trajectory
+
+
+def _draw_all_float64(log_scores, rho, blocked, forbidden, top_p, gen):
+    """The reference draw: every slot's probabilities in float64 (the sampler before screening)."""
+    from harness import sampling
+
+    probs = log_scores.to(torch.float64).exp() * rho
+    if forbidden is not None:
+        probs[:, forbidden] = 0.0
+    total = probs.sum(-1)
+    u = torch.rand(total.shape, generator=gen, dtype=torch.float64)
+    insert = u < total.clamp(max=1.0)
+    tok = torch.full_like(insert, -1, dtype=torch.long)
+    if insert.any():
+        tok[insert] = sampling.sample_categorical(probs[insert], gen, top_p=top_p)
+    return tok.masked_fill(blocked, -1)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.parametrize("rho", [0.05, 0.5, 1.001])
+def test_screened_draw_equals_the_all_float64_draw(top_p, rho):
+    from did.sampler import _draw
+
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        R, V = 300, 37
+        # totals spread over (0, 3): many slots near the insert/VOID boundary
+        log_scores = torch.randn(R, V, generator=g) + torch.empty(R, 1).uniform_(-6, 1, generator=g)
+        forbidden = torch.tensor([0, 5])
+        if seed % 2:  # the model's own suppression: forbidden columns already at -inf
+            log_scores[:, forbidden] = float("-inf")
+        blocked = torch.rand(R, generator=g) < 0.1
+        got = _draw(log_scores, rho, blocked, forbidden, top_p, torch.Generator().manual_seed(seed))
+        ref = _draw_all_float64(log_scores, rho, blocked, forbidden, top_p, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, ref), seed
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 10.0])
+def test_both_screen_branches_give_the_float64_draw(monkeypatch, tolerance):
+    """tolerance 10: every slot is re-decided in float64; 0: the float32 screen decides alone."""
+    from did import sampler
+
+    monkeypatch.setattr(sampler, "SCREEN_TOLERANCE", tolerance)
+    g = torch.Generator().manual_seed(7)
+    log_scores = torch.randn(500, 23, generator=g) + torch.empty(500, 1).uniform_(-5, 1, generator=g)
+    blocked = torch.zeros(500, dtype=torch.bool)
+    got = sampler._draw(log_scores, 0.3, blocked, None, 1.0, torch.Generator().manual_seed(1))
+    ref = _draw_all_float64(log_scores, 0.3, blocked, None, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(got, ref)

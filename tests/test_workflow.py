@@ -154,7 +154,9 @@ def test_every_key_documented_with_default():
         for key, sub in node.get("properties", {}).items():
             where = f"{path}.{key}".lstrip(".")
             assert "description" in sub, f"{where} has no description"
-            if key not in ("name", "method", "layout", "dataset", "paths", "source"):  # required, no default
+            # required keys have no default; resources neither: absent, it stays out of the study's
+            # hash (the Snakefile fills its keys' defaults and removes it, see common.smk)
+            if key not in ("name", "method", "layout", "dataset", "paths", "source", "resources"):
                 assert "default" in sub, f"{where} has no default"
             if sub.get("type") == "object" and "properties" in sub:
                 closed = sub.get("additionalProperties") is False or (
@@ -289,33 +291,116 @@ def test_bad_config_stops_snakemake_with_one_line(tmp_path):
 
 
 # --- the SLURM profiles -----------------------------------------------------------------------
-@pytest.mark.parametrize("profile", ["slurm", "slurm-cpu"])
-def test_slurm_profiles(profile):
-    cfg = yaml.safe_load((REPO / profile / "config.yaml").read_text())
+def test_slurm_profiles():
+    cfg = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
     assert cfg["executor"] == "slurm" and cfg["jobs"] >= 1
-    assert cfg["slurm-status-command"] == "squeue"  # no slurmdbd on the test cluster (sacct would hang)
+    # the plugin picks sacct where accounting runs; squeue only in the loopback cluster's overlay
+    assert "slurm-status-command" not in cfg
+    local = yaml.safe_load((REPO / "scripts" / "local-slurm" / "profile" / "config.yaml").read_text())
+    assert local["slurm-status-command"] == "squeue"  # no slurmdbd on the test cluster (sacct would hang)
+    assert not set(local) & {"set-resources", "default-resources", "config"}  # the user's resources stay
     assert set(cfg["set-resources"]) <= rule_names(), "set-resources names a rule that does not exist"
-    gpus = {rule: res.get("gpu", 0) for rule, res in cfg["set-resources"].items()}
-    if profile == "slurm":
-        assert gpus["train"] >= 1 and gpus["eval_samples"] >= 1 and gpus["eval_genppl"] >= 1
-        assert "--signal=TERM@" in cfg["set-resources"]["train"]["slurm_extra"]
-        assert "--exclusive" in cfg["set-resources"]["cost"]["slurm_extra"]   # the cost job times alone
-    else:
-        assert not any(gpus.values())
-    assert not set(cfg["default-resources"]) & {"gpu", "gres"}
+    assert "--signal=TERM@" in cfg["set-resources"]["train"]["slurm_extra"]
+    assert "--exclusive" in cfg["set-resources"]["cost"]["slurm_extra"]   # the cost job times alone
+    # GPUs and partitions come from the config and the environment (rule resources), so changing
+    # them never replaces the profile's per-rule blocks
+    for res in [cfg["default-resources"], *cfg["set-resources"].values()]:
+        assert not set(res) & {"gpu", "gres", "slurm_partition"}, res
+    # the CPU-only overlay only turns the GPUs off
+    cpu = yaml.safe_load((REPO / "slurm-cpu" / "config.yaml").read_text())
+    assert set(cpu) == {"config"}
+
+
+def _resources(output: str) -> dict[str, str]:
+    """rule -> the `resources:` line of its (last) job in a dry run."""
+    return dict(re.findall(r"rule (\w+):.*?resources: ([^\n]*)", output, flags=re.S))
+
+
+def _dry_run_resources(tmp_path, *args, **env):
+    result = snakemake("-n", "-p", "--cores", "8", "--profile", "slurm", *args, "--directory", str(tmp_path),
+                       "--configfile", "tests/configs/micro.yaml", **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _resources(result.stdout), result.stdout
 
 
 def test_slurm_profile_dry_run(tmp_path):
-    """The profile parses: resources, partition from the environment, GPUs only where set."""
-    env_partition = "mygpu"
-    result = snakemake("-n", "--cores", "8", "--profile", "slurm", "--directory", str(tmp_path),
-                       "--configfile", "tests/configs/micro.yaml", DIDBENCH_SLURM_PARTITION=env_partition)
-    assert result.returncode == 0, result.stderr[-3000:]
-    blocks = re.findall(r"rule (\w+):.*?resources: ([^\n]*)", result.stdout, flags=re.S)
-    resources = {rule: res for rule, res in blocks}
+    """The profile parses: resources, partitions from the environment, GPUs only where set."""
+    resources, _ = _dry_run_resources(tmp_path, DIDBENCH_SLURM_PARTITION="all")
     assert "gpu=1" in resources["train"] and "runtime=2880" in resources["train"]
-    assert "gpu=" not in resources["prepare_data"]
-    assert f"slurm_partition={env_partition}" in resources["eval_mauve"]
+    assert "gpu=" not in resources["prepare_data"] and "gpu=" not in resources["eval_mauve"]
+    assert "slurm_partition=all" in resources["eval_mauve"] and "slurm_partition=all" in resources["train"]
+    # separate partitions: jobs with GPUs get the GPU one, the others the CPU one
+    resources, _ = _dry_run_resources(tmp_path / "w2", DIDBENCH_SLURM_PARTITION="all",
+                                      DIDBENCH_SLURM_GPU_PARTITION="gpuq", DIDBENCH_SLURM_CPU_PARTITION="cpuq")
+    for rule in ("train", "eval_ppl", "eval_samples", "eval_genppl", "cost"):
+        assert "slurm_partition=gpuq" in resources[rule], rule
+    for rule in ("eval_mauve", "eval_diversity", "eval_lengths"):
+        assert "slurm_partition=cpuq" in resources[rule], rule
+    resources, _ = _dry_run_resources(tmp_path / "w3")   # none set: the cluster's default partition
+    assert "slurm_partition" not in resources["train"]
+
+
+TRAIN_BLOCK = ("runtime=2880", "mem_mb=64000", "cpus_per_gpu=8", "slurm_extra=--signal=TERM@120")
+
+
+@pytest.mark.parametrize("config", ["resources={gpus_per_train: 8}", "resources={gpus_per_train: '8'}"])
+def test_more_gpus_keep_the_train_block(tmp_path, config):
+    """resources.gpus_per_train changes the GPUs and nothing else of the profile's train block."""
+    resources, out = _dry_run_resources(tmp_path, "--config", config)
+    assert "gpu=8" in resources["train"], resources["train"]
+    assert all(opt in resources["train"] for opt in TRAIN_BLOCK), resources["train"]
+    assert "gpu=1" in resources["eval_ppl"] and "mem_mb=32000" in resources["eval_ppl"]
+    assert out.count("exec torchrun --standalone --nproc_per_node 8 -m harness train") == 3
+
+
+def test_cpu_overlay_keeps_every_other_resource(tmp_path):
+    """--profile slurm --profile slurm-cpu: no GPU anywhere, runtime/memory/signals of slurm/ kept."""
+    resources, out = _dry_run_resources(tmp_path, "--profile", "slurm-cpu")
+    assert not [rule for rule, res in resources.items() if re.search(r"(^|, )gpu=", res)]
+    assert all(opt in resources["train"] for opt in TRAIN_BLOCK), resources["train"]
+    assert "mem_mb=32000" in resources["eval_genppl"] and "runtime=720" in resources["eval_ppl"]
+    assert "slurm_extra=--exclusive" in resources["cost"]
+    assert "exec python -m harness train" in out and "torchrun" not in out
+
+
+@pytest.mark.parametrize("config, message", [
+    ("resources={gpus_per_train: -1}", "resources.gpus_per_train: -1 is less than the minimum of 0"),
+    ("resources={gpus_per_eval: 2}", "resources.gpus_per_eval: 2 is greater than the maximum of 1"),
+    ("resources={gpus: 8}", "resources.gpus: unknown key (known: gpus_per_train, gpus_per_eval)"),
+    ("resources={gpus_per_train: many}", "resources.gpus_per_train: 'many' is not of type 'integer'"),
+])
+def test_bad_resources_give_one_line(tmp_path, config, message):
+    result = snakemake("-n", "--cores", "1", "--directory", str(tmp_path), "--config", config)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines()
+             if line.strip() and "is extended by additional config" not in line]  # Snakemake's own note
+    assert lines == [f"error: config/default.yaml: {message}"], lines
+
+
+def test_resources_stay_out_of_the_study_hash(tmp_path):
+    """Changing the GPUs re-runs nothing: the resolved config (and its hash) is the same."""
+    for i, config in enumerate(["resources={gpus_per_train: 1}", "resources={gpus_per_train: 4}"]):
+        result = snakemake("-n", "--cores", "1", "--directory", str(tmp_path / str(i)), "--config", config)
+        assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config({})
+    names = [sorted(p.name for p in (tmp_path / str(i) / "results" / "default" / "config").iterdir()) for i in (0, 1)]
+    assert names[0] == names[1] == [f"{config_hash(cfg)}.yaml"]
+
+
+def test_downloading_rules_are_local_under_the_slurm_profile(tmp_path):
+    """prepare_data and evaluator_cache need the network: localrules, so on a cluster they run on
+    the submitting node. A dry run never says `localrule`, so prepare_data runs for real here,
+    with the SLURM executor and no cluster (a submitted job would fail without one)."""
+    result = snakemake("results/micro/data/manifest.json", "--cores", "1", "--profile", "slurm",
+                       "--directory", str(tmp_path), "--configfile", "tests/configs/micro.yaml", timeout=300,
+                       SLURM_CONF=str(tmp_path / "no-such-slurm.conf"))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "localrule prepare_data:" in out and "submitted with SLURM jobid" not in out
+    assert (tmp_path / "results" / "micro" / "data" / "manifest.json").is_file()
+    text = (REPO / "workflow" / "rules" / "data.smk").read_text()
+    localrules = re.search(r"^localrules:\n((?:    \w+,\n)+)", text, flags=re.M)
+    assert localrules and {"prepare_data", "evaluator_cache"} <= set(re.findall(r"\w+", localrules.group(1)))
 
 
 def _job_blocks(output: str) -> dict[str, list[dict]]:

@@ -135,6 +135,10 @@ def _load_gguf(src: GGUFSource):
         quant = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     except ImportError as err:  # gguf / accelerate missing
         raise UserError(f"loading {path.name} needs the packages `gguf` and `accelerate`: {err}") from None
+    except ValueError as err:  # transformers 5 says "accelerate is required ..." with a ValueError
+        if "accelerate" not in str(err) and "gguf" not in str(err).lower():
+            raise
+        raise UserError(f"loading {path.name} needs the packages `gguf` and `accelerate`: {err}") from None
     # a GGUF-loaded model refuses save_pretrained: copy its weights into a plain model
     plain = tf.AutoModelForCausalLM.from_config(quant.config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)

@@ -11,16 +11,27 @@
 # own PIDs) and waits until `sinfo` shows the node idle.
 #
 # Facts behind the settings (docs: shared/notes/local-slurm.md):
-# * CPUs=8 with SlurmdParameters=config_overrides: Snakemake caps threads at --cores 8, so no
-#   job can ask for more than the node has, even on a 2-core machine.
+# * CPUs=64 with SlurmdParameters=config_overrides: Snakemake caps threads at --cores, so no
+#   CPU job can ask for more than the node has, even on a 2-core machine, and a GPU job of
+#   slurm/config.yaml (8 GPUs x cpus_per_gpu 8) fits too.
 # * EnforcePartLimits=ALL: an impossible request fails at sbatch time instead of pending forever.
-# * No slurmdbd: the Snakemake profile must use `slurm-status-command: squeue`, and
-#   MinJobAge=300 keeps finished jobs visible to squeue long enough to be seen.
-# Environment: LOCAL_SLURM_CPUS (default 8), LOCAL_SLURM_TIMEOUT (seconds to wait, default 90).
+# * No slurmdbd: the Snakemake profile must use `slurm-status-command: squeue` (the overlay
+#   profile scripts/local-slurm/profile does), and MinJobAge=300 keeps finished jobs visible
+#   to squeue long enough to be seen.
+# * RealMemory=LOCAL_SLURM_MEM_MB (default 262144, more than the machine has, accepted with
+#   config_overrides; nothing enforces it without cgroups), so the per-rule memory of the real
+#   profile slurm/config.yaml (64 GB per training job) is accepted as it is.
+# * Partition "gpu" (State=DOWN) on the same node with 8 stand-in GPUs (gres.conf File=DIR/dev/gpu[0-7],
+#   character devices like /dev/null): jobs asking for GPUs are validated and queued there, never started, so a test can
+#   read the sbatch options of a GPU job (scontrol show job) on a machine without GPUs.
+#   Partition "debug" (the default) runs the CPU jobs.
+# Environment: LOCAL_SLURM_CPUS (default 64: 8 GPUs x cpus_per_gpu 8 of slurm/config.yaml), LOCAL_SLURM_MEM_MB (default 262144),
+# LOCAL_SLURM_TIMEOUT (seconds to wait, default 90).
 set -euo pipefail
 
 DIR=${1:?usage: $0 DIR}
-CPUS=${LOCAL_SLURM_CPUS:-8}
+CPUS=${LOCAL_SLURM_CPUS:-64}
+MEM=${LOCAL_SLURM_MEM_MB:-262144}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-90}
 PACKAGES=(munge slurmctld slurmd slurm-client)
 
@@ -72,8 +83,13 @@ chown munge:munge /etc/munge/munge.key
 chmod 0400 /etc/munge/munge.key
 
 # --- slurm.conf ---------------------------------------------------------------------------
-MEM=$(slurmd -C 2>/dev/null | grep -o 'RealMemory=[0-9]*' | cut -d= -f2)
-[ -n "$MEM" ] || die "could not read RealMemory from 'slurmd -C'"
+mkdir -p "$DIR/dev"
+for i in 0 1 2 3 4 5 6 7; do   # stand-ins (copies of /dev/null): slurmd counts GPUs by File
+    [ -c "$DIR/dev/gpu$i" ] || { rm -f "$DIR/dev/gpu$i"; mknod "$DIR/dev/gpu$i" c 1 3; }
+done
+cat > "$DIR/etc/gres.conf" <<EOF
+NodeName=$NODE Name=gpu File=$DIR/dev/gpu[0-7]
+EOF
 cat > "$CONF.tmp" <<EOF
 # written by scripts/local-slurm/start.sh: a one-node cluster on 127.0.0.1
 ClusterName=localslurm
@@ -99,11 +115,13 @@ SlurmctldPidFile=$DIR/pids/slurmctld.daemon.pid
 SlurmdPidFile=$DIR/pids/slurmd.daemon.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
+GresTypes=gpu
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM Gres=gpu:8 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=ALL Default=NO MaxTime=INFINITE State=DOWN
 EOF
 mv "$CONF.tmp" "$CONF"
 
@@ -113,6 +131,9 @@ if [ -e /etc/slurm/slurm.conf ] && [ ! -L /etc/slurm/slurm.conf ]; then
     mv /etc/slurm/slurm.conf /etc/slurm/slurm.conf.orig-local-slurm
 fi
 ln -sfn "$CONF" /etc/slurm/slurm.conf
+if [ ! -e /etc/slurm/gres.conf ] || [ -L /etc/slurm/gres.conf ]; then   # read next to slurm.conf
+    ln -sfn "$DIR/etc/gres.conf" /etc/slurm/gres.conf
+fi
 
 # --- daemons ------------------------------------------------------------------------------
 start() { # start NAME CMD...: run CMD in the foreground under setsid, record its PID
@@ -138,8 +159,13 @@ fi
 start slurmctld slurmctld -D -f "$CONF"
 start slurmd slurmd -D -N "$NODE" -f "$CONF"
 
+resumed=
 for _ in $(seq "$((TIMEOUT * 2))"); do
     node_idle && break
+    # a drain saved under an earlier slurm.conf of DIR (e.g. other GRES): resume once
+    if [ -z "$resumed" ] && sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -q '^drain'; then
+        sleep 2; scontrol update nodename="$NODE" state=resume 2>/dev/null || true; resumed=1
+    fi
     sleep 0.5
 done
 if ! node_idle; then

@@ -55,6 +55,9 @@ stop munged
 log "stopped (DIR=$DIR)"
 
 if [ "$PURGE" = "--purge" ]; then
+    if [ -L /etc/slurm/gres.conf ] && [ "$(readlink /etc/slurm/gres.conf)" = "$DIR/etc/gres.conf" ]; then
+        rm -f /etc/slurm/gres.conf
+    fi
     if [ -L /etc/slurm/slurm.conf ] && [ "$(readlink /etc/slurm/slurm.conf)" = "$DIR/etc/slurm.conf" ]; then
         rm -f /etc/slurm/slurm.conf
         if [ -e /etc/slurm/slurm.conf.orig-local-slurm ]; then

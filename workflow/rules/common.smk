@@ -43,7 +43,7 @@ shell.prefix(
     + ":$PATH; "
 )
 
-from harness.config import config_hash, load_config, read_yaml, study_runs
+from harness.config import config_hash, load_config, read_yaml, schema, study_runs
 from harness.errors import UserError
 
 
@@ -67,6 +67,10 @@ def _study_config():
     else:
         raw = dict(config)
         source = "config/default.yaml"
+    res = raw.get("resources")
+    if isinstance(res, dict):  # --config 'resources={gpus_per_train: 8}' gives the string '8'
+        raw["resources"] = {k: int(v) if isinstance(v, str) and re.fullmatch(r"-?\d+", v) else v
+                            for k, v in res.items()}
     try:
         return load_config(raw, source=source)
     except UserError as err:
@@ -74,6 +78,10 @@ def _study_config():
 
 
 CFG = _study_config()
+# resources (what the cluster jobs ask for) is not part of the study: out of the hash, the
+# resolved config and `config`, so changing the GPUs re-runs nothing (schema: resources)
+_RESOURCE_DEFAULTS = {k: v["default"] for k, v in schema()["properties"]["resources"]["properties"].items()}
+RESOURCES = {**_RESOURCE_DEFAULTS, **CFG.pop("resources", {})}
 config.clear()
 config.update(CFG)
 
@@ -213,6 +221,34 @@ def eval_run_dir(wildcards, output):
 
 def input_evaluator_dir(wildcards, input):
     return parent(input.evaluator)
+
+
+# --- cluster resources (the rules' `resources:`; runtime, memory and CPUs: the SLURM profile) --
+def _partition(gpus):
+    """SLURM partition of a job: DIDBENCH_SLURM_GPU_PARTITION for jobs with GPUs,
+    DIDBENCH_SLURM_CPU_PARTITION for the others, each falling back to DIDBENCH_SLURM_PARTITION;
+    none set: no slurm_partition (the cluster's default partition)."""
+    name = "DIDBENCH_SLURM_GPU_PARTITION" if gpus else "DIDBENCH_SLURM_CPU_PARTITION"
+    return os.environ.get(name) or os.environ.get("DIDBENCH_SLURM_PARTITION", "")
+
+
+def job_resources(gpus=0):
+    """gpu and slurm_partition of a rule with `gpus` GPUs (from config resources.gpus_per_*).
+
+    Rule resources, not profile set-resources, so that the profile's per-rule runtime, memory
+    and signals stay when the GPUs change (a --set-resources on the command line replaces the
+    profile's whole set-resources). `gpu` is only set where > 0.
+    """
+    out = {"gpu": int(gpus)} if gpus else {}
+    partition = _partition(gpus)
+    if partition:
+        out["slurm_partition"] = partition
+    return out
+
+
+TRAIN_RESOURCES = job_resources(RESOURCES["gpus_per_train"])
+GPU_EVAL_RESOURCES = job_resources(RESOURCES["gpus_per_eval"])
+CPU_RESOURCES = job_resources(0)
 
 
 def launcher(wildcards, resources):

@@ -1,7 +1,16 @@
 """Corpus -> tokenizer -> {train,valid,test}.{fixed,varlen}.pt + tokenizer/ + manifest.json.
 
 manifest.json is written last by `harness prepare`, so it marks a complete data directory.
+
+Both rules download (the corpus, the evaluator LM) where their caches are empty, so they are
+localrules: on a cluster they run on the submitting (login) node, which has the network that
+compute nodes often lack; every other job only reads their files.
 """
+
+
+localrules:
+    prepare_data,
+    evaluator_cache,
 
 
 rule prepare_data:
@@ -16,6 +25,8 @@ rule prepare_data:
     benchmark:
         f"{BENCH}/prepare_data.tsv"
     threads: 1
+    resources:
+        **CPU_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -35,6 +46,8 @@ rule evaluator_cache:
     benchmark:
         f"{BENCH}/evaluator_cache/{{name}}.tsv"
     threads: 1
+    resources:
+        **CPU_RESOURCES,
     conda:
         CONDA_ENV
     shell:

@@ -27,6 +27,8 @@ rule eval_ppl:
     benchmark:
         f"{BENCH}/eval_ppl/{{run}}.tsv"
     threads: 1
+    resources:
+        **GPU_EVAL_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -53,6 +55,8 @@ rule eval_samples:
     benchmark:
         f"{BENCH}/eval_samples/{{run}}.tsv"
     threads: 1
+    resources:
+        **GPU_EVAL_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -78,6 +82,8 @@ rule eval_genppl:
     benchmark:
         f"{BENCH}/eval_genppl/{{run}}.tsv"
     threads: 1
+    resources:
+        **GPU_EVAL_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -100,6 +106,8 @@ rule eval_mauve:
     benchmark:
         f"{BENCH}/eval_mauve/{{run}}.tsv"
     threads: 1
+    resources:
+        **CPU_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -122,6 +130,8 @@ rule eval_diversity:
     benchmark:
         f"{BENCH}/eval_diversity/{{run}}.tsv"
     threads: 1
+    resources:
+        **CPU_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -144,6 +154,8 @@ rule eval_lengths:
     benchmark:
         f"{BENCH}/eval_lengths/{{run}}.tsv"
     threads: 1
+    resources:
+        **CPU_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -169,6 +181,8 @@ rule eval_exact:
     benchmark:
         f"{BENCH}/eval_exact/{{run}}.tsv"
     threads: 1
+    resources:
+        **CPU_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -192,6 +206,8 @@ rule eval_speed:
     benchmark:
         f"{BENCH}/eval_speed/{{run}}.tsv"
     threads: 1
+    resources:
+        **GPU_EVAL_RESOURCES,
     conda:
         CONDA_ENV
     shell:
@@ -204,7 +220,7 @@ rule eval_speed:
 # claims every core Snakemake may use, so the local scheduler starts nothing beside it (and
 # Snakemake sets OMP_NUM_THREADS, hence torch's threads, to the same number). On SLURM it is one
 # sbatch job with --cpus-per-task = --cores; give it its own node/GPU with the profile
-# (set-resources cost: gpu=1, slurm_extra "'--exclusive'"), since other jobs of the workflow
+# (set-resources cost: slurm_extra "'--exclusive'"; its GPU: config resources.gpus_per_eval), since other jobs of the workflow
 # may otherwise share the node.
 rule cost:
     input:
@@ -221,6 +237,8 @@ rule cost:
     benchmark:
         f"{BENCH}/cost/{{layout}}.tsv"
     threads: workflow.cores
+    resources:
+        **GPU_EVAL_RESOURCES,
     conda:
         CONDA_ENV
     shell:

@@ -4,7 +4,8 @@
 limit, or on preemption) reaches it without a shell in between that would die first; the
 trainer then checkpoints and exits with a retryable status, and the retry resumes
 (resume/state.pt is not an output, so Snakemake never deletes it).
-With resources gpu > 1 the launcher is `torchrun --standalone` (see common.smk:launcher).
+GPUs: config resources.gpus_per_train (default 1, 0 = CPU only; see common.smk:job_resources);
+with more than 1 the launcher is `torchrun --standalone` (see common.smk:launcher).
 """
 
 
@@ -31,7 +32,7 @@ rule train:
         f"{BENCH}/train/{{run}}.tsv"
     threads: 1
     resources:
-        gpu=0,
+        **TRAIN_RESOURCES,
     conda:
         CONDA_ENV
     shell:
