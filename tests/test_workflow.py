@@ -32,7 +32,8 @@ STUDIES = {  # config file -> expected training jobs
 
 
 def snakemake(*args, cwd=REPO, timeout=120, **env_extra) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env_extra}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIDBENCH_SLURM_")}  # the user's own: not here
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env_extra}
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -273,13 +274,6 @@ def test_did_f_trains_twice_as_long(tmp_path):
     assert steps == {"did-fixed": "800000", "radd": "400000", "mdlm": "400000", "ar": "400000"}
 
 
-def test_multi_gpu_jobs_use_torchrun(tmp_path):
-    result = snakemake("-n", "-p", "--cores", "2", "--directory", str(tmp_path), "--set-resources", "train:gpu=4",
-                       "--configfile", "tests/configs/micro.yaml")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("exec torchrun --standalone --nproc_per_node 4 -m harness train") == 3
-
-
 def test_bad_config_stops_snakemake_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("study: bad\nruns: [{method: did, layout: fixed}]\n")
@@ -336,14 +330,13 @@ def test_slurm_profile_dry_run(tmp_path):
         assert "slurm_partition=gpuq" in resources[rule], rule
     for rule in ("eval_mauve", "eval_diversity", "eval_lengths"):
         assert "slurm_partition=cpuq" in resources[rule], rule
-    resources, _ = _dry_run_resources(tmp_path / "w3")   # none set: the cluster's default partition
-    assert "slurm_partition" not in resources["train"]
+    # none set: the cluster's default partition (test_cpu_overlay_keeps_every_other_resource)
 
 
 TRAIN_BLOCK = ("runtime=2880", "mem_mb=64000", "cpus_per_gpu=8", "slurm_extra=--signal=TERM@120")
 
 
-@pytest.mark.parametrize("config", ["resources={gpus_per_train: 8}", "resources={gpus_per_train: '8'}"])
+@pytest.mark.parametrize("config", ["resources={gpus_per_train: '8'}"])  # a number: tests/test_slurm.py
 def test_more_gpus_keep_the_train_block(tmp_path, config):
     """resources.gpus_per_train changes the GPUs and nothing else of the profile's train block."""
     resources, out = _dry_run_resources(tmp_path, "--config", config)
@@ -357,36 +350,45 @@ def test_cpu_overlay_keeps_every_other_resource(tmp_path):
     """--profile slurm --profile slurm-cpu: no GPU anywhere, runtime/memory/signals of slurm/ kept."""
     resources, out = _dry_run_resources(tmp_path, "--profile", "slurm-cpu")
     assert not [rule for rule, res in resources.items() if re.search(r"(^|, )gpu=", res)]
+    assert not [rule for rule, res in resources.items() if "slurm_partition" in res]  # no partition variable set
     assert all(opt in resources["train"] for opt in TRAIN_BLOCK), resources["train"]
     assert "mem_mb=32000" in resources["eval_genppl"] and "runtime=720" in resources["eval_ppl"]
     assert "slurm_extra=--exclusive" in resources["cost"]
     assert "exec python -m harness train" in out and "torchrun" not in out
 
 
-@pytest.mark.parametrize("config, message", [
-    ("resources={gpus_per_train: -1}", "resources.gpus_per_train: -1 is less than the minimum of 0"),
-    ("resources={gpus_per_eval: 2}", "resources.gpus_per_eval: 2 is greater than the maximum of 1"),
-    ("resources={gpus: 8}", "resources.gpus: unknown key (known: gpus_per_train, gpus_per_eval)"),
-    ("resources={gpus_per_train: many}", "resources.gpus_per_train: 'many' is not of type 'integer'"),
-])
-def test_bad_resources_give_one_line(tmp_path, config, message):
-    result = snakemake("-n", "--cores", "1", "--directory", str(tmp_path), "--config", config)
+def test_bad_resources_give_one_line(tmp_path):
+    """Through Snakemake once (the --config string path); the schema's other refusals directly."""
+    result = snakemake("-n", "--cores", "1", "--directory", str(tmp_path), "--config", "resources={gpus_per_train: -1}")
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines()
              if line.strip() and "is extended by additional config" not in line]  # Snakemake's own note
-    assert lines == [f"error: config/default.yaml: {message}"], lines
+    assert lines == ["error: config/default.yaml: resources.gpus_per_train: -1 is less than the minimum of 0"], lines
+
+
+@pytest.mark.parametrize("resources, message", [
+    ({"gpus_per_eval": 2}, "resources.gpus_per_eval: 2 is greater than the maximum of 1"),
+    ({"gpus": 8}, "resources.gpus: unknown key (known: gpus_per_train, gpus_per_eval)"),
+    ({"gpus_per_train": "many"}, "resources.gpus_per_train: 'many' is not of type 'integer'"),
+])
+def test_bad_resources_are_refused_by_the_schema(resources, message):
+    from harness.config import load_config
+    from harness.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_config({"resources": resources}, source="config/default.yaml")
+    assert str(err.value) == f"config/default.yaml: {message}"
 
 
 def test_resources_stay_out_of_the_study_hash(tmp_path):
-    """Changing the GPUs re-runs nothing: the resolved config (and its hash) is the same."""
-    for i, config in enumerate(["resources={gpus_per_train: 1}", "resources={gpus_per_train: 4}"]):
-        result = snakemake("-n", "--cores", "1", "--directory", str(tmp_path / str(i)), "--config", config)
-        assert result.returncode == 0, result.stderr[-3000:]
-    cfg = load_config({})
-    names = [sorted(p.name for p in (tmp_path / str(i) / "results" / "default" / "config").iterdir()) for i in (0, 1)]
-    assert names[0] == names[1] == [f"{config_hash(cfg)}.yaml"]
+    """Changing the GPUs re-runs nothing: the resolved config (and its hash) is the study's without them."""
+    result = snakemake("-n", "--cores", "1", "--directory", str(tmp_path), "--config", "resources={gpus_per_train: 4}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "results" / "default" / "config").iterdir())
+    assert names == [f"{config_hash(load_config({}))}.yaml"]
 
 
+@pytest.mark.slow  # runs prepare_data for real (~50 s); the SLURM CI test checks the same on a real cluster
 def test_downloading_rules_are_local_under_the_slurm_profile(tmp_path):
     """prepare_data and evaluator_cache need the network: localrules, so on a cluster they run on
     the submitting node. A dry run never says `localrule`, so prepare_data runs for real here,
