@@ -668,11 +668,13 @@ def test_same_config_and_seed_give_identical_results_with_provenance(train_cfg, 
 
 
 # ============================================================================ 1e. the workflow around training
-@pytest.mark.parametrize("profile", ["slurm", "slurm-cpu"])
+@pytest.mark.parametrize("profile", ["slurm"])  # slurm-cpu is an overlay on it that only sets the GPUs to 0
 def test_slurm_profile_signals_the_trainer_and_retries(profile):
     """On SLURM a preempted or time-limited training job survives only if the job asks for a
     warning signal the trainer handles, delivered to the job steps where it runs (not `B:`, the
     batch shell only), early enough to save, and Snakemake retries the job (which resumes)."""
+    overlay = yaml.safe_load((REPO / "slurm-cpu" / "config.yaml").read_text())
+    assert set(overlay) == {"config"}, "slurm-cpu must not replace the profile's retries or resources"
     cfg = yaml.safe_load((REPO / profile / "config.yaml").read_text())
     assert int(cfg["retries"]) >= 1
     train_res = cfg["set-resources"]["train"]
