@@ -3,7 +3,8 @@
     snakemake --cores 2                                     # the tiny CPU study (config/default.yaml)
     snakemake --cores 2 --configfile config/owt-small.yaml  # another study (replaces default.yaml)
     snakemake --cores 8 --profile slurm                     # on a SLURM cluster (slurm/config.yaml)
-    snakemake --cores 8 --profile slurm-cpu                 # SLURM without GPU requests (CI)
+    snakemake --cores 8 --profile slurm --profile slurm-cpu # SLURM without GPU requests
+    snakemake --report report.html                          # the results page: figures and tables, captioned
 
 The study config is validated against workflow/schemas/config.schema.yaml before any job runs;
 a mistake stops here with one line. Every job is a `python -m harness ...` command (run with
@@ -18,6 +19,9 @@ import os
 if not workflow.overwrite_configfiles:
 
     configfile: os.path.join(workflow.basedir, "config", "default.yaml")
+
+
+report: "workflow/report/workflow.rst"   # `snakemake --report report.html`: the results page
 
 
 include: "workflow/rules/common.smk"

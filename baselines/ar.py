@@ -129,7 +129,7 @@ class AR(Method):
         inputs, lengths, targets = causal_inputs(batch, self.vocab.eos)
         nll = token_nll(self.logits(inputs, lengths), targets)
         loss = nll.mean()
-        return loss, {"nll": float(loss.detach()), "tokens": float(len(targets))}
+        return loss, {"nll": float(loss.detach()), "tokens": float(len(targets)), "nats_per_token": float(loss.detach())}
 
     @torch.no_grad()
     def nll_bound(self, batch: Batch, mc: int = 1, generator: torch.Generator | None = None,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from baselines.ar import on_generator_device, row_logsumexp, suppress
-from harness.batch import Batch, Vocab
+from harness.batch import Batch, Vocab, predicted_tokens
 from harness.methods import Method, SampleResult, UserError, check_convention, register
 from harness.sampling import exp_race, sample_categorical
 from harness.schedule import stratified_uniform
@@ -208,6 +208,9 @@ class ILM(Method):
             "bce": float(bce.detach().mean()),
             "drop_fraction": float((k.float() / content.clamp_min(1).float()).mean()),
             "survivor_tokens": float(plan.lengths.sum()),
+            # this draw's bound (L+1)(CE+BCE) - log L! per predicted token N(x): comparable across methods
+            "nats_per_token": float(bound_from_terms((ce + bce).detach(), content).sum())
+            / float(predicted_tokens(batch).sum()),
         }
         return loss, stats
 

@@ -51,7 +51,8 @@ class MDLM(MaskedDiffusion):
         masked = bernoulli_mask(predictable, 1 - alpha(t))
         per_seq = continuous_nelbo(self.masked_nll(canvas, masked), t)
         loss = self.per_token(per_seq, batch)
-        stats = {"nelbo": float(loss.detach()), "mask_frac": float(masked.sum() / predictable.sum().clamp_min(1))}
+        stats = {"nelbo": float(loss.detach()), "mask_frac": float(masked.sum() / predictable.sum().clamp_min(1)),
+                 "nats_per_token": float(loss.detach())}  # the one-draw NELBO per N(x): comparable across methods
         return loss.float(), stats
 
     def sampling_rates(self, steps: int) -> tuple[list[float], bool]:

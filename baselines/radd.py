@@ -80,7 +80,8 @@ class RADD(MaskedDiffusion):
             masked = exact_k_mask(predictable, k)
             per_seq = k_dce(self.masked_nll(canvas, masked), k, n)
         loss = self.per_token(per_seq, batch)
-        stats = {"nelbo": float(loss.detach()), "mask_frac": float(masked.sum() / predictable.sum().clamp_min(1)), **stats}
+        stats = {"nelbo": float(loss.detach()), "mask_frac": float(masked.sum() / predictable.sum().clamp_min(1)),
+                 "nats_per_token": float(loss.detach()), **stats}   # the objective per N(x), as every method
         return loss.float(), stats
 
     def sampling_rates(self, steps: int) -> tuple[list[float], bool]:

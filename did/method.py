@@ -30,7 +30,7 @@ from did import counting, loss as losses, process, sampler
 from did.heads import CSoftmaxHead, SeqNormHead, prompt_blocked_slots, suppressed_tokens
 from harness import schedule
 from harness.backbone import Backbone, backbone_config
-from harness.batch import Batch, Vocab
+from harness.batch import Batch, Vocab, predicted_tokens
 from harness.methods import Method, SampleResult, UserError, check_convention, register
 from harness.sampling import bernoulli_at_least_one
 
@@ -181,6 +181,8 @@ class _DIDBase(Method):
             "forward_seconds": fwd_s,  # network + loss, forward only
             "kept_fraction": float(d.lengths.sum()) / float(batch.lengths.sum()),  # network tokens / clean tokens
             "loss_per_sequence": float(per_seq.detach().mean()),
+            # the objective per predicted token N(x) (sum over the batch / sum N): comparable across methods
+            "nats_per_token": float(per_seq.detach().sum()) / float(predicted_tokens(batch).sum()),
         }
         return per_seq.mean(), stats
 

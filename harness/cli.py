@@ -17,9 +17,11 @@ def _cmd_prepare(args) -> int:
     from harness.data import prepare
 
     cfg = load_config(args.config)
-    manifest = prepare(cfg["data"], args.out)
+    manifest = prepare(cfg["data"], args.out, workers=args.workers, progress=not args.quiet)
     splits = manifest.get("splits", {})
-    print(f"prepared {cfg['data']['corpus']['name']} -> {args.out}: " + ", ".join(f"{k}={v}" for k, v in _split_summary(splits).items()))
+    shards = f" in {manifest['shards']['count']} shard(s)" if manifest.get("storage") == "shards" else ""
+    print(f"prepared {cfg['data']['corpus']['name']} -> {args.out}{shards}: "
+          + ", ".join(f"{k}={v}" for k, v in _split_summary(splits).items()))
     return 0
 
 
@@ -63,16 +65,20 @@ def _cmd_report(args) -> int:
     import subprocess
 
     from harness.config import load_config
-    from harness.study import check_results
+    from harness.study import check_results, run_dirs
 
     load_config(args.config)   # a bad config is one line here, as for every other command
     check_results(args.study_dir)   # a truncated or schema-less result file: one line naming it, no report
-    cmd = [sys.executable, "-m", "analysis", str(args.study_dir), "--config", str(args.config)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
-        return done.returncode
-    print(f"report: wrote {len(done.stdout.splitlines())} files under {args.study_dir}")
+    written = 0
+    layouts = [[], ["paper"]] if run_dirs(args.study_dir) else [[]]   # paper/: the DID paper's own layout
+    for layout in layouts:   # tables/ + figures/, then paper/ (nothing to lay out without a run)
+        cmd = [sys.executable, "-m", "analysis", *layout, str(args.study_dir), "--config", str(args.config)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr)
+            return done.returncode
+        written += len(done.stdout.splitlines())
+    print(f"report: wrote {written} files under {args.study_dir}")
     return 0
 
 
@@ -80,8 +86,9 @@ def _cmd_log(args) -> int:
     from harness.config import load_config
     from harness.tracking import log_study
 
-    summary = log_study(args.study_dir, load_config(args.config))
+    summary = log_study(args.study_dir, load_config(args.config), checkpoints=args.checkpoints == "yes")
     print("mlflow: " + json.dumps(summary, default=str))
+    print(f"mlflow: the key metrics: `mlflow ui --backend-store-uri {summary['tracking_uri']}`, then {summary['view']}")
     if args.marker:
         from harness.train import atomic_write_text
 
@@ -113,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="corpus -> tokenizer -> fixed/varlen token files + manifest")
     s.add_argument("--config", required=True, help=config_help + "; its `data` section is used")
     s.add_argument("--out", required=True, help="data directory, e.g. results/default/data")
+    s.add_argument("--workers", type=int, default=None, help="data.storage shards only: tokenizer processes "
+                   "(default: data.storage.workers, 1); the files do not depend on it")
+    s.add_argument("--quiet", action="store_true", help="no progress bar (data.storage shards)")
 
     s = sub.add_parser("train", help="train one (method, layout, seed) run of a study")
     s.add_argument("--config", required=True, help=config_help + f"; its `size` picks the backbone "
@@ -153,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help=config_help)
     s.add_argument("--study-dir", required=True, help="results/<study> whose result files and histories are logged")
     s.add_argument("--marker", default=None, help="file written when logging completed")
+    s.add_argument("--checkpoints", nargs="?", const="yes", default="no", choices=["yes", "no"],
+                   help="also log each run's checkpoint.pt as an artifact (`--checkpoints` alone = yes; the "
+                   "workflow passes yes/no from config tracking.log_checkpoints)")
 
     sub.add_parser("bench", help="cost benchmark: methods interleaved in one process (train|sample|attention; "
                    "`bench train --help`, `bench sample --help`, `bench attention --help` for the options)", add_help=False)

@@ -251,6 +251,9 @@ def check_config(cfg: dict) -> None:
     if "exact" in cfg["evaluate"]["metrics"] and not synthetic:
         raise UserError("evaluate.metrics: exact needs a synthetic corpus (data.corpus.name: synthetic), "
                         "whose law is known")
+    if cfg["evaluate"]["zeroshot"]["datasets"] and synthetic:
+        raise UserError("evaluate.zeroshot.datasets: zero-shot test sets are real text; a synthetic corpus's "
+                        "symbol tokenizer cannot read them")
     if cfg["data"]["valid_fraction"] + cfg["data"]["test_fraction"] >= 1:
         raise UserError("data.valid_fraction + data.test_fraction must be below 1")
 
@@ -300,9 +303,45 @@ def canonical_json(cfg) -> str:
     return json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+#: opt-in sections added after studies had run, whose defaults plan no job: left out of a
+#: config's hash while they hold exactly their defaults, so adding one changed no study's hash
+#: (its resolved-config file, the config_hash of its results, its report and MLflow jobs)
+HASH_NEUTRAL_DEFAULTS = (("evaluate", "zeroshot"), ("data", "storage"))
+
+
+@lru_cache(maxsize=None)
+def _section_default(path: tuple[str, ...]) -> str:
+    """Canonical JSON of the default-filled value of the schema section at `path`."""
+    node = schema()
+    for key in path:
+        node = node["properties"][key]
+    return canonical_json(fill_defaults(copy.deepcopy(node.get("default", {})), node))
+
+
+def _hashed(cfg):
+    """`cfg` without the HASH_NEUTRAL_DEFAULTS sections that hold their defaults (copied, not changed)."""
+    for path in HASH_NEUTRAL_DEFAULTS:
+        node = cfg
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or path[-1] not in node:
+            continue
+        if canonical_json(node[path[-1]]) != _section_default(path):
+            continue
+        cfg = dict(cfg)
+        parent = cfg
+        for key in path[:-1]:
+            parent[key] = dict(parent[key])
+            parent = parent[key]
+        del parent[path[-1]]
+    return cfg
+
+
 def config_hash(cfg) -> str:
-    """First 12 hex digits of sha256(canonical JSON): names a config in results and run files."""
-    return hashlib.sha256(canonical_json(cfg).encode("utf-8")).hexdigest()[:12]
+    """First 12 hex digits of sha256(canonical JSON): names a config in results and run files.
+
+    Sections of HASH_NEUTRAL_DEFAULTS at their defaults are left out (see there)."""
+    return hashlib.sha256(canonical_json(_hashed(cfg)).encode("utf-8")).hexdigest()[:12]
 
 
 def run_name(method: str, layout: str, size: str, seed: int) -> str:

@@ -2,8 +2,10 @@
 loading and batching.
 
 `prepare(data_cfg, out_dir)` turns the `data:` section of a study config into
-  out_dir/{train,valid,test}.{fixed,varlen}.pt, out_dir/tokenizer/, out_dir/manifest.json.
-Training and evaluation read them back with `load_split` and draw batches with `batch_indices`,
+  out_dir/{train,valid,test}.{fixed,varlen}.pt, out_dir/tokenizer/, out_dir/manifest.json
+(`data.storage: pt`, the default: the corpus in memory), or, with `data.storage: shards`, into
+memory-mapped token shards made in bounded memory, resumably (harness.shards: the paper-scale path).
+Training and evaluation read either back with `load_split` and draw batches with `batch_indices`,
 a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
 
 Layouts (see docs/architecture.md):
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from harness import shards as shard_lib
 from harness.atomic import atomic_write, atomic_write_text
 from harness.batch import Batch, Vocab
 from harness.methods import UserError
@@ -49,6 +53,9 @@ DATA_DEFAULTS = {
     "test_fraction": 0.05,
     "seed": 1234,
     "max_documents": None,
+    # pt: one torch file per split and layout, built in memory; shards: harness.shards. Left out
+    # of config_hash when pt, so the hash of every config from before the key is unchanged
+    "storage": "pt",
 }
 
 
@@ -193,30 +200,63 @@ def _read_utf8(path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text() does
 
 
-@corpus("text-files")
-def text_files(paths, text_field: str = "text", group_by: str = "file") -> list[Document]:
-    """Local files: `.txt` = one document per file, `.jsonl` = one document per line.
+def _utf8_lines(path):
+    """The lines of a text file as `io.StringIO(_read_utf8(path))` iterates them (universal
+    newlines, each line with its "\n"), read line by line: memory holds one line, not the file.
+    Errors name the byte (not UTF-8) or the character (NUL) like `_read_utf8`."""
+    try:
+        fh = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    byte_pos = char_pos = 0
+    with fh:
+        for raw in fh:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = raw[err.start:err.start + 1]
+                raise UserError(f"{path}: not UTF-8 text (byte {byte_pos + err.start}: {bad!r}); "
+                                "convert it to UTF-8 or leave it out") from None
+            if "\x00" in line:
+                raise UserError(f"{path}: a binary file (NUL byte at character {char_pos + line.index(chr(0))}), not text")
+            byte_pos += len(raw)
+            char_pos += len(line)
+            if "\r" in line:  # "\r\n" never spans two raw lines: "\n" ends one
+                yield from io.StringIO(line.replace("\r\n", "\n").replace("\r", "\n"))
+            else:
+                yield line
 
-    `paths`: a glob or list of globs. `group_by`: "file" (the split unit is the file) or
-    "document" (every document is its own group, e.g. for a single jsonl file).
-    """
+
+def _text_file_names(paths, group_by: str) -> list[tuple[str, str]]:
+    """(file, group name) of every file the globs match, in order, each once."""
     if isinstance(paths, str):
         paths = [paths]
     if group_by not in ("file", "document"):
         raise UserError(f"text-files: group_by must be 'file' or 'document', got {group_by!r}")
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in paths:
         hits = sorted(glob.glob(os.path.expanduser(str(pattern)), recursive=True))
         if not hits:
             raise UserError(f"text-files: no file matches {pattern!r}")
-        files.extend(h for h in hits if h not in files)
+        for h in hits:
+            if h not in seen:
+                seen.add(h)
+                files.append(h)
+    for f in files:
+        if not f.endswith((".jsonl", ".txt")):
+            raise UserError(f"text-files: {f} is neither .txt nor .jsonl")
     # group = the file name, or the whole path where two matched files share a name
     base = [os.path.basename(f) for f in files]
     names = base if len(set(base)) == len(base) else files
-    docs: list[Document] = []
-    for f, name in zip(files, names):
+    return list(zip(files, names))
+
+
+def iter_text_files(paths, text_field: str = "text", group_by: str = "file") -> Iterator[Document]:
+    """The documents of `text_files`, one at a time (a .jsonl file is read line by line)."""
+    for f, name in _text_file_names(paths, group_by):
         if f.endswith(".jsonl"):
-            for i, line in enumerate(io.StringIO(_read_utf8(f))):  # lines as open() splits them
+            for i, line in enumerate(_utf8_lines(f)):
                 if not line.strip():
                     continue
                 try:
@@ -226,12 +266,19 @@ def text_files(paths, text_field: str = "text", group_by: str = "file") -> list[
                 if not isinstance(text, str):
                     raise UserError(f"{f}:{i + 1}: field {text_field!r} is not a string")
                 doc_id = f"{name}/{i:07d}"
-                docs.append(Document(doc_id, doc_id if group_by == "document" else name, text))
-        elif f.endswith(".txt"):
-            docs.append(Document(name, name, _read_utf8(f)))
+                yield Document(doc_id, doc_id if group_by == "document" else name, text)
         else:
-            raise UserError(f"text-files: {f} is neither .txt nor .jsonl")
-    return docs
+            yield Document(name, name, _read_utf8(f))
+
+
+@corpus("text-files")
+def text_files(paths, text_field: str = "text", group_by: str = "file") -> list[Document]:
+    """Local files: `.txt` = one document per file, `.jsonl` = one document per line.
+
+    `paths`: a glob or list of globs. `group_by`: "file" (the split unit is the file) or
+    "document" (every document is its own group, e.g. for a single jsonl file).
+    """
+    return list(iter_text_files(paths, text_field, group_by))
 
 
 # --- synthetic sources with an exact law (harness.synthetic) ------------------------------------
@@ -266,21 +313,8 @@ def _synthetic_source(cfg: dict):
 
 
 # --- Hugging Face datasets (the paper-scale path) ----------------------------------------------
-@corpus("hf")
-def hf_dataset(
-    dataset: str,
-    config: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    group_field: str | None = None,
-    data_files=None,
-    cache_dir: str | None = None,
-) -> list[Document]:
-    """`datasets.load_dataset(dataset, config, split=split)`; group = `group_field` or the row.
-
-    Hub names need the network (or a filled HF cache); offline they fail with one UserError.
-    Local files work offline through the generic builders, e.g. dataset="json", data_files=...
-    """
+def _load_hf(dataset, config, split, text_field, group_field, data_files, cache_dir):
+    """`datasets.load_dataset(...)` (an Arrow table on disk, memory-mapped), its columns checked."""
     try:
         import datasets
     except ImportError:
@@ -302,6 +336,25 @@ def hf_dataset(
         raise UserError(f"dataset {dataset!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})")
     if group_field is not None and group_field not in ds.column_names:
         raise UserError(f"dataset {dataset!r} has no column {group_field!r} (columns: {', '.join(ds.column_names)})")
+    return ds
+
+
+@corpus("hf")
+def hf_dataset(
+    dataset: str,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    group_field: str | None = None,
+    data_files=None,
+    cache_dir: str | None = None,
+) -> list[Document]:
+    """`datasets.load_dataset(dataset, config, split=split)`; group = `group_field` or the row.
+
+    Hub names need the network (or a filled HF cache); offline they fail with one UserError.
+    Local files work offline through the generic builders, e.g. dataset="json", data_files=...
+    """
+    ds = _load_hf(dataset, config, split, text_field, group_field, data_files, cache_dir)
     texts = ds[text_field]
     groups = ds[group_field] if group_field else None
     docs = []
@@ -311,11 +364,65 @@ def hf_dataset(
     return docs
 
 
+def iter_hf_dataset(
+    dataset: str,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    group_field: str | None = None,
+    data_files=None,
+    cache_dir: str | None = None,
+    batch_rows: int = 1000,
+) -> Iterator[Document]:
+    """The documents of `hf_dataset`, read from the Arrow table `batch_rows` rows at a time."""
+    ds = _load_hf(dataset, config, split, text_field, group_field, data_files, cache_dir)
+    columns = [text_field] + ([group_field] if group_field else [])
+    i = 0
+    for rows in ds.select_columns(columns).iter(batch_size=batch_rows):
+        groups = rows[group_field] if group_field else None
+        for j, text in enumerate(rows[text_field]):
+            doc_id = f"{dataset}/{split}/{i:08d}"
+            yield Document(doc_id, str(groups[j]) if groups is not None else doc_id, text or "")
+            i += 1
+
+
+#: streaming versions of corpus loaders (same options, same documents in the same order); a
+#: corpus without one is loaded whole and then streamed (shakespeare and synthetic are small)
+STREAMS: dict[str, Callable[..., Iterator[Document]]] = {"text-files": iter_text_files, "hf": iter_hf_dataset}
+
+
+def iter_corpus(spec) -> Iterator[Document]:
+    """The documents of `load_corpus(spec)`, one at a time, in the same order."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise UserError(f"data.corpus must be a name or a mapping with a 'name' key, got {spec!r}")
+    options = dict(spec)
+    name = options.pop("name")
+    if name not in CORPORA:
+        raise UserError(f"unknown corpus {name!r} (known: {', '.join(sorted(CORPORA))})")
+    try:
+        inspect.signature(CORPORA[name]).bind(**options)
+    except TypeError as e:  # an unknown or a missing option
+        raise UserError(f"corpus {name!r}: bad options ({e})") from None
+    if name in STREAMS:
+        return STREAMS[name](**options)
+    return iter(CORPORA[name](**options))
+
+
 # ============================================================================================
 # Split by group
 # ============================================================================================
 def _group_key(group: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\x00{group}".encode()).hexdigest()
+
+
+def check_fractions(valid_fraction: float, test_fraction: float) -> None:
+    for name, f in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f < 1:
+            raise UserError(f"data.{name} must be a number in (0, 1), got {f!r}")
+    if valid_fraction + test_fraction >= 1:
+        raise UserError("data.valid_fraction + data.test_fraction must be < 1")
 
 
 def split_documents(docs: list[Document], valid_fraction: float, test_fraction: float, seed: int) -> dict:
@@ -324,12 +431,9 @@ def split_documents(docs: list[Document], valid_fraction: float, test_fraction: 
     Groups are ordered by sha256(seed, group) and dealt in that order to test, then valid, until
     each holds its fraction of the documents (at least one group each); the rest is train. A new
     group only moves groups near a boundary, not the whole split. Document order is kept.
+    This needs every group's size first; `split_of` is the per-document rule of the streaming path.
     """
-    for name, f in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(f, (int, float)) or not 0 < f < 1:
-            raise UserError(f"data.{name} must be a number in (0, 1), got {f!r}")
-    if valid_fraction + test_fraction >= 1:
-        raise UserError("data.valid_fraction + data.test_fraction must be < 1")
+    check_fractions(valid_fraction, test_fraction)
     sizes: dict[str, int] = {}
     for d in docs:
         sizes[d.group] = sizes.get(d.group, 0) + 1
@@ -355,6 +459,20 @@ def split_documents(docs: list[Document], valid_fraction: float, test_fraction: 
     if empty:
         raise UserError(f"the {'/'.join(empty)} split would be empty: lower the valid/test fractions or add groups")
     return out
+
+
+def split_of(group: str, seed: int, valid_fraction: float, test_fraction: float) -> str:
+    """The split of one document from its group alone (`data.storage: shards`, streaming).
+
+    The same order as `split_documents` (sha256(seed, group), test first, then valid), cut at
+    fixed points instead of by document counts: u = the first 64 bits of the hash / 2^64 goes to
+    test if u < test_fraction, to valid if u < test_fraction + valid_fraction, else to train. So
+    the fractions hold in expectation over groups, not exactly in documents, and a corpus of few
+    groups can leave a split empty (prepare then says so). Where split_documents' cut points fall
+    at those fractions, the two rules agree.
+    """
+    u = int(_group_key(group, seed)[:16], 16) / 2.0**64
+    return "test" if u < test_fraction else "valid" if u < test_fraction + valid_fraction else "train"
 
 
 def cap_documents(splits: dict, max_documents: int) -> dict:
@@ -435,12 +553,24 @@ def resolve_data_config(data_cfg: dict | None) -> dict:
         raise UserError(f"data.max_len must be >= 2 (BOS + one token), got {out['max_len']}")
     if not 1 <= out["min_tokens"] <= out["max_len"]:
         raise UserError(f"data.min_tokens must be in [1, max_len={out['max_len']}], got {out['min_tokens']}")
+    out["storage"] = shard_lib.resolve_storage(out["storage"])
     return out
 
 
+def hashed_config(data_cfg: dict) -> dict:
+    """The resolved data config as it names the data (config_hash, the manifest's "config"):
+    `storage` left out when it is pt, and its speed-only options (workers, batch_documents)
+    always, so every config written before the key existed keeps its hash."""
+    cfg = resolve_data_config(data_cfg)
+    storage = shard_lib.hashed_storage(cfg.pop("storage"))
+    if storage is not None:
+        cfg["storage"] = storage
+    return cfg
+
+
 def config_hash(data_cfg: dict) -> str:
-    """sha256 of the resolved data config (canonical JSON): names the prepared data."""
-    text = json.dumps(resolve_data_config(data_cfg), sort_keys=True, separators=(",", ":"))
+    """sha256 of the resolved data config (canonical JSON, `hashed_config`): names the prepared data."""
+    text = json.dumps(hashed_config(data_cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -466,14 +596,23 @@ def _quantiles(values: list[int]) -> dict:
     }
 
 
-def prepare(data_cfg: dict, out_dir) -> dict:
+def prepare(data_cfg: dict, out_dir, *, workers: int | None = None, progress: bool = False,
+            stop_after_shards: int | None = None) -> dict:
     """Corpus -> split -> tokenizer (fit on train) -> both layouts per split -> manifest.
 
     Returns the manifest (also written to out_dir/manifest.json, last, so its presence means
-    the directory is complete).
+    the directory is complete). With `data.storage: shards` this is harness.shards.prepare_shards
+    (streaming, bounded memory, resumable); `workers` (tokenizer processes, overriding
+    data.storage.workers), `progress` (a progress bar on stderr) and `stop_after_shards` (tests)
+    apply to it only.
     """
     cfg = resolve_data_config(data_cfg)
     out = Path(out_dir)
+    if cfg["storage"]["kind"] == "shards":
+        return shard_lib.prepare_shards(cfg, out, workers=workers, show_progress=progress,
+                                        stop_after_shards=stop_after_shards)
+    if workers is not None:
+        raise UserError("workers apply to data.storage: shards only (storage pt tokenises in one process)")
 
     source = _synthetic_source(cfg)
     docs = load_corpus(cfg["corpus"])
@@ -523,6 +662,8 @@ def prepare(data_cfg: dict, out_dir) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new one is written
+    if (out / shard_lib.SHARD_DIR).is_dir():  # the shards of an earlier storage: shards prepare
+        shutil.rmtree(out / shard_lib.SHARD_DIR)
     tokenizer.save(out / TOKENIZER_DIR)
     for name, payload in payloads.items():
         atomic_write(out / name, "wb", lambda fh: torch.save(payload, fh))
@@ -536,7 +677,7 @@ def prepare(data_cfg: dict, out_dir) -> dict:
     manifest = {
         "schema": SCHEMA,
         "config_hash": config_hash(cfg),
-        "config": cfg,
+        "config": hashed_config(cfg),
         "corpus": cfg["corpus"]["name"],
         "options": {k: v for k, v in cfg["corpus"].items() if k != "name"},
         "corpus_documents": len(docs),
@@ -641,12 +782,154 @@ class TokenData:
         return Batch(x0, lengths.clone(), "varlen")
 
 
+class ShardedTokenData:
+    """One split in one layout of a `data.storage: shards` directory, read by memory map.
+
+    The interface of `TokenData` (len, num_tokens, row, batch, lengths, offsets, vocab, layout,
+    max_len) and the same rows and batches as the pt storage of the same documents; only the
+    rows a batch asks for are read from disk. Shard files are opened on first use.
+    """
+
+    def __init__(self, data_dir, split: str, layout: str, manifest: dict):
+        self.data_dir = Path(data_dir)
+        try:
+            self.layout = layout
+            self.vocab = Vocab(**manifest["tokenizer"]["vocab"])
+            self.max_len = int(manifest["seq_len"] if layout == "fixed" else manifest["max_len"])
+            self._shards = list(manifest["shards"]["files"][f"{split}.{layout}"])
+            self._dtype = np.dtype(manifest["shards"]["dtype"])
+            rows = np.array([int(e["rows"]) for e in self._shards], dtype=np.int64)
+            self._tokens_per_shard = np.array([int(e["tokens"]) for e in self._shards], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"data manifest in {data_dir} has no valid shard table ({e}): run `prepare` again") from None
+        for e in self._shards:  # every file there before any is read
+            for key in ("file", "lengths_file"):
+                if key in e:
+                    _need(self.data_dir / e[key], "data file")
+        self._row_start = np.concatenate([[0], np.cumsum(rows)])
+        self._token_start = np.concatenate([[0], np.cumsum(self._tokens_per_shard)])
+        self._n = int(self._row_start[-1])
+        self._mm: dict[int, np.ndarray] = {}
+        self._lengths = self._offsets = self._offsets_np = None
+        _raise_open_file_limit(len(self._shards))
+
+    # --- files ----------------------------------------------------------------------------
+    def _open(self, k: int) -> np.ndarray:
+        mm = self._mm.get(k)
+        if mm is None:
+            e = self._shards[k]
+            path = self.data_dir / e["file"]
+            try:
+                mm = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise UserError(f"data file {path} is corrupt ({err.__class__.__name__}): run `prepare` again") from None
+            want = (int(e["rows"]), self.max_len) if self.layout == "fixed" else (int(e["tokens"]),)
+            if mm.dtype != self._dtype or mm.shape != want:
+                raise UserError(f"data file {path} holds {mm.dtype} {mm.shape}, the manifest says {self._dtype} {want}: "
+                                "run `prepare` again")
+            self._mm[k] = mm
+        return mm
+
+    def _varlen_lengths(self) -> np.ndarray:
+        parts = []
+        for e in self._shards:
+            path = self.data_dir / e["lengths_file"]
+            try:
+                a = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise UserError(f"data file {path} is corrupt ({err.__class__.__name__}): run `prepare` again") from None
+            if a.shape != (int(e["rows"]),) or int(a.sum()) != int(e["tokens"]):
+                raise UserError(f"data file {path} does not match its shard: run `prepare` again")
+            parts.append(a.astype(np.int64))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    # --- the TokenData interface ------------------------------------------------------------
+    @property
+    def lengths(self) -> torch.Tensor:
+        if self._lengths is None:
+            if self.layout == "fixed":
+                self._lengths = torch.full((self._n,), self.max_len, dtype=torch.long)
+            else:
+                self._lengths = torch.from_numpy(self._varlen_lengths())
+        return self._lengths
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        if self._offsets is None:
+            self._offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
+        return self._offsets
+
+    def __len__(self) -> int:
+        return self._n
+
+    def num_tokens(self) -> int:
+        return self._n * self.max_len if self.layout == "fixed" else int(self._tokens_per_shard.sum())
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"row {i} outside [0, {self._n})")
+        k = int(np.searchsorted(self._row_start, i, side="right")) - 1
+        return k, i - int(self._row_start[k])
+
+    def _row_np(self, i: int) -> np.ndarray:
+        k, j = self._locate(i)
+        if self.layout == "fixed":
+            return self._open(k)[j]
+        if self._offsets_np is None:
+            self._offsets_np = self.offsets.numpy()
+        g, base = int(self._row_start[k]) + j, int(self._token_start[k])
+        return self._open(k)[int(self._offsets_np[g]) - base : int(self._offsets_np[g + 1]) - base]
+
+    def row(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._row_np(i), dtype=np.int64))
+
+    def batch(self, indices) -> Batch:
+        """Rows `indices` right-padded with PAD to the longest of them; lengths include BOS."""
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise ValueError("empty batch")
+        rows = [self._row_np(i) for i in idx]
+        lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
+        x0 = np.full((len(idx), int(lengths.max())), self.vocab.pad, dtype=np.int64)
+        for b, r in enumerate(rows):
+            x0[b, : r.shape[0]] = r
+        return Batch(torch.from_numpy(x0), lengths, self.layout)
+
+    def __repr__(self) -> str:
+        return (f"ShardedTokenData({self.layout}, {self._n} rows in {len(self._shards)} shard(s), "
+                f"{self.data_dir})")
+
+
+def _raise_open_file_limit(n_files: int) -> None:
+    """Each memory-mapped shard keeps a file descriptor: lift the soft limit towards the hard one
+    when a split has many shards (best effort)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 4 * n_files + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def load_split(data_dir, split: str, layout: str) -> TokenData:
+    """One split in one layout: a `TokenData` (storage pt) or a `ShardedTokenData` (storage
+    shards, memory-mapped), the same interface either way."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    path = _need(Path(data_dir) / f"{split}.{layout}.pt", "data file")
+    pt_path = Path(data_dir) / f"{split}.{layout}.pt"
+    if not pt_path.exists() and (Path(data_dir) / MANIFEST).exists():
+        manifest = load_manifest(data_dir)
+        if manifest.get("storage") == "shards":
+            return ShardedTokenData(data_dir, split, layout, manifest)
+    path = _need(pt_path, "data file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip / pickle errors of many types

@@ -10,7 +10,8 @@ Schema `didbench.result/1` (one JSON object per file)::
 
     {
       "schema":      "didbench.result/1",
-      "kind":        "ppl" | "samples" | "genppl" | "mauve" | "diversity" | "lengths" | "speed" | ...,
+      "kind":        "ppl" | "samples" | "genppl" | "mauve" | "diversity" | "lengths" | "speed" | "exact"
+                     | "zeroshot" | "cost" | ...,
       "study":       str,            # config["study"]
       "run":         str | null,     # "<method>-<layout>-<size>-s<seed>"; null for data-only results
       "method":      str | null,

@@ -31,8 +31,9 @@ ID = ["run", "method", "layout", "size", "seed"]
 GROUP = ["method", "layout", "size"]
 #: evaluation files every run of a default study has, in the order a study produces them
 EVAL_FILES = ("ppl", "samples", "genppl", "mauve", "diversity", "lengths")
-#: opt-in per-run evaluations (evaluate.metrics): read when present, never reported as missing
-OPTIONAL_EVAL_FILES = ("speed", "exact")
+#: opt-in per-run evaluations (evaluate.metrics; zeroshot: evaluate.zeroshot.datasets, fixed-length
+#: runs): read when present, never reported as missing
+OPTIONAL_EVAL_FILES = ("speed", "exact", "zeroshot")
 #: every per-run evaluation file the loaders read
 ALL_EVAL_FILES = EVAL_FILES + OPTIONAL_EVAL_FILES
 #: study-level cost files: results/<study>/cost/<layout>.json (harness/cost.py)
@@ -78,6 +79,9 @@ class Study:
     ppl_seq: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: per-sample evaluator scores (ID + steps, sample, nll, n_targets, entropy_nats)
     genppl_samples: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: zero-shot bounds (zeroshot.json), one row per (run, dataset): ID + dataset, the ppl columns,
+    #: paper_*, paper_seq_len_ppl, documents, source, detokenizer; a missing set has its `reason`
+    zeroshot: pd.DataFrame = field(default_factory=pd.DataFrame)
     problems: list[str] = field(default_factory=list)
 
 
@@ -361,6 +365,22 @@ def _load_exact(ident, values, out):
     out["bound_gap"].append(row)
 
 
+def _load_zeroshot(ident: dict, values: dict, out: dict) -> None:
+    sets = values.get("datasets") if isinstance(values.get("datasets"), dict) else {}
+    for name, v in sets.items():
+        if not isinstance(v, dict):
+            continue
+        paper = v.get("paper_convention") if isinstance(v.get("paper_convention"), dict) else {}
+        per_len = paper.get("divided_by_seq_len") if isinstance(paper.get("divided_by_seq_len"), dict) else {}
+        out["zeroshot"].append({**ident, "dataset": name, **{k: num(v.get(k)) for k in _PPL_KEYS},
+                                **{f"paper_{k}": num(paper.get(k)) for k in ("nats_per_token", "ppl", "stderr")},
+                                "paper_seq_len_ppl": num(per_len.get("ppl")), "documents": num(v.get("documents")),
+                                "source": v.get("source"), "detokenizer": v.get("detokenizer"), "reason": None})
+    missing = values.get("missing") if isinstance(values.get("missing"), dict) else {}
+    for name, reason in missing.items():
+        out["zeroshot"].append({**ident, "dataset": name, "reason": str(reason)})
+
+
 def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
     if kind == "ppl":
         paper = values.get("paper_convention") if isinstance(values.get("paper_convention"), dict) else {}
@@ -388,6 +408,8 @@ def _load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
         _load_speed(ident, values, out)
     elif kind == "exact":
         _load_exact(ident, values, out)
+    elif kind == "zeroshot":
+        _load_zeroshot(ident, values, out)
     elif kind == "samples":
         out["samples"] += _rows_by_steps(ident, values, ("n", "mean_length", "nfe", "seconds_per_sample",
                                                          "content_after_pad_rate"))
@@ -494,7 +516,8 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     name = (config or {}).get("study") or study_dir.name
     names = ("runs", "ppl", "genppl", "genppl_data", "mauve", "diversity", "diversity_data", "lengths",
              "lengths_data", "length_hist", "samples", "speed_train", "speed_sample", "cost_train", "cost_sample",
-             "benchmarks", "ppl_seq", "genppl_samples", "exact", "exact_data", "exact_samples", "bound_gap")
+             "benchmarks", "ppl_seq", "genppl_samples", "exact", "exact_data", "exact_samples", "bound_gap",
+             "zeroshot")
     out: dict[str, list] = {k: [] for k in names}
     out["problems"] = problems
     out["length_pmf"] = []

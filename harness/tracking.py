@@ -1,4 +1,5 @@
-"""Log a finished study to MLflow: one experiment per study, one run per trained model.
+"""Log a finished study to MLflow: one experiment per study, one parent run ("study") with one
+nested run per trained model.
 
 Why one sequential logger: cluster jobs write plain JSON/CSV results (DAG outputs), and this
 single local step copies them into MLflow, so no two processes ever write the SQLite store at
@@ -11,6 +12,15 @@ Cost: each model run also records its method's row of the study's cost job for i
 (results/<study>/cost/<layout>.json, metrics `cost/...`, see cost_metrics); the file is one of the
 run's artifacts, so it is in the run's content hash and a changed cost file re-logs the runs of
 that layout. The study run carries every cost file under `cost/`.
+
+As researchers read it (TRACKING_FORMAT 2): the model runs are nested under the study run
+(`mlflow.parentRunId`); each run's Created/Duration are those of its training (train.json), its
+Source the command that made it; the held-out reference statistics (the same in every run of a
+layout) are params `reference.<layout>.*` of the study run, not metrics of every run; the
+experiment carries a saved view "didbench: key metrics" (open it from "Views", or the URL
+`harness log` prints) whose table shows the headline numbers. Training logged live
+(harness.live, when MLFLOW_TRACKING_URI is set) is completed in place: the same run gets its
+evaluations, artifacts and content hash, so its system metrics and run id stay.
 
 Store: `sqlite:///<abs study_dir>/mlflow.db` with artifacts under `<study_dir>/mlartifacts`,
 unless MLFLOW_TRACKING_URI is set. Browse with
@@ -37,11 +47,20 @@ from harness.study import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_
                            run_dirs)
 
 #: bump when what a run records changes, so existing runs are logged again
-TRACKING_FORMAT = "1"
+TRACKING_FORMAT = "2"
 KEY_TAG = "didbench.key"
 HASH_TAG = "didbench.content_hash"
 RULE_TAG = "didbench.rule"
 STUDY_RUN = "study"
+LIVE_TAG = "didbench.live"   # "1" on runs created by harness.live while training
+PARENT_TAG = "mlflow.parentRunId"
+VIEW_ID = "didbench-key-metrics"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+#: the runs-table columns of the saved view (metrics that every study has come first)
+KEY_COLUMNS = ["nats_per_token", "ppl", "train/valid_nats_per_token", "train/nats_per_token", "steps/gen_ppl",
+               "steps/mauve", "steps/w1", "steps/exact_nll", "cost/train_tokens_per_s", "cost/train_ratio_to_did",
+               "train_wall_seconds"]
+KEY_TAGS = ["method", "layout", "size", "seed"]
 LOCK_FILE = ".mlflow.lock"   # in the study directory: one logger at a time
 _MAX_PARAM_VALUE = 6000     # MLflow's limit on a parameter value
 _MAX_BATCH = 1000           # MLflow's limit on entities per log_batch call
@@ -80,6 +99,9 @@ class Payload:
     files: list[tuple[Path, str | None]] = field(default_factory=list)   # (local file, artifact dir)
     dirs: list[tuple[Path, str]] = field(default_factory=list)           # (local dir, artifact dir)
     content_hash: str = ""
+    start_ms: int | None = None                                        # the run's Created (training start)
+    end_ms: int | None = None
+    constants: dict[str, str] = field(default_factory=dict)            # study-level params (reference.*)
 
 
 # --- store ------------------------------------------------------------------------------------
@@ -96,10 +118,62 @@ def _is_server(uri: str) -> bool:
 def _experiment_id(client, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    return exp.experiment_id
+        exp_id = client.create_experiment(name, artifact_location=artifact_location)
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    # a model-training experiment (MLflow 3 opens others on its GenAI pages)
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return exp_id
+
+
+def key_view_state(parent_id: str | None = None, columns: list[str] = KEY_COLUMNS) -> dict:
+    """The MLflow UI state of the saved view: key metrics and tags as table columns, the key
+    curves as the first chart section. (MLflow does not keep which runs are expanded or hidden
+    in a saved view: the study's runs open with the parent's expander, and the parent leaves the
+    charts' legends with its eye icon.)"""
+    cols = ["attributes.`Source`"] + [f"tags.`{t}`" for t in KEY_TAGS] + [f"metrics.`{c}`" for c in columns]
+    return {"selectedColumns": cols, "runsExpanded": {parent_id: True} if parent_id else {},
+            "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True, **_key_charts(),
+            "orderByKey": "attributes.start_time", "orderByAsc": False, "searchFilter": "", "datasetsFilter": [],
+            "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "startTime": "ALL"}
+
+
+#: the curves the view's charts show first, in their own section (the rest follow, grouped by prefix)
+KEY_CURVES = ["train/valid_nats_per_token", "train/nats_per_token", "steps/gen_ppl", "steps/w1", "steps/exact_nll"]
+
+
+def _key_charts() -> dict:
+    section = "didbench-curves"
+    charts = [{"uuid": f"didbench-{k.replace('/', '-')}", "type": "LINE", "deleted": False, "isGenerated": False,
+               "metricSectionId": section, "metricKey": k, "selectedMetricKeys": [k], "xAxisKey": "step",
+               "yAxisKey": "metric", "scaleType": "linear", "displayPoints": True, "lineSmoothness": 0,
+               "runsCountToCompare": 20, "selectedXAxisMetricKey": ""} for k in KEY_CURVES]
+    return {"compareRunSections": [{"uuid": section, "name": "didbench: validation bound, objective, by steps",
+                                    "display": True, "isReordered": False}],
+            "compareRunCharts": charts}
+
+
+def set_study_view(client, exp_id: str, study: str, parent_id: str | None = None) -> None:
+    """The experiment's description and its saved view "didbench: key metrics" (experiment tags)."""
+    now = int(time.time() * 1000)
+    envelope = {"name": "didbench: key metrics", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(key_view_state(parent_id))}
+    client.set_experiment_tag(exp_id, VIEW_TAG, json.dumps(envelope))
+    client.set_experiment_tag(exp_id, "mlflow.note.content", (   # Markdown
+        f"didbench study `{study}`: the run `study` holds the study config, the reference statistics "
+        "(params `reference.LAYOUT.NAME`), `tables/` and `figures/`; each trained model is a run nested under it. "
+        "Open the view **didbench: key metrics** (Views) for the headline numbers: `nats_per_token`, `ppl` = the "
+        "strict NLL bound on the test split; `train/valid_nats_per_token` = the common validation bound (same rows, "
+        "same seed, every method); `steps/NAME` = by sampling steps (the table shows the largest). Training curves: "
+        "`train/nats_per_token` (the objective per predicted token, comparable across methods) and "
+        "`train/valid_nats_per_token`."))
+
+
+def view_url(exp_id: str, host: str = "http://127.0.0.1:5000", view: str = VIEW_ID, charts: bool = False) -> str:
+    """Where a saved view opens in `mlflow ui` (its default address); `charts`: its charts tab."""
+    return f"{host}/#/experiments/{exp_id}/runs?viewStateShareKey={view}" + ("&compareRunsMode=CHART" if charts else "")
 
 
 def _runs_by_key(client, exp_id: str) -> dict[str, list]:
@@ -286,9 +360,28 @@ def history_metrics(path: Path, t0_ms: int) -> list:
     return m
 
 
-def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None, t0_ms: int) -> Payload:
-    """What the MLflow run of one trained model records."""
+def training_times(train: dict, fallback_ms: int) -> tuple[int, int]:
+    """(start, end) of the training in ms: end = train.json `created`, start = end - wall_seconds."""
+    import datetime as _dt
+
+    try:
+        end = int(_dt.datetime.fromisoformat(str(train["created"])).timestamp() * 1000)
+    except (KeyError, TypeError, ValueError):
+        return fallback_ms, fallback_ms
+    wall = num(train.get("wall_seconds"))
+    return (end - int(1000 * wall) if math.isfinite(wall) and wall >= 0 else end), end
+
+
+def _source_tags(name: str) -> dict[str, str]:
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL",
+            "mlflow.user": os.environ.get("USER") or os.environ.get("LOGNAME") or "didbench"}
+
+
+def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None, t0_ms: int,
+                checkpoints: bool = False) -> Payload:
+    """What the MLflow run of one trained model records (`checkpoints`: also checkpoint.pt)."""
     train = read_json_object(run_dir / "train.json", "training summary") if (run_dir / "train.json").is_file() else {}
+    start_ms, end_ms = training_times(train, t0_ms)
     cfg_path = run_dir / "config.yaml"
     try:
         run_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else config
@@ -299,6 +392,8 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     p = Payload(name=run_dir.name, key=f"{study}/{run_dir.name}")
     p.params = {**flatten(run_cfg if isinstance(run_cfg, dict) else {}), **flatten(train)}
     files: list[tuple[Path, str | None]] = [(run_dir / f, None) for f in ("train.json", "history.csv", "config.yaml")]
+    if checkpoints:
+        files.append((run_dir / "checkpoint.pt", "checkpoint"))
     eval_dir = run_dir / "eval"
     for kind in ALL_EVAL_FILES:
         path = eval_dir / f"{kind}.json"
@@ -327,11 +422,18 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     _add(p.metrics, "final_loss", train.get("final_loss"))
     _add(p.metrics, "train_wall_seconds", train.get("wall_seconds"))
     _add(p.metrics, "train_loop_tokens_per_s", train.get("tokens_per_s"))
-    p.metrics += history_metrics(run_dir / "history.csv", t0_ms)
+    p.metrics += history_metrics(run_dir / "history.csv", start_ms)
+    p.start_ms, p.end_ms = start_ms, end_ms
+    # the held-out reference rows (data/*) are the same in every run of a layout: study params
+    layout = ident.get("layout") or "all"
+    p.constants = {f"reference.{layout}.{k[len('data/'):]}": repr(round(v, 6)) if isinstance(v, float) else str(v)
+                   for k, v, _, _ in p.metrics if k.startswith("data/")}
+    p.metrics = [m for m in p.metrics if not m[0].startswith("data/")]
     p.files = [(f, d) for f, d in files if f.is_file()]
     for k in ("git_commit", "device", "config_hash"):
         ident[k] = train.get(k, ident.get(k))
     p.tags = {KEY_TAG: p.key, RULE_TAG: "train", "didbench.format": TRACKING_FORMAT, "didbench.study": study,
+              **_source_tags(f"python -m harness train ({run_dir.name})"),
               **{k: str(v) for k, v in ident.items() if v is not None}}
     if ident.get("git_commit"):
         p.tags["mlflow.source.git.commit"] = str(ident["git_commit"])
@@ -349,19 +451,29 @@ def _tsv_first(path: Path, col: str):
         return None
 
 
-def study_payload(study_dir: Path, study: str, config: dict | None, n_runs: int) -> Payload:
-    """The study-level run: the study config plus tables/, figures/ and summary.md as artifacts."""
+def study_payload(study_dir: Path, study: str, config: dict | None, n_runs: int,
+                  children: list[Payload] | None = None) -> Payload:
+    """The study-level (parent) run: the study config and the reference statistics of its runs
+    as params, tables/, figures/ and summary.md as artifacts; no metrics, so it stays out of the
+    run charts. Its times span its runs' trainings."""
     p = Payload(name=STUDY_RUN, key=f"{study}/{STUDY_RUN}")
     p.params = flatten(config or {})
-    for sub in ("tables", "figures", "bench", COST_DIR):
+    for child in children or []:
+        for k, v in child.constants.items():
+            p.params.setdefault(k, v)
+    p.params["n_runs"] = str(n_runs)
+    starts = [c.start_ms for c in children or [] if c.start_ms is not None]
+    p.start_ms = min(starts) if starts else None
+    for sub in ("tables", "figures", "paper", "bench", COST_DIR):
         if (study_dir / sub).is_dir():
             p.dirs.append((study_dir / sub, sub))
     p.files = [(f, None) for f in (study_dir / "summary.md", study_dir / "data" / "manifest.json") if f.is_file()]
-    _add(p.metrics, "n_runs", n_runs)
     hashed = [f for f, _ in p.files] + [f for d, _ in p.dirs for f in d.rglob("*") if f.is_file()]
     p.content_hash = _hash(hashed, {"params": p.params, "n_runs": n_runs})
+    ends = [int(f.stat().st_mtime * 1000) for f in hashed] + [c.end_ms for c in children or [] if c.end_ms]
+    p.end_ms = max(ends) if ends else None            # when its last table or run was made, not the log time
     p.tags = {KEY_TAG: p.key, RULE_TAG: "log", "didbench.format": TRACKING_FORMAT, "didbench.study": study,
-              HASH_TAG: p.content_hash}
+              **_source_tags(f"snakemake (didbench study {study})"), HASH_TAG: p.content_hash}
     return p
 
 
@@ -375,7 +487,7 @@ def log_payload(client, exp_id: str, p: Payload) -> str:
     """Create one MLflow run from a payload; FINISHED only once everything is written."""
     from mlflow.entities import Metric, Param, RunTag
 
-    run = client.create_run(exp_id, run_name=p.name, tags=p.tags)
+    run = client.create_run(exp_id, run_name=p.name, tags=p.tags, start_time=p.start_ms)
     rid = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -395,32 +507,82 @@ def log_payload(client, exp_id: str, p: Payload) -> str:
             client.set_terminated(rid, "FAILED")
         finally:
             raise
-    client.set_terminated(rid, "FINISHED")
+    client.set_terminated(rid, "FINISHED", end_time=_end_time(p))
     return rid
 
 
-def _sync(client, exp_id: str, p: Payload, existing: list, summary: dict) -> None:
-    """Skip if an identical FINISHED run exists, else replace whatever is there."""
+def _end_time(p: Payload) -> int:
+    return max(p.end_ms or int(time.time() * 1000), p.start_ms or 0)
+
+
+def complete_live_run(client, run, p: Payload) -> bool:
+    """Log payload `p` into `run`, a run harness.live created while training; False (nothing
+    written) if one of its params has another value than `p`'s (then the caller replaces it).
+
+    The training curve (train/*) the live run already has is not logged again; the content hash
+    is the last tag written, so a crash half-way leaves a run that the next `log` completes again.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    have = run.data.params
+    params = {clean_key(k): v for k, v in p.params.items()}
+    if any(k in have and have[k] != v for k, v in params.items()):
+        return False
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    for chunk in _chunks([Param(k, v) for k, v in params.items() if k not in have], _MAX_PARAMS_PER_BATCH):
+        client.log_batch(rid, params=chunk)
+    live_curve = any(k.startswith("train/") for k in run.data.metrics)
+    metrics = [Metric(clean_key(k), v, ts if ts is not None else now, s) for k, v, s, ts in p.metrics
+               if not (live_curve and k.startswith("train/"))]
+    for chunk in _chunks(metrics, _MAX_BATCH):
+        client.log_batch(rid, metrics=chunk)
+    for f, d in p.files:
+        client.log_artifact(rid, str(f), d)
+    for d, name in p.dirs:
+        client.log_artifacts(rid, str(d), name)
+    tags = {k: v for k, v in p.tags.items() if k != HASH_TAG}
+    tags["didbench.logged_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if run.info.status != "FINISHED" or p.end_ms:
+        client.set_terminated(rid, "FINISHED", end_time=max(_end_time(p), run.info.start_time or 0))
+    client.set_tag(rid, HASH_TAG, p.content_hash)
+    return True
+
+
+def _sync(client, exp_id: str, p: Payload, existing: list, summary: dict) -> str:
+    """Skip if an identical FINISHED run exists, complete a live one, else replace whatever is
+    there. Returns the run id that now stands for `p`."""
     good = [r for r in existing if r.info.status == "FINISHED" and r.data.tags.get(HASH_TAG) == p.content_hash]
     if good:
         for r in existing:
             if r.info.run_id != good[0].info.run_id:      # duplicates from an older, non-idempotent log
                 client.delete_run(r.info.run_id)
         summary["skipped"].append(p.name)
-        return
+        return good[0].info.run_id
+    live = [r for r in existing if r.data.tags.get(LIVE_TAG) == "1" and HASH_TAG not in r.data.tags]
+    if live and complete_live_run(client, live[0], p):
+        for r in existing:
+            if r.info.run_id != live[0].info.run_id:
+                client.delete_run(r.info.run_id)
+        summary["completed"].append(p.name)
+        return live[0].info.run_id
     for r in existing:
         client.delete_run(r.info.run_id)
     if existing:
         summary["replaced"].append(p.name)
-    log_payload(client, exp_id, p)
+    rid = log_payload(client, exp_id, p)
     summary["logged"].append(p.name)
+    return rid
 
 
-def log_study(study_dir, config: dict | None) -> dict:
-    """Log every trained run of a study (plus a "study" run with tables and figures) to MLflow.
+def log_study(study_dir, config: dict | None, checkpoints: bool = False) -> dict:
+    """Log every trained run of a study, nested under a "study" run with tables and figures.
 
+    `checkpoints`: also each run's checkpoint.pt as an artifact (config tracking.log_checkpoints).
     Returns {"experiment", "experiment_id", "tracking_uri", "logged", "skipped", "replaced",
-    "runs"} where "runs" is the number of model runs now in the experiment for this study.
+    "completed" (live runs finished in place), "runs", "view"} where "runs" is the number of
+    model runs now in the experiment for this study and "view" the saved view's URL.
     """
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
@@ -428,18 +590,18 @@ def log_study(study_dir, config: dict | None) -> dict:
 
         raise UserError(f"study directory {study_dir} does not exist (run the workflow first)")
     with _exclusive(study_dir / LOCK_FILE):
-        return _log_study(study_dir, config)
+        return _log_study(study_dir, config, checkpoints)
 
 
-def _log_study(study_dir: Path, config: dict | None) -> dict:
+def _log_study(study_dir: Path, config: dict | None, checkpoints: bool = False) -> dict:
     study = str((config or {}).get("study") or study_dir.name)
     uri = tracking_uri(study_dir)
     t0 = int(time.time() * 1000)
     dirs = run_dirs(study_dir)
     # every payload is read (strictly) before MLflow is touched: a bad result file stops here with
     # one line naming it, and never replaces a good run by one without its metrics
-    payloads = [run_payload(run_dir, study_dir, study, config, t0) for run_dir in dirs]
-    payloads.append(study_payload(study_dir, study, config, len(dirs)))
+    payloads = [run_payload(run_dir, study_dir, study, config, t0, checkpoints) for run_dir in dirs]
+    payloads.insert(0, study_payload(study_dir, study, config, len(dirs), payloads))   # the parent first
     if _is_server(uri):
         for var, value in HTTP_DEFAULTS.items():   # bounded waits: never hang on a silent server
             os.environ.setdefault(var, value)
@@ -481,11 +643,21 @@ def _write(uri: str, study_dir: Path, study: str, payloads: list[Payload], dirs:
     exp_id = _experiment_id(client, study, artifacts)
     existing = _runs_by_key(client, exp_id)
     summary = {"experiment": study, "experiment_id": exp_id, "tracking_uri": uri, "logged": [], "skipped": [],
-               "replaced": []}
-    for p in payloads:
+               "replaced": [], "completed": []}
+    parent, children = payloads[0], payloads[1:]
+    parent_id = _sync(client, exp_id, parent, existing.get(parent.key, []), summary)
+    for p in children:
+        p.tags[PARENT_TAG] = parent_id
         _sync(client, exp_id, p, existing.get(p.key, []), summary)
     keys = {f"{study}/{d.name}" for d in dirs}
-    summary["runs"] = sum(1 for k, rs in _runs_by_key(client, exp_id).items() if k in keys for _ in rs)
+    now_by_key = _runs_by_key(client, exp_id)
+    for k in keys:                       # a replaced parent: skipped runs move under the new one
+        for r in now_by_key.get(k, []):
+            if r.data.tags.get(PARENT_TAG) != parent_id:
+                client.set_tag(r.info.run_id, PARENT_TAG, parent_id)
+    set_study_view(client, exp_id, study, parent_id)
+    summary["runs"] = sum(1 for k, rs in now_by_key.items() if k in keys for _ in rs)
+    summary["view"] = view_url(exp_id)
     return summary
 
 

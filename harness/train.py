@@ -282,8 +282,24 @@ def train(
     """Train one (method, layout, seed) run of a study; returns the train.json summary.
 
     `stop_after` (tests, fault injection) stops the process-local loop after that many steps
-    as if killed, leaving only what was checkpointed.
+    as if killed, leaving only what was checkpointed. With MLFLOW_TRACKING_URI set, the history
+    rows also stream to MLflow as they are made (harness.live): the run ends FINISHED, KILLED
+    (preempted: a resume reopens it) or FAILED.
     """
+    holder: dict = {}
+    try:
+        summary = _train(config, method_name, layout, seed, data_dir, out_dir, steps, progress, stop_after, holder)
+    except BaseException as err:
+        if holder.get("live") is not None:
+            holder["live"].finish("KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED")
+        raise
+    if holder.get("live") is not None:
+        holder["live"].finish()
+    return summary
+
+
+def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str, out_dir: str,
+           steps: int | None, progress: bool, stop_after: int | None, holder: dict) -> dict:
     from harness.config import config_hash, run_name
     from harness.results import provenance
 
@@ -395,6 +411,10 @@ def train(
         ctx.barrier()
         return {**cols, "valid_seconds": round(time.perf_counter() - v0, 3)} if cols else {}
 
+    from harness.live import LiveRun
+
+    live = holder["live"] = LiveRun.start(config, info, out_dir, start_step) if ctx.main else None
+
     bar = None
     if ctx.main and progress:
         from tqdm import tqdm
@@ -462,6 +482,8 @@ def train(
                     row.update(cols)
                     t0 += cols.get("valid_seconds", 0.0)
                 history.append(row)
+                if live is not None:
+                    live.log_row(row)
                 window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")

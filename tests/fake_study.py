@@ -110,6 +110,7 @@ def make_fake_study(root, study="fake", runs=RUNS, missing=MISSING) -> tuple[Pat
         _write_json(rd / "train.json", {**ident, "steps": 10, "batch_size": 4, "params": 12345 + i,
                                         "config_hash": "fakehash", "git_commit": "0" * 40, "device": "cpu",
                                         "final_loss": 2.5 - 0.1 * i, "wall_seconds": 10.0 + i,
+                                        "created": f"2000-01-01T00:0{i}:00+00:00",
                                         "tokens_per_s": 900.0 * (i + 1), "versions": {"torch": "0.0-fake"}})
         (rd / "config.yaml").write_text(yaml.safe_dump({**config, "method": method, "layout": layout, "seed": seed}))
         lines = ["step,loss,lr,tokens_per_s,wall_time,grad_norm"]

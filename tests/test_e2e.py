@@ -73,6 +73,7 @@ def test_micro_study_end_to_end(tmp_path):
 SYNTHETIC_MICRO = "tests/configs/synthetic-micro.yaml"
 
 
+@pytest.mark.slow   # ~90 s: the synthetic DAG's own rules are planned in test_workflow; run with -m slow
 def test_synthetic_micro_study_end_to_end(tmp_path):
     """A synthetic corpus: the exact metrics replace the evaluator-LM ones, and the headline uses them."""
     result = run_snakemake(tmp_path, "--cores", "2", configfile=SYNTHETIC_MICRO)
@@ -100,3 +101,12 @@ def test_synthetic_micro_study_end_to_end(tmp_path):
         assert (study / "tables" / f"{name}.md").is_file()
     for name in ("bound_gap_curves", "exact_steps", "length_cdf"):
         assert (study / "figures" / f"{name}.png").is_file()
+
+    # the HTML report is a results page: every figure and table of the analysis, with its caption
+    report = tmp_path / "report.html"
+    made = run_snakemake(tmp_path, "--report", str(report), "--cores", "1", timeout=600)
+    assert made.returncode == 0, (made.stdout + made.stderr)[-3000:]
+    html = report.read_text(errors="replace")
+    for f in (study / "figures").glob("*.png"):
+        assert f.name in html, f.name
+    assert "ppl.csv" in html and "the strict bound" in html   # the ppl table and its caption

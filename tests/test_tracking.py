@@ -5,6 +5,7 @@ The study is FAKE (tests/fake_study.py): 8 result sets, two evaluations missing.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
     study_run = runs["study"][0]
     assert study_run.data.tags["didbench.rule"] == "log"
     assert "tables/ppl.md" in {a.path for a in client.list_artifacts(study_run.info.run_id, "tables")}
+
+    # as a researcher reads it: nested under the study run, training times, constants on the parent
+    assert study_run.data.metrics == {} and study_run.data.params["n_runs"] == "8"
+    assert study_run.data.params["reference.varlen.gen_ppl"] == "42.0"
+    for i, name in enumerate(n for n in (run_name(m, lay, s) for m, lay, s in RUNS)):
+        r = runs[name][0]
+        assert r.data.tags["mlflow.parentRunId"] == study_run.info.run_id
+        assert not any(k.startswith("data/") for k in r.data.metrics)
+        assert r.data.tags["mlflow.source.name"] == f"python -m harness train ({name})"
+        end = 946684800000 + 60000 * i                                      # train.json created, 2000-01-01
+        assert (r.info.start_time, r.info.end_time) == (end - 1000 * (10 + i), end)   # minus wall_seconds
+    assert study_run.info.start_time == min(r[0].info.start_time for n, r in runs.items() if n != "study")
+    exp = client.get_experiment_by_name("fake")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags[tracking.VIEW_TAG])
+    assert view["name"] == "didbench: key metrics"
+    assert "metrics.`nats_per_token`" in json.loads(view["state"])["selectedColumns"]
+    assert first["view"].endswith(f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={tracking.VIEW_ID}")
 
     # a changed result is re-logged in place: still exactly one run for that model
     genppl = study_dir / "runs" / "mdlm-fixed-tiny-s0" / "eval" / "genppl.json"
@@ -188,3 +207,71 @@ def test_exact_metrics_of_a_synthetic_run():
     assert got[("exact_nll_8steps", 0)] == 1.7 and got[("steps/exact_nll", 8)] == 1.7
     assert got[("invalid_fraction_32steps", 0)] == 1.0 and ("exact_nll_32steps", 0) not in got   # null: not logged
     assert got[("length_tv_8steps", 0)] == 0.2 and got[("data/exact_nll", 0)] == 1.5
+
+
+def test_live_training_run_is_completed_in_place(tmp_path, monkeypatch):
+    """harness.live streams the curve into the run `harness log` later completes: same run id,
+    nested, the curve not logged twice; a resumed training reopens the same run."""
+    from harness.live import LiveRun
+
+    uri = f"sqlite:///{tmp_path / 'live.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DIDBENCH_MLFLOW_SYSTEM_METRICS", "0")
+    study_dir, config, _ = make_fake_study(tmp_path, runs=[("did", "varlen", 0), ("ar", "varlen", 0)], missing={})
+    name = "did-varlen-tiny-s0"
+    run_cfg = {**config, "method": "did", "layout": "varlen", "seed": 0}
+    info = {"run": name, "method": "did", "layout": "varlen", "size": "tiny", "seed": 0}
+    live = LiveRun.start(run_cfg, info, study_dir / "runs" / name, start_step=0)
+    for s in range(1, 6):
+        live.log_row({"step": s, "loss": 3.0 - 0.1 * s, "wall_time": 0.5 * s, "nats_per_token": 5.0})
+    live.finish("KILLED")                                  # preempted at step 5
+    again = LiveRun.start(run_cfg, info, study_dir / "runs" / name, start_step=5)
+    assert again.run_id == live.run_id                     # the resume continues the same run
+    for s in range(6, 11):
+        again.log_row({"step": s, "loss": 3.0 - 0.1 * s, "wall_time": 0.5 * s, "bad": "text"})
+    again.finish()
+
+    summary = tracking.log_study(study_dir, config)
+    assert summary["completed"] == ["study", name] and summary["logged"] == ["ar-varlen-tiny-s0"]   # parent: live too
+    runs = active_runs(uri, "fake")
+    assert set(runs) == {name, "ar-varlen-tiny-s0", "study"} and all(len(v) == 1 for v in runs.values())
+    r = runs[name][0]
+    assert r.info.run_id == live.run_id and r.info.status == "FINISHED"
+    assert r.data.tags["mlflow.parentRunId"] == runs["study"][0].info.run_id
+    client = MlflowClient(tracking_uri=uri)
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 11))
+    assert "train/bad" not in r.data.metrics and "nats_per_token" in r.data.metrics     # eval metrics added
+    assert sorted(tracking.log_study(study_dir, config)["skipped"]) == sorted(["study", name, "ar-varlen-tiny-s0"])
+
+
+def test_live_logging_never_stops_training(tmp_path, monkeypatch, capsys):
+    from harness.live import LiveRun
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")       # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    info = {"run": "did-varlen-tiny-s0", "method": "did", "layout": "varlen", "size": "tiny", "seed": 0}
+    assert LiveRun.start({"study": "x"}, info, tmp_path / "x" / "runs" / "r", 0) is None
+    assert "live MLflow logging off" in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert LiveRun.start({"study": "x"}, info, tmp_path, 0) is None      # not asked for: nothing
+
+
+def test_checkpoints_are_artifacts_only_when_asked(tmp_path, monkeypatch):
+    """tracking.log_checkpoints (harness log --checkpoints): checkpoint.pt under checkpoint/."""
+    from harness import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'ck.db'}")
+    study_dir, config, _ = make_fake_study(tmp_path, runs=[("ar", "varlen", 0)], missing={})
+    (study_dir / "runs" / "ar-varlen-tiny-s0" / "checkpoint.pt").write_bytes(b"fake weights")
+    cfg = tmp_path / "cfg.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({"study": "fake", "tracking": {"log_checkpoints": True}}))
+    assert cli.main(["log", "--config", str(cfg), "--study-dir", str(study_dir)]) == 0      # default: no
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ck.db'}")
+    rid = active_runs(f"sqlite:///{tmp_path / 'ck.db'}", "fake")["ar-varlen-tiny-s0"][0].info.run_id
+    assert client.list_artifacts(rid, "checkpoint") == []
+    assert cli.main(["log", "--config", str(cfg), "--study-dir", str(study_dir), "--checkpoints"]) == 0
+    rid = active_runs(f"sqlite:///{tmp_path / 'ck.db'}", "fake")["ar-varlen-tiny-s0"][0].info.run_id
+    assert [a.path for a in client.list_artifacts(rid, "checkpoint")] == ["checkpoint/checkpoint.pt"]

@@ -22,12 +22,10 @@ from harness.methods import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-STUDIES = {  # config file -> expected training jobs
-    "config/default.yaml": 9,
+STUDIES = {  # config file -> expected training jobs (stories: tests/test_paper_configs.py plans it under
+    "config/default.yaml": 9,         # the SLURM profile; the micro study runs whole in tests/test_e2e.py)
     "config/owt-small.yaml": 4,
-    "config/stories.yaml": 5,
     "config/shakespeare-long.yaml": 3,
-    "tests/configs/micro.yaml": 3,
 }
 
 
@@ -155,9 +153,9 @@ def test_every_key_documented_with_default():
         for key, sub in node.get("properties", {}).items():
             where = f"{path}.{key}".lstrip(".")
             assert "description" in sub, f"{where} has no description"
-            # required keys have no default; resources neither: absent, it stays out of the study's
+            # required keys have no default; resources and tracking neither: absent, they stay out of the study's
             # hash (the Snakefile fills its keys' defaults and removes it, see common.smk)
-            if key not in ("name", "method", "layout", "dataset", "paths", "source", "resources"):
+            if key not in ("name", "method", "layout", "dataset", "paths", "source", "resources", "tracking"):
                 assert "default" in sub, f"{where} has no default"
             if sub.get("type") == "object" and "properties" in sub:
                 closed = sub.get("additionalProperties") is False or (
@@ -211,7 +209,7 @@ def test_schema_method_layouts_match_the_registry():
 
 
 def test_study_configs_are_valid():
-    for path in STUDIES:
+    for path in sorted({*STUDIES, *(f"config/{p.name}" for p in (REPO / "config").glob("*.yaml"))}):
         cfg = load_config(REPO / path)
         assert cfg["study"] == Path(path).stem or path == "config/default.yaml"
 

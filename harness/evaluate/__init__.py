@@ -13,6 +13,10 @@
     speed      --config C --run RUN --data DATA --out EVAL/speed.json
     exact      --config C --data DATA --out EVAL/exact.json [--ppl EVAL/ppl.json] [--samples ...]
                [--references ...]                         (synthetic corpora: the source's exact law)
+    zeroshot-data --config C --data DATA --out RESULTS/zeroshot/sets.pt
+               (the test sets of evaluate.zeroshot.datasets, tokenised and chunked once per study)
+    zeroshot   --config C --run RUN --data DATA --out EVAL/zeroshot.json [--sets sets.pt]
+               (both bounds on every zero-shot set: the DID paper's Table 1; fixed-length runs)
 
 Inputs left out default to the files next to --out (EVAL/samples.json, EVAL/references.jsonl,
 EVAL/features.npz), which is where `samples` and `genppl` write them; --run and --data are
@@ -38,8 +42,10 @@ COMMANDS = {
     "speed": ("harness.evaluate.speed", "run", "training throughput, sampling time/memory, FLOPs"),
     "exact": ("harness.evaluate.exact", "run", "synthetic corpora: bound gap, exact sample NLL, invalid fraction, "
               "length law"),
+    "zeroshot-data": ("harness.evaluate.zeroshot", "run_data", "tokenise and chunk the zero-shot test sets once"),
+    "zeroshot": ("harness.evaluate.zeroshot", "run", "NLL bounds on the zero-shot test sets (Table 1)"),
 }
-NEEDS_RUN = {"ppl", "samples", "speed"}
+NEEDS_RUN = {"ppl", "samples", "speed", "zeroshot"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluator-dir", help="evaluator cache folder (default resources/evaluators/<name>)")
     p.add_argument("--layout", choices=["fixed", "varlen"], help="references: data layout")
     p.add_argument("--name", help="evaluator: evaluator name or local model folder")
+    p.add_argument("--sets", help="zeroshot: the prepared test sets (written by zeroshot-data; default: "
+                   "prepared in this process)")
     return p
 
 
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"evaluate {args.what} needs --config")
     if args.what in NEEDS_RUN and not (args.run and args.data):
         raise UserError(f"evaluate {args.what} needs --run RUN_DIR and --data DATA_DIR")
-    if args.what in ("references", "exact") and not args.data:
+    if args.what in ("references", "exact", "zeroshot-data") and not args.data:
         raise UserError(f"evaluate {args.what} needs --data DATA_DIR")
     _fill_defaults(args)
     module, func, _ = COMMANDS[args.what]

@@ -82,6 +82,9 @@ CFG = _study_config()
 # resolved config and `config`, so changing the GPUs re-runs nothing (schema: resources)
 _RESOURCE_DEFAULTS = {k: v["default"] for k, v in schema()["properties"]["resources"]["properties"].items()}
 RESOURCES = {**_RESOURCE_DEFAULTS, **CFG.pop("resources", {})}
+# tracking (what goes to MLflow) is not part of the study either (schema: tracking)
+_TRACKING_DEFAULTS = {k: v["default"] for k, v in schema()["properties"]["tracking"]["properties"].items()}
+TRACKING = {**_TRACKING_DEFAULTS, **CFG.pop("tracking", {})}
 config.clear()
 config.update(CFG)
 
@@ -278,8 +281,13 @@ EVAL_FILES = {
 STUDY_METRICS = ("cost",)
 
 
+#: the zero-shot test sets of evaluate.zeroshot (empty: no zero-shot job is planned)
+ZEROSHOT_DATASETS = CFG["evaluate"]["zeroshot"]["datasets"]
+
+
 def run_eval_files(name):
-    """The evaluation outputs of one run, as selected by evaluate.metrics (lengths: varlen only)."""
+    """The evaluation outputs of one run, as selected by evaluate.metrics (lengths: varlen only),
+    and zeroshot.json for a fixed-length run when evaluate.zeroshot.datasets names any set."""
     out = []
     for metric in METRICS:
         if metric in STUDY_METRICS:
@@ -287,6 +295,8 @@ def run_eval_files(name):
         if metric == "lengths" and RUNS[name]["layout"] != "varlen":
             continue
         out += [f"{RUNS_DIR}/{name}/eval/{f}" for f in EVAL_FILES[metric]]
+    if ZEROSHOT_DATASETS and RUNS[name]["layout"] == "fixed":
+        out.append(f"{RUNS_DIR}/{name}/eval/zeroshot.json")
     return out
 
 
@@ -306,4 +316,4 @@ def study_results():
 
 
 def report_outputs():
-    return [f"{RESULTS}/tables", f"{RESULTS}/figures"]
+    return [f"{RESULTS}/tables", f"{RESULTS}/figures", f"{RESULTS}/paper"]

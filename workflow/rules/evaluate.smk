@@ -8,7 +8,17 @@ mauve, diversity, lengths (varlen runs only) -> from those; ppl, speed -> from t
 exact   -> RUN/eval/exact.json: synthetic corpora only, from ppl + samples + the source's exact law
 cost    -> results/<study>/cost/<layout>.json: one study-level job per layout, after every run of
            the layout is trained (see rule cost)
+zeroshot -> RUN/eval/zeroshot.json (fixed-length runs, when evaluate.zeroshot.datasets names a set):
+           both bounds on the DID paper's Table 1 test sets, read from results/<study>/zeroshot/
+           sets.pt, which one local job per study prepares (it may download: see zeroshot_data)
 """
+
+#: the zero-shot test sets of the study, tokenised and chunked (harness.zeroshot), and their summary
+ZEROSHOT_SETS = f"{RESULTS}/zeroshot/sets.pt"
+
+
+localrules:
+    zeroshot_data,
 
 
 rule eval_ppl:
@@ -244,3 +254,60 @@ rule cost:
     shell:
         "python -m harness cost --config {params.cfg:q} --study-dir {params.study:q} --layout {wildcards.layout:q}"
         " --threads {threads} --out {output.result:q} > {log:q} 2>&1"
+
+
+# The zero-shot test sets (evaluate.zeroshot.datasets), prepared once per study: each set read
+# from its local file (evaluate.zeroshot.files) or the Hugging Face hub, detokenised, tokenised
+# with the study's tokenizer and chunked like the study's fixed rows. A local rule, like
+# prepare_data: it may download, and on a cluster it runs on the submitting node. A set that
+# cannot be loaded is one line in the log and in sets.json's `missing` (evaluate.zeroshot.required:
+# a failed job instead).
+rule zeroshot_data:
+    input:
+        data=DATA_MARKER,
+    output:
+        sets=ZEROSHOT_SETS,
+        summary=ZEROSHOT_SETS.removesuffix(".pt") + ".json",
+    params:
+        cfg=study_config,
+        data=input_data_dir,
+        settings=settings_hash("evaluate.zeroshot.datasets", "evaluate.zeroshot.files", "evaluate.zeroshot.hub",
+                               "evaluate.zeroshot.required"),
+    log:
+        f"{LOGS}/zeroshot_data.log",
+    benchmark:
+        f"{BENCH}/zeroshot_data.tsv"
+    threads: 1
+    resources:
+        **CPU_RESOURCES,
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate zeroshot-data --config {params.cfg:q} --data {params.data:q}"
+        " --out {output.sets:q} > {log:q} 2>&1"
+
+
+rule eval_zeroshot:
+    input:
+        data=DATA_MARKER,
+        checkpoint=f"{RUNS_DIR}/{{run}}/checkpoint.pt",
+        sets=ZEROSHOT_SETS,
+    output:
+        result=f"{RUNS_DIR}/{{run}}/eval/zeroshot.json",
+    params:
+        cfg=study_config,
+        run=eval_run_dir,
+        data=input_data_dir,
+        settings=settings_hash("evaluate.zeroshot"),
+    log:
+        f"{LOGS}/eval_zeroshot/{{run}}.log",
+    benchmark:
+        f"{BENCH}/eval_zeroshot/{{run}}.tsv"
+    threads: 1
+    resources:
+        **GPU_EVAL_RESOURCES,
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m harness evaluate zeroshot --config {params.cfg:q} --run {params.run:q} --data {params.data:q}"
+        " --sets {input.sets:q} --out {output.result:q} > {log:q} 2>&1"

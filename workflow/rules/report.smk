@@ -1,6 +1,7 @@
 """Study-level aggregation, run on the submitting machine (localrules): tables and figures from
 every result file (`harness report` checks each against its schema first, then runs `python -m
-analysis`), then one MLflow experiment for the study (a single writer, so cluster jobs
+analysis` and `python -m analysis paper`), all marked with report() for `snakemake --report`
+(captions: workflow/report/), then one MLflow experiment for the study (a single writer, so cluster jobs
 never contend for the tracking database; `harness log` is idempotent)."""
 
 
@@ -13,8 +14,13 @@ rule report:
     input:
         results=study_results(),
     output:
-        tables=directory(f"{RESULTS}/tables"),
-        figures=directory(f"{RESULTS}/figures"),
+        # report(): `snakemake --report report.html` shows every table and figure with its caption
+        tables=report(directory(f"{RESULTS}/tables"), patterns=["{name}.csv"], caption="../report/table.rst",
+                      category="Tables", labels={"table": "{name}"}),
+        figures=report(directory(f"{RESULTS}/figures"), patterns=["{name}.png"], caption="../report/figure.rst",
+                       category="Figures", labels={"figure": "{name}"}),
+        paper=report(directory(f"{RESULTS}/paper"), patterns=["{name}.csv", "{name}.png"], caption="../report/paper.rst",
+                     category="The paper's layout", labels={"table": "{name}"}),
     params:
         cfg=study_config,
         study=report_study_dir,
@@ -34,12 +40,14 @@ rule mlflow_log:
         results=study_results(),
         tables=f"{RESULTS}/tables",
         figures=f"{RESULTS}/figures",
+        paper=f"{RESULTS}/paper",
     output:
         marker=MLFLOW_MARKER,
     params:
         cfg=study_config,
         study=marker_dir,
         settings=config_hash(CFG),
+        checkpoints="yes" if TRACKING["log_checkpoints"] else "no",
     log:
         f"{LOGS}/mlflow_log.log",
     benchmark:
@@ -48,4 +56,4 @@ rule mlflow_log:
         CONDA_ENV
     shell:
         "python -m harness log --config {params.cfg:q} --study-dir {params.study:q}"
-        " --marker {output.marker:q} > {log:q} 2>&1"
+        " --marker {output.marker:q} --checkpoints {params.checkpoints:q} > {log:q} 2>&1"
