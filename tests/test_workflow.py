@@ -344,6 +344,17 @@ def test_more_gpus_keep_the_train_block(tmp_path, config):
     assert out.count("exec torchrun --standalone --nproc_per_node 8 -m harness train") == 3
 
 
+def test_several_nodes_train_with_one_torchrun_per_node(tmp_path):
+    """resources.nodes_per_train: SLURM --nodes, srun one task per node, torchrun joined by c10d."""
+    resources, out = _dry_run_resources(tmp_path, "--config", "resources={gpus_per_train: '4', nodes_per_train: '2'}")
+    assert "gpu=4" in resources["train"] and "nodes=2" in resources["train"], resources["train"]
+    assert all(opt in resources["train"] for opt in TRAIN_BLOCK), resources["train"]
+    assert "nodes=" not in resources["eval_ppl"]
+    assert out.count("exec srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 torchrun --nnodes 2"
+                     " --nproc_per_node 4 --rdzv_backend c10d --rdzv_id \"$SLURM_JOB_ID\" --rdzv_endpoint"
+                     ' "$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):29500" -m harness train') == 3
+
+
 def test_cpu_overlay_keeps_every_other_resource(tmp_path):
     """--profile slurm --profile slurm-cpu: no GPU anywhere, runtime/memory/signals of slurm/ kept."""
     resources, out = _dry_run_resources(tmp_path, "--profile", "slurm-cpu")
@@ -366,7 +377,7 @@ def test_bad_resources_give_one_line(tmp_path):
 
 @pytest.mark.parametrize("resources, message", [
     ({"gpus_per_eval": 2}, "resources.gpus_per_eval: 2 is greater than the maximum of 1"),
-    ({"gpus": 8}, "resources.gpus: unknown key (known: gpus_per_train, gpus_per_eval)"),
+    ({"gpus": 8}, "resources.gpus: unknown key (known: gpus_per_train, nodes_per_train, gpus_per_eval)"),
     ({"gpus_per_train": "many"}, "resources.gpus_per_train: 'many' is not of type 'integer'"),
 ])
 def test_bad_resources_are_refused_by_the_schema(resources, message):

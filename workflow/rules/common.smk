@@ -235,32 +235,49 @@ def _partition(gpus):
     return os.environ.get(name) or os.environ.get("DIDBENCH_SLURM_PARTITION", "")
 
 
-def job_resources(gpus=0):
-    """gpu and slurm_partition of a rule with `gpus` GPUs (from config resources.gpus_per_*).
+def job_resources(gpus=0, nodes=1):
+    """gpu, nodes and slurm_partition of a rule with `gpus` GPUs per node on `nodes` nodes (from
+    config resources.gpus_per_* and nodes_per_train).
 
     Rule resources, not profile set-resources, so that the profile's per-rule runtime, memory
     and signals stay when the GPUs change (a --set-resources on the command line replaces the
-    profile's whole set-resources). `gpu` is only set where > 0.
+    profile's whole set-resources). `gpu` is only set where > 0, `nodes` where > 1.
     """
     out = {"gpu": int(gpus)} if gpus else {}
+    if nodes > 1:
+        out["nodes"] = int(nodes)
     partition = _partition(gpus)
     if partition:
         out["slurm_partition"] = partition
     return out
 
 
-TRAIN_RESOURCES = job_resources(RESOURCES["gpus_per_train"])
+if RESOURCES["nodes_per_train"] > 1 and RESOURCES["gpus_per_train"] < 1:
+    sys.exit("error: resources.nodes_per_train > 1 needs resources.gpus_per_train >= 1 (one torchrun per node)")
+TRAIN_RESOURCES = job_resources(RESOURCES["gpus_per_train"], RESOURCES["nodes_per_train"])
 GPU_EVAL_RESOURCES = job_resources(RESOURCES["gpus_per_eval"])
 CPU_RESOURCES = job_resources(0)
 
 
+#: the rendezvous port of multi-node training on the job's first node
+RDZV_PORT = 29500
+
+
 def launcher(wildcards, resources):
-    """`python`, or `torchrun --standalone` with one process per GPU when the job has >1 GPU.
+    """`python`; `torchrun --standalone` with one process per GPU when the job has >1 GPU on one
+    node; on several nodes, `srun` one task per node, each a torchrun joined by a c10d rendezvous
+    on the first node of the allocation (SLURM_JOB_NODELIST), the job id as rendezvous id.
 
     Depends on resources only, so Snakemake does not count it as a changed param: moving a
     run from 1 to 8 GPUs does not re-run finished jobs.
     """
     gpus = int(getattr(resources, "gpu", 0) or 0)
+    nodes = int(getattr(resources, "nodes", 1) or 1)
+    if nodes > 1:
+        head = "$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 torchrun --nnodes {nodes}"
+                f" --nproc_per_node {gpus} --rdzv_backend c10d --rdzv_id \"$SLURM_JOB_ID\""
+                f" --rdzv_endpoint \"{head}:{RDZV_PORT}\"")
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node {gpus}"
     return "python"
