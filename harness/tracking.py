@@ -485,22 +485,14 @@ def _chunks(seq: list, n: int):
 
 def log_payload(client, exp_id: str, p: Payload) -> str:
     """Create one MLflow run from a payload; FINISHED only once everything is written."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
     run = client.create_run(exp_id, run_name=p.name, tags=p.tags, start_time=p.start_ms)
     rid = run.info.run_id
     try:
         now = int(time.time() * 1000)
-        params = [Param(k, v) for k, v in {clean_key(k): v for k, v in p.params.items()}.items()]
-        for chunk in _chunks(params, _MAX_PARAMS_PER_BATCH):
-            client.log_batch(rid, params=chunk)
-        metrics = [Metric(clean_key(k), v, ts if ts is not None else now, s) for k, v, s, ts in p.metrics]
-        for chunk in _chunks(metrics, _MAX_BATCH):
-            client.log_batch(rid, metrics=chunk)
-        for f, d in p.files:
-            client.log_artifact(rid, str(f), d)
-        for d, name in p.dirs:
-            client.log_artifacts(rid, str(d), name)
+        _write_contents(client, rid, p, {clean_key(k): v for k, v in p.params.items()},
+                        [Metric(clean_key(k), v, ts if ts is not None else now, s) for k, v, s, ts in p.metrics])
         client.log_batch(rid, tags=[RunTag("didbench.logged_at", time.strftime("%Y-%m-%dT%H:%M:%S"))])
     except BaseException:
         try:
@@ -509,6 +501,20 @@ def log_payload(client, exp_id: str, p: Payload) -> str:
             raise
     client.set_terminated(rid, "FINISHED", end_time=_end_time(p))
     return rid
+
+
+def _write_contents(client, rid: str, p: Payload, params: dict[str, str], metrics: list) -> None:
+    """Params, metrics (mlflow Metric entities) and the payload's artifacts, in MLflow's batch sizes."""
+    from mlflow.entities import Param
+
+    for chunk in _chunks([Param(k, v) for k, v in params.items()], _MAX_PARAMS_PER_BATCH):
+        client.log_batch(rid, params=chunk)
+    for chunk in _chunks(metrics, _MAX_BATCH):
+        client.log_batch(rid, metrics=chunk)
+    for f, d in p.files:
+        client.log_artifact(rid, str(f), d)
+    for d, name in p.dirs:
+        client.log_artifacts(rid, str(d), name)
 
 
 def _end_time(p: Payload) -> int:
@@ -522,7 +528,7 @@ def complete_live_run(client, run, p: Payload) -> bool:
     The training curve (train/*) the live run already has is not logged again; the content hash
     is the last tag written, so a crash half-way leaves a run that the next `log` completes again.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
     have = run.data.params
     params = {clean_key(k): v for k, v in p.params.items()}
@@ -530,17 +536,10 @@ def complete_live_run(client, run, p: Payload) -> bool:
         return False
     rid = run.info.run_id
     now = int(time.time() * 1000)
-    for chunk in _chunks([Param(k, v) for k, v in params.items() if k not in have], _MAX_PARAMS_PER_BATCH):
-        client.log_batch(rid, params=chunk)
     live_curve = any(k.startswith("train/") for k in run.data.metrics)
     metrics = [Metric(clean_key(k), v, ts if ts is not None else now, s) for k, v, s, ts in p.metrics
                if not (live_curve and k.startswith("train/"))]
-    for chunk in _chunks(metrics, _MAX_BATCH):
-        client.log_batch(rid, metrics=chunk)
-    for f, d in p.files:
-        client.log_artifact(rid, str(f), d)
-    for d, name in p.dirs:
-        client.log_artifacts(rid, str(d), name)
+    _write_contents(client, rid, p, {k: v for k, v in params.items() if k not in have}, metrics)
     tags = {k: v for k, v in p.tags.items() if k != HASH_TAG}
     tags["didbench.logged_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])

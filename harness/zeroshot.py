@@ -181,15 +181,10 @@ def detokenize(name: str | None, texts: list[str]) -> list[str]:
 # Loaders
 # ============================================================================================
 def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    """A local test-set file as text: the corpus reader's checks (UTF-8, not binary, universal newlines)."""
+    from harness.data import _read_utf8
+
+    return _read_utf8(path)
 
 
 def _json_lines(path: Path) -> list[dict]:

@@ -18,6 +18,9 @@ import pytest
 import yaml
 
 from harness import zeroshot as zs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_workflow import job_counts  # noqa: E402  (the "Job stats" table of a dry run)
 from harness.config import config_hash, load_config, study_runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,16 +41,6 @@ def dry_run(configfile: str, tmp_path: Path) -> tuple[str, dict]:
     return out, yaml.safe_load(resolved.read_text())
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of the dry run (rule -> jobs, and "total")."""
-    table = output.split("Job stats:", 1)[1]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def jobs(output: str, rule: str) -> list[dict]:
