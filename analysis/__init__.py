@@ -9,6 +9,7 @@ from pathlib import Path
 
 from harness.study import Study, load_study
 from analysis.figures import all_figures, bench_figure
+from analysis.sweep import sweep_table
 from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary
 from analysis.tables import Table, all_tables, atomic_write_text, summary_table, to_markdown, write_table
 
@@ -50,20 +51,28 @@ SIGNIFICANCE = {"diff_significant": "likelihood bound", "gen_ppl_significant": "
 
 
 def significance_line(table: Table) -> str:
-    """One sentence: which headline comparisons with the reference are significant at 95%, or none."""
+    """One sentence: which headline comparisons with the reference are significant at 95%, or none.
+
+    Columns `<what>[_<steps>][_flops]_significant` (`_flops`: against the FLOPs-matched DID-F; a
+    synthetic headline only marks what both rows' convergence allows, see analysis.synthetic)."""
     d = table.data
     hits = []
     for col in [c for c in d.columns if c.endswith("_significant")]:
-        what = SIGNIFICANCE.get(col) or SIGNIFICANCE.get(col.rsplit("_", 2)[0] + "_significant") or col
-        steps = col.split("_")[-2] if col.split("_")[-2].isdigit() else None
+        flops = "_flops_" in col
+        parts = col.replace("_flops", "").split("_")
+        steps = parts[-2] if len(parts) > 2 and parts[-2].isdigit() else None
+        key = "_".join(parts[:-2] if steps else parts[:-1]) + "_significant"
+        what = SIGNIFICANCE.get(key, col)
         for r in d[d[col] == True].to_dict("records"):  # noqa: E712 (None = not tested)
             side = ""
-            if col == "diff_significant" and r.get("diff_vs_ref") == r.get("diff_vs_ref"):   # the bound's sign
-                side = " lower" if r["diff_vs_ref"] < 0 else " higher"
-            hits.append(f"{r['method']} ({r['layout']}):{side} {what}" + (f" @{steps}" if steps else ""))
+            diff = r.get("diff_vs_flops_ref" if flops else "diff_vs_ref")
+            if key == "diff_significant" and diff == diff and diff is not None:   # the bound's sign
+                side = " lower" if diff < 0 else " higher"
+            hits.append(f"{r['method']} ({r['layout']}):{side} {what}" + (f" @{steps}" if steps else "")
+                        + (" vs DID-F" if flops else ""))
     if not hits:
-        return ("**Significance:** no comparison in this table differs from the reference (DID) row at 95%: at "
-                "this scale the table cannot rank the methods.")
+        return ("**Significance:** no comparison in this table differs from the reference (DID) row at 95% "
+                "(for a synthetic study: among rows that converged): the table cannot rank the methods.")
     return "**Significant at 95% vs the reference (DID) row:** " + "; ".join(hits) + "."
 
 
@@ -97,6 +106,8 @@ def main(study_dir, config: dict | None = None) -> list[Path]:
     study = load_study(study_dir, config)
     files: list[Path] = []
     tables = all_tables(study, config) + [bound_gap_table(study, config), exact_samples_table(study, config)]
+    if (config or {}).get("sweep"):   # only a study with a grid has a sweep table
+        tables.append(sweep_table(study, config))
     for table in tables + [headline(study, config)]:
         files += write_table(table, study_dir / "tables")
     files += all_figures(study, config, study_dir / "figures") + synthetic_figures(study, config, study_dir / "figures")

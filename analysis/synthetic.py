@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
+from analysis import convergence
 from analysis.tables import (DASH, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
-                             _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, fmt,
-                             lowest_seed_samples, missing, pm, reference_methods, sort_rows)
+                             _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, facts_of, fmt,
+                             lowest_seed_samples, missing, pm, reference_methods, sort_rows, with_facts)
 from harness.study import Study
 
 GAP_COLS = ["strict_nats_per_token", "paper_nats_per_token", "exact_nats_per_token", "strict_negative_rows",
@@ -34,6 +35,12 @@ def bound_gap_table(study: Study, config: dict | None) -> Table:
     # the gap difference between two methods IS their bound difference (the same rows, the exact
     # NLL cancels): the ppl table's test, paired over rows (one seed) or Welch over seeds
     diffs = [bound_difference(study, _key(r), _ref_key(r, ref)) if _ref_key(r, ref) else None for r in recs]
+    fref = convergence.flops_reference(study, ref)
+    diffs_f = [bound_difference(study, _key(r), _ref_key(r, fref)) if _ref_key(r, fref) else None for r in recs]
+    agg["diff_vs_flops_ref"] = [np.nan if d is None else d.estimate for d in diffs_f]
+    agg["diff_flops_lo"] = [np.nan if d is None else d.lo for d in diffs_f]
+    agg["diff_flops_hi"] = [np.nan if d is None else d.hi for d in diffs_f]
+    agg["diff_flops_significant"] = [None if d is None else d.significant for d in diffs_f]
     agg["strict_err"] = [_gap_err(r, "strict_nats_per_token") for r in recs]
     agg["paper_err"] = [_gap_err(r, "paper_nats_per_token") for r in recs]
     agg["err_kind"] = ["sd over seeds" if r["n_seeds"] > 1 else "stderr" for r in recs]
@@ -52,17 +59,21 @@ def bound_gap_table(study: Study, config: dict | None) -> Table:
         return (f"{'+' if d.estimate > 0 else ''}{fmt(d.estimate)} [{fmt(d.lo)}, {fmt(d.hi)}]"
                 + (f" {MARK}" if d.significant else ""))
 
-    disp = _disp(agg, {**_ident_display(agg), "Seeds": _f(agg, "n_seeds", "int"),
+    facts = facts_of(study, config)
+    vs_f = {"vs DID-F (95%)": [diff_text(d) for d in diffs_f]} if fref else {}
+    disp = _disp(agg, {**_ident_display(agg, facts=facts), "Seeds": _f(agg, "n_seeds", "int"),
                        "Bound gap, strict (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"])
                                                           for r in agg.to_dict("records")],
-                       "vs DID (95%)": [diff_text(d) for d in diffs],
+                       ("vs DID-S (95%)" if fref else "vs DID (95%)"): [diff_text(d) for d in diffs], **vs_f,
                        "Gap, paper conv.": [pm(r["paper_nats_per_token"], r["paper_err"])
                                             for r in agg.to_dict("records")],
                        "Exact NLL of the rows": _f(agg, "exact_nats_per_token"),
                        "Rows": _f(agg, "strict_n_sequences", "int")})
-    data = agg[GROUP + ["n_seeds", "strict_nats_per_token", "strict_err", "err_kind", "diff_vs_ref", "diff_lo",
-                        "diff_hi", "diff_significant", "strict_below_zero", "paper_nats_per_token", "paper_err",
-                        "exact_nats_per_token", "strict_negative_rows", "paper_negative_rows", "strict_n_sequences"]]
+    data = with_facts(agg[GROUP + ["n_seeds", "strict_nats_per_token", "strict_err", "err_kind", "diff_vs_ref",
+                                   "diff_lo", "diff_hi", "diff_significant", "diff_vs_flops_ref", "diff_flops_lo",
+                                   "diff_flops_hi", "diff_flops_significant", "strict_below_zero",
+                                   "paper_nats_per_token", "paper_err", "exact_nats_per_token",
+                                   "strict_negative_rows", "paper_negative_rows", "strict_n_sequences"]], facts)
     return Table("bound_gap", "Bound gap: likelihood bound minus the exact NLL of the same test rows "
                  "(synthetic corpus; lower is better, 0 is a perfect model with a tight bound)", data, disp, [
         "Gap = (sum over test rows of the method's bound - the source's exact -log p) / sum of predicted tokens. "
@@ -70,7 +81,9 @@ def bound_gap_table(study: Study, config: dict | None) -> Table:
         "paper convention can go below 0 because it is not a bound. Exact NLL of the rows: the floor every "
         "method's bound sits above (the source's entropy rate on these rows).",
         "± is the standard error over rows for one seed, the sd over seeds with several. vs DID: the difference "
-        "of gaps (= of bounds: same rows) from the reference row. " + MARK_NOTE])
+        "of gaps (= of bounds: same rows) from the reference row (DID-S: the same training sequences; DID-F: "
+        "trained until its estimated FLOPs equal the most expensive baseline's). " + MARK_NOTE,
+        convergence.NOTE])
 
 
 _SAMPLE_COLS = ["nats_per_token", "invalid_fraction", "unigram_entropy_mean", "len_tv", "len_ks", "len_mean", "n",
@@ -150,7 +163,8 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
         text = pm(r[col], r.get(f"{col}_sd"))
         return text + ("" if missing(r.get(null)) else f" (null q95 {fmt(r[null])})")
 
-    disp = _disp(rows, {**_ident_display(rows, steps=True),
+    facts = facts_of(study, config)
+    disp = _disp(rows, {**_ident_display(rows, steps=True, facts=facts),
                         "Exact NLL (nats/token)": [mark(nll_cell(r), d.get("nll")) for r, d in zip(recs, diffs)],
                         "Invalid [95%]": [mark(invalid_cell(r), d.get("invalid")) for r, d in zip(recs, diffs)],
                         "Unigram entropy": _f(rows, "unigram_entropy_mean"),
@@ -163,8 +177,9 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
                         "invalid": [mark(invalid_cell(r, "doc_"), d.get("doc_invalid")) for r, d in zip(recs, diffs)],
                         "documents": _f(rows, "doc_n", "int")})
     cols = ["method", "layout", "size", "steps", "n_seeds"] + [x for c in _SAMPLE_COLS for x in (c, f"{c}_sd")]
-    out = rows[cols + list(_SAMPLE_KEEP) + ["nll_diff_vs_ref", "nll_significant", "invalid_diff_vs_ref",
-                                            "invalid_significant", "doc_nll_significant", "doc_invalid_significant"]]
+    out = with_facts(rows[cols + list(_SAMPLE_KEEP) + ["nll_diff_vs_ref", "nll_significant", "invalid_diff_vs_ref",
+                                                       "invalid_significant", "doc_nll_significant",
+                                                       "doc_invalid_significant"]], facts)
     return Table("exact_samples", "Samples scored by the source's exact law, by sampling steps (synthetic corpus)",
                  out, disp, [
         "Exact NLL: -log p(sample) under the source, per predicted token (varlen: symbols + 1; fixed: L-1), "
@@ -180,51 +195,172 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
         "± is the standard error over samples for one seed (sd over seeds with several). " + MARK_NOTE])
 
 
+def _untrained_levels(facts: pd.DataFrame) -> dict[tuple, str]:
+    """(base method, layout, size) -> the label of its untrained (0-step) reference run."""
+    u = facts[facts["untrained"] == True] if len(facts) else facts  # noqa: E712
+    return {(r["base_method"], r["layout"], r["size"]): r["method"] for r in u.to_dict("records")}
+
+
+def _past(value, err, level) -> bool:
+    """Whether a trained row's value is clearly below its untrained level (by more than its 95% error)."""
+    if missing(value) or missing(level):
+        return False
+    return bool(value + Z95 * (0 if missing(err) else err) < level)
+
+
+Z95 = 1.959963984540054
+
+
+def _sample_err(r: dict, col: str) -> float:
+    sd = r.get(f"{col}_sd")
+    if not missing(sd):
+        return sd
+    if col == "invalid_fraction" and not missing(r.get("invalid_ci95_hi")):
+        return (r["invalid_ci95_hi"] - r["invalid_ci95_lo"]) / (2 * Z95)
+    return r.get("stderr") if col == "nats_per_token" else np.nan
+
+
+def _fixed_as_documents(m: pd.DataFrame) -> pd.DataFrame:
+    """Fixed-layout rows with their whole-document numbers in the sample columns."""
+    m = m.copy()
+    fixed = m["layout"] == "fixed"
+    for col in ("nats_per_token", "invalid_fraction", "nll_significant", "invalid_significant"):
+        src = {"nats_per_token": "doc_nats_per_token", "invalid_fraction": "doc_invalid_fraction"}.get(col, f"doc_{col}")
+        m.loc[fixed, col] = m.loc[fixed, src]
+    for col, src in (("nats_per_token_sd", "doc_nats_per_token_sd"), ("stderr", "doc_stderr"),
+                     ("invalid_fraction_sd", "doc_invalid_fraction_sd"), ("invalid_ci95_lo", "doc_invalid_ci95_lo"),
+                     ("invalid_ci95_hi", "doc_invalid_ci95_hi")):
+        m.loc[fixed, col] = m.loc[fixed, src]
+    return m
+
+
 def synthetic_summary(study: Study, config: dict | None) -> Table:
-    """The headline of a synthetic study: bound gap, and at the fewest and the most steps the exact
-    sample NLL and invalid fraction (the paper's "few steps" claim is the gap between the two)."""
+    """The headline of a synthetic study, the table the verdicts are drawn from: per trained row its
+    budget, matching and plateau; the bound gap and its difference from DID-S and DID-F; and at the
+    fewest and the most sampling steps the exact sample NLL and invalid fraction, each invalid
+    fraction next to the method's untrained level. A difference is marked only where both rows
+    converged (and, for samples, both are clearly past their untrained levels)."""
     ref = reference_methods(config)
+    fref = convergence.flops_reference(study, ref)
+    facts = facts_of(study, config)
+    conv = {tuple(r[k] for k in GROUP): bool(r["converged"]) for r in facts.to_dict("records")}
+    untrained = _untrained_levels(facts)
     gap = bound_gap_table(study, config).data
     samples = exact_samples_table(study, config).data
     model = samples[samples["method"] != "data"]
     steps = sorted(model["steps"].dropna().unique()) if len(model) else []
-    t = gap[GROUP + ["n_seeds", "strict_nats_per_token", "strict_err", "diff_vs_ref", "diff_significant",
-                     "exact_nats_per_token"]]
-    cols = {**_ident_display(t), "Seeds": _f(t, "n_seeds", "int"),
-            "Bound gap (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"])
-                                       + (f" {MARK}" if r["diff_significant"] is True else "")
-                                       for r in t.to_dict("records")]}
-    data = t.copy()
+    trained = gap.merge(facts[GROUP + ["untrained", "base_method"]], on=GROUP, how="left")
+    trained = trained[trained["untrained"] != True].reset_index(drop=True)  # noqa: E712 (NaN: no facts)
+    recs = trained.to_dict("records")
+
+    def both_converged(r, refs) -> bool:
+        other = refs.get(r["layout"])
+        return conv.get(_key(r), False) and conv.get((other, r["layout"], r["size"]), False)
+
+    def diff_cell(r, col, lo, hi, sig, refs):
+        if missing(r.get(col)):
+            return DASH
+        text = f"{'+' if r[col] > 0 else ''}{fmt(r[col])} [{fmt(r[lo])}, {fmt(r[hi])}]"
+        if not both_converged(r, refs):
+            return text + " (n.c.)"
+        return text + (f" {MARK}" if r.get(sig) is True else "")
+
+    cols = {**_ident_display(trained, facts=facts), "Seeds": _f(trained, "n_seeds", "int"),
+            "Bound gap (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"]) for r in recs],
+            ("vs DID-S [95%]" if fref else "vs DID [95%]"): [diff_cell(r, "diff_vs_ref", "diff_lo", "diff_hi",
+                                                                      "diff_significant", ref) for r in recs]}
+    if fref:
+        cols["vs DID-F [95%]"] = [diff_cell(r, "diff_vs_flops_ref", "diff_flops_lo", "diff_flops_hi",
+                                            "diff_flops_significant", fref) for r in recs]
+    data = trained[GROUP + ["n_seeds", "matching", "budget", "plateau", "converged", "strict_nats_per_token",
+                            "strict_err", "diff_vs_ref", "diff_lo", "diff_hi", "diff_significant", "diff_vs_flops_ref",
+                            "diff_flops_lo", "diff_flops_hi", "diff_flops_significant", "exact_nats_per_token"]].copy()
+    # the *_significant columns hold the marks shown (a verdict: both rows converged); the raw tests stay in bound_gap
+    data["diff_significant"] = [r.get("diff_significant") is True and both_converged(r, ref) for r in recs]
+    data["diff_flops_significant"] = [r.get("diff_flops_significant") is True and both_converged(r, fref) for r in recs]
     for k in ([steps[0], steps[-1]] if len(steps) > 1 else steps):
-        at = model[model["steps"] == k].drop_duplicates(GROUP)
-        m = t[GROUP].merge(at, on=GROUP, how="left")
-        for col in ("nats_per_token", "invalid_fraction", "nll_significant", "invalid_significant"):  # fixed: whole docs
-            src = {"nats_per_token": "doc_nats_per_token", "invalid_fraction": "doc_invalid_fraction"}.get(col, f"doc_{col}")
-            fixed = m["layout"] == "fixed"
-            m.loc[fixed, col] = m.loc[fixed, src]
-            if col == "nats_per_token":
-                m.loc[fixed, "nats_per_token_sd"] = m.loc[fixed, "doc_nats_per_token_sd"]
-                m.loc[fixed, "stderr"] = m.loc[fixed, "doc_stderr"]
-        recs = m.to_dict("records")
-        err = [r.get("nats_per_token_sd") if not missing(r.get("nats_per_token_sd")) else r.get("stderr") for r in recs]
-        cols[f"Exact NLL @{fmt(k, 'int')}"] = [pm(r["nats_per_token"], e) + (f" {MARK}" if r["nll_significant"] is True
-                                                                                else "") for r, e in zip(recs, err)]
-        cols[f"Invalid @{fmt(k, 'int')}"] = [DASH if missing(r["invalid_fraction"]) else
-                                             f"{100 * r['invalid_fraction']:.1f}%"
-                                             + (f" {MARK}" if r["invalid_significant"] is True else "") for r in recs]
+        at = _fixed_as_documents(model[model["steps"] == k].drop_duplicates(GROUP))
+        m = trained[GROUP + ["base_method"]].merge(at, on=GROUP, how="left")
+        levels = {}
+        for key, label in untrained.items():
+            hit = at[(at["method"] == label) & (at["layout"] == key[1]) & (at["size"] == key[2])]
+            if len(hit):
+                levels[key] = hit.iloc[0].to_dict()
+        mrecs = m.to_dict("records")
+        init = [levels.get((r["base_method"], r["layout"], r["size"])) for r in mrecs]
+        past = {_key(r): _past(r["invalid_fraction"], _sample_err(r, "invalid_fraction"),
+                               None if lv is None else lv["invalid_fraction"]) for r, lv in zip(mrecs, init)}
+
+        def comparable(r, refs) -> bool:
+            other = (refs.get(r["layout"]), r["layout"], r["size"])
+            return both_converged(r, refs) and past.get(_key(r), False) and past.get(other, False)
+
+        def mark(r, significant, refs, sign):
+            if significant is not True:
+                return ""
+            return f" {sign}" if comparable(r, refs) else f" ({sign} n.c.)" if not both_converged(r, refs) else \
+                f" ({sign} not past untrained)"
+
+        f_sig = {}
+        if fref:   # the same tests against DID-F
+            for r in mrecs:
+                fk = (fref.get(r["layout"]), r["layout"], r["size"])
+                if fk[0] and fk[0] != r["method"]:
+                    d = sample_differences(study, _key(r), fk, k)
+                    lay_doc = r["layout"] == "fixed"
+                    f_sig[_key(r)] = (d.get("doc_nll" if lay_doc else "nll"), d.get("doc_invalid" if lay_doc else "invalid"))
+        kk = fmt(k, "int")
+
+        def nll_text(r):
+            text = pm(r["nats_per_token"], _sample_err(r, "nats_per_token"))
+            if text == DASH:
+                return text
+            text += mark(r, r["nll_significant"], ref, MARK)
+            fs = f_sig.get(_key(r), (None, None))[0]
+            return text + (mark(r, fs.significant, fref, FMARK) if fs is not None else "")
+
+        def invalid_text(r, lv):
+            if missing(r["invalid_fraction"]):
+                return DASH
+            text = f"{100 * r['invalid_fraction']:.1f}%"
+            if lv is not None and not missing(lv.get("invalid_fraction")):
+                text += f" (init {100 * lv['invalid_fraction']:.0f}%)"
+            text += mark(r, r["invalid_significant"], ref, MARK)
+            fs = f_sig.get(_key(r), (None, None))[1]
+            return text + (mark(r, fs.significant, fref, FMARK) if fs is not None else "")
+
+        cols[f"Exact NLL @{kk}"] = [nll_text(r) for r in mrecs]
+        cols[f"Invalid @{kk}"] = [invalid_text(r, lv) for r, lv in zip(mrecs, init)]
         data[f"exact_nll_{int(k)}"] = m["nats_per_token"].to_numpy()
         data[f"invalid_{int(k)}"] = m["invalid_fraction"].to_numpy()
-        data[f"nll_{int(k)}_significant"] = m["nll_significant"].to_numpy()
-        data[f"invalid_{int(k)}_significant"] = m["invalid_significant"].to_numpy()
+        data[f"invalid_{int(k)}_untrained"] = [np.nan if lv is None else lv.get("invalid_fraction") for lv in init]
+        data[f"invalid_{int(k)}_past_untrained"] = [past.get(_key(r)) for r in mrecs]
+        shown = lambda r, sig, refs: sig is True and comparable(r, refs)   # noqa: E731
+        fsig = lambda r, i: getattr(f_sig.get(_key(r), (None, None))[i], "significant", None)   # noqa: E731
+        data[f"nll_{int(k)}_significant"] = [shown(r, r["nll_significant"], ref) for r in mrecs]
+        data[f"invalid_{int(k)}_significant"] = [shown(r, r["invalid_significant"], ref) for r in mrecs]
+        data[f"nll_{int(k)}_flops_significant"] = [shown(r, fsig(r, 0), fref) for r in mrecs]
+        data[f"invalid_{int(k)}_flops_significant"] = [shown(r, fsig(r, 1), fref) for r in mrecs]
     ref_data = samples[samples["method"] == "data"]
     note = "" if ref_data.empty else " Data: " + ", ".join(
         f"{r['layout']} {fmt(r['doc_nats_per_token'] if r['layout'] == 'fixed' else r['nats_per_token'])} nats/token"
         for r in ref_data.to_dict("records")) + "."
-    return Table("summary", "Headline results (synthetic corpus: exact metrics)", data, _disp(t, cols), [
+    marks = (f"{MARK}: differs from DID-S at 95%" + (f", {FMARK}: from DID-F" if fref else "")
+             + " (Welch's t over seeds with several, else paired over test rows for bounds and a bootstrap over "
+               "samples), shown only where both rows converged (n.c.: not converged) and, for samples, both are "
+               "clearly below their untrained invalid level.")
+    return Table("summary", "Headline results (synthetic corpus: exact metrics)", data, _disp(trained, cols), [
         "Bound gap: strict bound minus the exact NLL of the same test rows (bound_gap table). Exact NLL @N: "
         "samples at N sampling steps scored by the source (exact_samples table), to compare with the data's "
-        "exact NLL; fixed-layout rows score the documents their windows hold whole." + note, "Invalid: samples the source cannot emit. " + MARK_NOTE,
-        "Reference (\"DID\") per layout: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(ref.items())) + "."])
+        "exact NLL; fixed-layout rows score the documents their windows hold whole." + note,
+        "Invalid: samples the source cannot emit; init: the same method's untrained network (its initial "
+        "weights), the level a trained model must clearly beat before it is compared. " + marks,
+        convergence.NOTE,
+        "Reference (\"DID\") per layout: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(ref.items()))
+        + ("; DID-F: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(fref.items())) if fref else "") + "."])
+
+
+FMARK = "‡"
 
 
 __all__ = ["bound_gap_table", "exact_samples_table", "synthetic_summary", "ci_text"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import stats
+from analysis import convergence, stats
 from harness.study import GROUP, Study
 from harness.atomic import atomic_write_text  # noqa: F401 (used by analysis.__init__ too)
 
@@ -170,12 +170,33 @@ def _ensure(df: pd.DataFrame, cols) -> pd.DataFrame:
     return df.assign(**{c: np.nan for c in cols if c not in df.columns})
 
 
-def _ident_display(df: pd.DataFrame, steps: bool = False) -> dict:
+def _ident_display(df: pd.DataFrame, steps: bool = False, facts: pd.DataFrame | None = None) -> dict:
+    """The identity columns of a table's rows; with `facts` (analysis.convergence.run_facts) also
+    how each row was trained: its budget (steps x batch), its matching (DID-S / DID-F) and whether
+    its validation curve plateaued, so no number is read without them (issue 23)."""
     cols = {"Method": df["method"].astype(str), "Layout": df["layout"].astype(str),
             "Size": df["size"].fillna("").astype(str)}
+    if facts is not None:
+        f = df[GROUP].merge(facts, on=GROUP, how="left") if len(df) else pd.DataFrame(columns=list(facts.columns))
+        is_data = (df["method"] == "data").to_numpy() if len(df) else np.array([], bool)
+        for col, label in (("budget", "Steps x batch"), ("matching", "Matching"), ("plateau_text", "Plateau")):
+            cols[label] = ["" if d else (DASH if missing(v) else str(v)) for v, d in zip(f[col], is_data)]
     if steps:
-        cols["Steps"] = df["steps"].map(lambda s: fmt(s, "int"))
+        cols["Sampling steps" if facts is not None else "Steps"] = df["steps"].map(lambda s: fmt(s, "int"))
     return cols
+
+
+def facts_of(study: Study, config: dict | None) -> pd.DataFrame:
+    """analysis.convergence.run_facts with this study's references."""
+    return convergence.run_facts(study, reference_methods(config))
+
+
+def with_facts(data: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
+    """A table's CSV numbers with each row's matching, budget and plateau columns appended."""
+    if data.empty or "method" not in data.columns:
+        return data
+    extra = facts[GROUP + ["matching", "budget", "plateau_text", "converged"]].rename(columns={"plateau_text": "plateau"})
+    return data.merge(extra, on=GROUP, how="left")
 
 
 def _disp(df: pd.DataFrame, cols: dict) -> pd.DataFrame:
@@ -266,19 +287,28 @@ def ppl_table(study: Study, config: dict | None) -> Table:
     agg["paper_nats_per_token_err"] = [_err(r, "paper_nats_per_token", "paper_stderr") for r in recs]
     agg["err_kind"] = ["sd over seeds" if r["n_seeds"] > 1 else "stderr" for r in recs]
     diffs = [bound_difference(study, _key(r), _ref_key(r, ref)) if _ref_key(r, ref) else None for r in recs]
+    fref = convergence.flops_reference(study, ref)
+    diffs_f = [bound_difference(study, _key(r), _ref_key(r, fref)) if _ref_key(r, fref) else None for r in recs]
     agg["diff_vs_ref"] = [np.nan if d is None else d.estimate for d in diffs]
     agg["diff_lo"] = [np.nan if d is None else d.lo for d in diffs]
     agg["diff_hi"] = [np.nan if d is None else d.hi for d in diffs]
     agg["diff_significant"] = [None if d is None else d.significant for d in diffs]
     agg["reference"] = [ref.get(lay, "") for lay in agg["layout"]]
-    data = agg[["method", "layout", "size", "dataset", "n_seeds", "nats_per_token", "nats_per_token_err",
-                "err_kind", "ppl", "ppl_sd", "diff_vs_ref", "diff_lo", "diff_hi", "diff_significant", "reference",
-                "paper_nats_per_token", "paper_nats_per_token_err", "paper_ppl", "low_slice_nats_per_token",
-                "insertion_mass_at_t0_mean", "n_sequences", "n_tokens"]]
-    disp = _disp(agg, {**_ident_display(agg), "Seeds": _f(agg, "n_seeds", "int"),
+    agg["diff_vs_flops_ref"] = [np.nan if d is None else d.estimate for d in diffs_f]
+    agg["diff_flops_significant"] = [None if d is None else d.significant for d in diffs_f]
+    agg["flops_reference"] = [fref.get(lay, "") for lay in agg["layout"]]
+    facts = facts_of(study, config)
+    data = with_facts(agg[["method", "layout", "size", "dataset", "n_seeds", "nats_per_token", "nats_per_token_err",
+                           "err_kind", "ppl", "ppl_sd", "diff_vs_ref", "diff_lo", "diff_hi", "diff_significant",
+                           "reference", "diff_vs_flops_ref", "diff_flops_significant", "flops_reference",
+                           "paper_nats_per_token", "paper_nats_per_token_err", "paper_ppl", "low_slice_nats_per_token",
+                           "insertion_mass_at_t0_mean", "n_sequences", "n_tokens"]], facts)
+    vs_f = {"vs DID-F (95%)": [_diff_text(d) for d in diffs_f]} if fref else {}
+    disp = _disp(agg, {**_ident_display(agg, facts=facts), "Seeds": _f(agg, "n_seeds", "int"),
                        "NLL bound, strict (nats/token)": _pm(agg, "nats_per_token", "nats_per_token_err"),
                        "PPL bound": _pm(agg, "ppl"),
-                       "vs DID (nats/token, 95%)": [_diff_text(d) for d in diffs],
+                       ("vs DID-S (nats/token, 95%)" if fref else "vs DID (nats/token, 95%)"): [_diff_text(d) for d in diffs],
+                       **vs_f,
                        "Paper convention (nats/token)": _pm(agg, "paper_nats_per_token", "paper_nats_per_token_err"),
                        "PPL (paper conv.)": _f(agg, "paper_ppl"),
                        "of which t < 1e-3": _f(agg, "low_slice_nats_per_token"),
@@ -352,11 +382,12 @@ def genppl_table(study: Study, config: dict | None) -> Table:
     rows["gen_ppl_significant"] = [d["log_gen_ppl"].significant if d.get("log_gen_ppl") else None for d in diffs]
     rows["entropy_diff_vs_ref"] = [d["entropy_nats"].estimate if d.get("entropy_nats") else np.nan for d in diffs]
     rows["entropy_significant"] = [d["entropy_nats"].significant if d.get("entropy_nats") else None for d in diffs]
-    data = rows[["method", "layout", "size", "steps", "n_seeds", "gen_ppl", "gen_ppl_sd", "ci95_lo", "ci95_hi",
-                 "gen_ppl_ratio_vs_ref", "gen_ppl_significant", "gen_ppl_mean_per_sample", "entropy_nats",
-                 "entropy_nats_sd", "entropy_ci95_lo", "entropy_ci95_hi", "entropy_diff_vs_ref",
-                 "entropy_significant", "entropy_bits", "lm_gen_ppl", "lm_ci95_lo", "lm_ci95_hi", "lm_entropy_nats",
-                 "lm_n_short", "n"]]
+    facts = facts_of(study, config)
+    data = with_facts(rows[["method", "layout", "size", "steps", "n_seeds", "gen_ppl", "gen_ppl_sd", "ci95_lo", "ci95_hi",
+                            "gen_ppl_ratio_vs_ref", "gen_ppl_significant", "gen_ppl_mean_per_sample", "entropy_nats",
+                            "entropy_nats_sd", "entropy_ci95_lo", "entropy_ci95_hi", "entropy_diff_vs_ref",
+                            "entropy_significant", "entropy_bits", "lm_gen_ppl", "lm_ci95_lo", "lm_ci95_hi",
+                            "lm_entropy_nats", "lm_n_short", "n"]], facts)
 
     def unc(r, col, lo, hi):
         if not missing(r.get(f"{col}_sd")):
@@ -365,7 +396,7 @@ def genppl_table(study: Study, config: dict | None) -> Table:
             return DASH
         return fmt(r[col]) + ("" if missing(r[lo]) or missing(r[hi]) else f" {ci_text(r[lo], r[hi])}")
 
-    disp = _disp(rows, {**_ident_display(rows, steps=True),
+    disp = _disp(rows, {**_ident_display(rows, steps=True, facts=facts),
                         "Gen PPL [95% CI]": [_marked(unc(r, "gen_ppl", "ci95_lo", "ci95_hi"), d.get("log_gen_ppl"))
                                              for r, d in zip(recs, diffs)],
                         "Entropy, nats [95% CI]": [_marked(unc(r, "entropy_nats", "entropy_ci95_lo", "entropy_ci95_hi"),
@@ -422,8 +453,10 @@ def mauve_table(study: Study, config: dict | None) -> Table:
                                                  "n_p", "n_q", "reason"]), config)
     steps = sorted(data["steps"].dropna().unique()) if len(data) else []
     disp_rows = []
+    facts = facts_of(study, config)
     for (m, lay, size), g in data.groupby(GROUP, sort=False):
-        row = {"Method": m, "Layout": lay, "Size": size}
+        ident = _ident_display(g.iloc[:1], facts=facts)
+        row = {k: list(v)[0] for k, v in ident.items()}
         for k in steps:
             hit = g[g["steps"] == k]
             row[f"MAUVE ({fmt(k, 'int')} steps)"] = mauve_text(*hit.iloc[0][["mauve", "mauve_sd", "reason"]]) \
@@ -431,7 +464,8 @@ def mauve_table(study: Study, config: dict | None) -> Table:
         row["n (human / samples)"] = f"{fmt(g['n_p'].min(), 'int')} / {fmt(g['n_q'].min(), 'int')}"
         disp_rows.append(row)
     disp = pd.DataFrame(disp_rows, columns=None if disp_rows else ["Method", "Layout", "Size"])
-    return Table("mauve", "MAUVE of generated vs held-out text, by sampling steps (higher is better)", data, disp,
+    return Table("mauve", "MAUVE of generated vs held-out text, by sampling steps (higher is better)",
+                 with_facts(data, facts), disp,
                  ["MAUVE in [0, 1] (mauve-text; settings recorded in each mauve.json). ± is the sd over human "
                   "subsets for one seed, over seeds when there are several. \"n too small\": fewer texts than "
                   "evaluate.mauve.min_samples (default 256) on either side, where MAUVE is noise (faiss clusters a "
@@ -465,8 +499,11 @@ def diversity_table(study: Study, config: dict | None) -> Table:
     rows = _ensure(_stack(config, agg, ref), agg.columns)
     names = {"entropy_nats": "Entropy (nats)", "distinct_1": "Distinct-1", "distinct_2": "Distinct-2",
              "distinct_3": "Distinct-3", "self_bleu": "Self-BLEU"}
-    disp = _disp(rows, {**_ident_display(rows, steps=True), **{label: _with_ci(rows, c) for c, label in names.items()}})
-    return Table("diversity", "Diversity of generated text vs sampling steps", rows[_steps_cols(cols) + list(keep)], disp, [
+    facts = facts_of(study, config)
+    disp = _disp(rows, {**_ident_display(rows, steps=True, facts=facts),
+                        **{label: _with_ci(rows, c) for c, label in names.items()}})
+    return Table("diversity", "Diversity of generated text vs sampling steps",
+                 with_facts(rows[_steps_cols(cols) + list(keep)], facts), disp, [
         "Distinct-n: unique n-grams / all n-grams (higher = more diverse); Self-BLEU: mean BLEU of each "
         "sample against the others (lower = more diverse); entropy: unigram entropy in nats (bits in the CSV).",
         "[95% CI]: bootstrap over samples for one seed (distinct-n: each sample's share of the distinct n-grams "
@@ -482,13 +519,14 @@ def lengths_table(study: Study, config: dict | None) -> Table:
     pct = lambda v: DASH if missing(v) else f"{100 * v:.1f}%"   # noqa: E731
     quant = [DASH if missing(r["q50"]) else f"{fmt(r['q10'])} / {fmt(r['q50'])} / {fmt(r['q90'])}"
              for r in rows.to_dict("records")]
-    disp = _disp(rows, {**_ident_display(rows, steps=True), "Mean length": _with_ci(rows, "mean"),
+    facts = facts_of(study, config)
+    disp = _disp(rows, {**_ident_display(rows, steps=True, facts=facts), "Mean length": _with_ci(rows, "mean"),
                         "SD": _f(rows, "sd"), "q10 / q50 / q90": quant, "W1 to data": _with_ci(rows, "w1"),
                         "KS to data": _with_ci(rows, "ks"), "Empty": rows["empty_rate"].map(pct),
                         "At max length": rows["max_rate"].map(pct),
                         "Content after PAD": rows["content_after_pad_rate"].map(pct)})
     return Table("lengths", "Generated sequence lengths vs the data (variable-length runs)",
-                 rows[_steps_cols(cols) + list(keep)], disp, [
+                 with_facts(rows[_steps_cols(cols) + list(keep)], facts), disp, [
         "Lengths in tokens. W1: Wasserstein-1 distance (tokens) and KS: Kolmogorov-Smirnov statistic between "
         "the generated and the data length distributions (lower is closer); [95% CI]: bootstrap over samples "
         "(and data) for one seed, ± sd over seeds with several. Empty / at max length: share of samples with "
@@ -800,7 +838,8 @@ def summary_table(study: Study, config: dict | None) -> Table:
         ci = "" if missing(r[lo]) or missing(r[hi]) else f" {ci_text(r[lo], r[hi])}"
         return f"{fmt(r[col])}{ci}" + (f" {MARK}" if r[flag] is True else "")
 
-    disp = _disp(t, {**_ident_display(t),
+    facts = facts_of(study, config)
+    disp = _disp(t, {**_ident_display(t, facts=facts),
                      "PPL bound (strict) [95%]": [bound_cell(r) for r in recs],
                      "PPL, paper conv.": _f(t, "paper_ppl"),
                      f"Gen PPL @{fmt(s_gen, 'int')} [95%]": [ci_cell(r, "gen_ppl", "ci95_lo", "ci95_hi",
@@ -816,12 +855,12 @@ def summary_table(study: Study, config: dict | None) -> Table:
                                                                            r["s_per_sample_ratio_min"],
                                                                            r["s_per_sample_ratio_max"], "ratio")
                                                                 for r in recs]})
-    data = t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant", "paper_ppl",
+    data = with_facts(t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant", "paper_ppl",
                       "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "entropy_nats", "entropy_ci95_lo",
                       "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats", "gen_ppl_steps", "mauve", "mauve_sd",
                       "reason", "mauve_steps", "tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
                       "train_source", "s_per_sample_ratio", "s_per_sample_ratio_min", "s_per_sample_ratio_max",
-                      "s_per_sample_steps"]]
+                      "s_per_sample_steps"]], facts)
     return Table("summary", "Headline results", data, disp, [
         _ref_note(ref) + " PPL bound (strict): a valid upper bound for every method (exact for AR), 95% interval "
         "from the standard error over test sequences; paper conv.: t >= 1e-3 with the prior dropped (ppl table).",
@@ -849,7 +888,7 @@ def to_markdown(table: Table, heading: str = "###") -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--",
-        "×": r"$\times$", "≤": r"$\le$", "†": r"\textsuperscript{\dag}", "→": r"$\to$"}
+        "×": r"$\times$", "≤": r"$\le$", "†": r"\textsuperscript{\dag}", "‡": r"\textsuperscript{\ddag}", "→": r"$\to$"}
 
 
 def tex_escape(s) -> str:

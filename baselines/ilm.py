@@ -202,17 +202,17 @@ class ILM(Method):
         content = batch.lengths - 1
         k = uniform_k(content, _rand(content.shape, None, content.device))
         ce, bce, plan = self._terms(batch, k, None, torch.float32)
-        loss = (ce + bce).mean()
+        # this draw's bound (L+1)(CE+BCE) - log L! per predicted token N(x), as every method's objective
+        # (the constant log L! has no gradient; the (L+1) weight makes it the NELBO, not a mean per slot)
+        loss = bound_from_terms(ce + bce, content).sum() / predicted_tokens(batch).sum()
         stats = {
             "ce": float(ce.detach().mean()),
             "bce": float(bce.detach().mean()),
             "drop_fraction": float((k.float() / content.clamp_min(1).float()).mean()),
             "survivor_tokens": float(plan.lengths.sum()),
-            # this draw's bound (L+1)(CE+BCE) - log L! per predicted token N(x): comparable across methods
-            "nats_per_token": float(bound_from_terms((ce + bce).detach(), content).sum())
-            / float(predicted_tokens(batch).sum()),
+            "nats_per_token": float(loss.detach()),
         }
-        return loss, stats
+        return loss.float(), stats
 
     @torch.no_grad()
     def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None,

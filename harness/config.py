@@ -234,11 +234,20 @@ def check_config(cfg: dict) -> None:
         raise UserError(describe_error(err))
     seen: dict[tuple, int] = {}
     shipped = set(shipped_methods())
+    names = set(method_names())
     for i, run in enumerate(cfg["runs"]):
-        key = (run["method"], run["layout"])
+        key = (run_label(run), run["layout"])
         if key in seen:
-            raise UserError(f"runs[{i}]: duplicate of runs[{seen[key]}] ({key[0]}, {key[1]})")
+            raise UserError(f"runs[{i}]: duplicate of runs[{seen[key]}] ({key[0]}, {key[1]}): give one a label")
         seen[key] = i
+        if key[0] != run["method"] and (key[0] in names or key[0] == "data"):
+            raise UserError(f"runs[{i}].label: {key[0]!r} is " + ("another method's name" if key[0] in names else
+                                                                  "the tables' name for the data rows"))
+        if (run.get("train") or {}).get("steps") == 0 and "label" not in run:
+            raise UserError(f"runs[{i}].train.steps: 0 (the untrained network) needs a label of its own, "
+                            f"e.g. {run['method']}-init")
+        if run.get("match") == "flops" and "steps" in (run.get("train") or {}):
+            raise UserError(f"runs[{i}]: match flops sets the steps; remove train.steps")
         if run["method"] not in shipped:  # another package's method: load it now, check its layouts
             _check_plugin_run(i, run)
     if cfg["data"]["min_tokens"] > cfg["data"]["max_len"]:
@@ -344,21 +353,92 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(canonical_json(_hashed(cfg)).encode("utf-8")).hexdigest()[:12]
 
 
-def run_name(method: str, layout: str, size: str, seed: int) -> str:
-    """`<method>-<layout>-<size>-s<seed>`, e.g. did-varlen-tiny-s0."""
-    return f"{method}-{layout}-{size}-s{seed}"
+def run_name(label: str, layout: str, size: str, seed: int) -> str:
+    """`<label>-<layout>-<size>-s<seed>`, e.g. did-varlen-tiny-s0 (the label is the method unless
+    the run gives one)."""
+    return f"{label}-{layout}-{size}-s{seed}"
+
+
+def run_label(run: dict) -> str:
+    """A `runs` entry's label: its own, else its method."""
+    return run.get("label") or run["method"]
+
+
+def _sweep_entries(cfg: dict) -> list[dict]:
+    """The `runs` entries with the `sweep` grid expanded (config order, then lr, then batch)."""
+    grid = cfg.get("sweep")
+    if not grid:
+        return [dict(run) for run in cfg["runs"]]
+    sequences = cfg["train"]["steps"] * cfg["train"]["batch_size"]
+    out = []
+    for run in cfg["runs"]:
+        if run.get("match") == "flops":
+            out.append(dict(run))
+            continue
+        for lr in grid["lr"]:
+            for batch in grid["batch_size"]:
+                train = {**(run.get("train") or {}), "lr": lr, "batch_size": batch,
+                         "steps": max(1, round(sequences / batch))}
+                out.append({**run, "label": f"{run_label(run)}-lr{lr:g}-b{batch}", "train": train})
+    return out
+
+
+def run_entries(cfg: dict) -> list[dict]:
+    """Every `runs` entry of a study (the sweep expanded) with its label: {label, method, layout,
+    match, seeds, train (the run's own recipe keys)}."""
+    return [{"label": run_label(run), "method": run["method"], "layout": run["layout"],
+             "match": run.get("match", "steps"), "seeds": list(run.get("seeds") or cfg["seeds"]),
+             "train": dict(run.get("train") or {})} for run in _sweep_entries(cfg)]
+
+
+def run_entry(cfg: dict, label: str, layout: str) -> dict | None:
+    """The entry of run_entries whose label (or, failing that, method) and layout are these."""
+    entries = [e for e in run_entries(cfg) if e["layout"] == layout]
+    for key in ("label", "method"):
+        found = [e for e in entries if e[key] == label]
+        if found:
+            return found[0]
+    return None
+
+
+def run_steps(cfg: dict, entry: dict) -> int:
+    """The steps of an entry that is not FLOPs-matched: its own train.steps, else train.steps x
+    step_multiplier of its method."""
+    if "steps" in entry["train"]:
+        return int(entry["train"]["steps"])
+    multiplier = (cfg["train"].get("step_multiplier") or {}).get(entry["method"], 1)
+    return max(1, int(round(cfg["train"]["steps"] * multiplier)))
+
+
+def match_targets(cfg: dict, entry: dict) -> list[dict]:
+    """What a match-flops entry is matched to: every other trained entry of its layout
+    ({label, method, steps, batch_size, accumulate}); the training job takes the most expensive."""
+    out = []
+    for e in run_entries(cfg):
+        if e["layout"] != entry["layout"] or e["label"] == entry["label"] or e["match"] == "flops":
+            continue
+        steps = run_steps(cfg, e)
+        if steps == 0:
+            continue
+        merged = {**cfg["train"], **e["train"]}
+        out.append({"label": e["label"], "method": e["method"], "steps": steps,
+                    "batch_size": merged["batch_size"], "accumulate": merged["accumulate"]})
+    return out
 
 
 def study_runs(cfg: dict) -> list[dict]:
-    """Every trained model of a study: {name, method, layout, size, seed, steps}, in config order."""
+    """Every trained model of a study: {name, label, method, layout, size, seed, steps, match},
+    seed by seed in config order; steps is None where the run is FLOPs-matched (its training job
+    computes them)."""
     out = []
-    multipliers = cfg["train"].get("step_multiplier", {})
-    for seed in cfg["seeds"]:
-        for run in cfg["runs"]:
-            m, layout = run["method"], run["layout"]
-            steps = int(round(cfg["train"]["steps"] * multipliers.get(m, 1)))
-            out.append(
-                {"name": run_name(m, layout, cfg["size"], seed), "method": m, "layout": layout,
-                 "size": cfg["size"], "seed": seed, "steps": max(1, steps)}
-            )
+    entries = run_entries(cfg)
+    seeds = list(dict.fromkeys([s for e in entries for s in e["seeds"]]))
+    for seed in seeds:
+        for e in entries:
+            if seed not in e["seeds"]:
+                continue
+            steps = None if e["match"] == "flops" else run_steps(cfg, e)
+            out.append({"name": run_name(e["label"], e["layout"], cfg["size"], seed), "label": e["label"],
+                        "method": e["method"], "layout": e["layout"], "size": cfg["size"], "seed": seed,
+                        "steps": steps, "match": e["match"]})
     return out

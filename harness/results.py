@@ -111,6 +111,7 @@ def provenance(config: dict, info: dict | None = None, device: Any = None) -> di
         "study": config.get("study"),
         "run": info.get("run"),
         "method": info.get("method"),
+        "label": info.get("label") or info.get("method"),  # the run's name in tables (written where it differs)
         "layout": info.get("layout"),
         "size": info.get("size"),
         "seed": info.get("seed"),
@@ -172,6 +173,8 @@ def write_result(path: str | os.PathLike, kind: str, header: dict, settings: dic
     if missing:
         raise ValueError(f"result header lacks {', '.join(missing)} (build it with harness.results.provenance)")
     obj = {"schema": SCHEMA, "kind": kind, **{k: header[k] for k in HEADER_KEYS}}
+    if header.get("label") and header["label"] != header["method"]:   # a labelled run (DID-F, a sweep point)
+        obj["label"] = header["label"]
     obj["settings"] = portable_paths(settings)
     obj["values"] = values
     obj = _finite(obj)
@@ -202,7 +205,7 @@ def portable_paths(obj: Any) -> Any:
 
 def header_of(result: dict) -> dict:
     """The provenance part of a result, to reuse for a result derived from it."""
-    return {k: result[k] for k in HEADER_KEYS}
+    return {k: result[k] for k in (*HEADER_KEYS, "label") if k in result}
 
 
 #: (key, allowed types, in words) of every result key with a fixed type (schema didbench.result/1)

@@ -68,7 +68,8 @@ def check_recipe(path: str, info: dict, study_config: dict, manifest: dict, voca
                         f"{study_config.get('size')!r}: retrain the run")
     if not info.get("recipe"):
         return   # a checkpoint from before recipes were recorded: nothing to compare
-    expected = expected_recipe(study_config, info["method"], info["layout"], int(info["seed"]), manifest, vocab)
+    expected = expected_recipe(study_config, info.get("label") or info["method"], info["layout"], int(info["seed"]),
+                               manifest, vocab)
     if info["recipe"] != expected:
         raise UserError(f"checkpoint {path} was trained with another recipe ({info['recipe']}) than this study's "
                         f"{info['run']} ({expected}): the config or data changed, or the file was copied from "

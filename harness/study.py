@@ -130,14 +130,26 @@ def ci_bounds(value, ci) -> tuple[float, float]:
     return v - h, v + h
 
 
+def identity_of(src: dict | None) -> dict:
+    """The identity keys (method, layout, size, seed) that a train.json or a result header gives.
+
+    A run's `method` in a study's tables, figures and MLflow is its label (harness.config.run_label:
+    the method unless the run names one), so DID-S and DID-F, or the points of a sweep, are rows
+    of their own; `base_method` is the registered method behind it.
+    """
+    src = src or {}
+    out = {k: src[k] for k in ("layout", "size", "seed") if src.get(k) is not None}
+    if src.get("method") is not None:
+        out["method"] = src.get("label") or src["method"]
+        out["base_method"] = src["method"]
+    return out
+
+
 def _identity(run_dir: Path, train: dict | None, result: dict | None) -> dict:
     """Run identity from the result file, else train.json, else the run directory name."""
     ident = {"run": run_dir.name, **parse_run_name(run_dir.name)}
     for src in (train, result):
-        if src:
-            for k in ("method", "layout", "size", "seed"):
-                if src.get(k) is not None:
-                    ident[k] = src[k]
+        ident.update(identity_of(src))
     for k in ID:
         ident.setdefault(k, None)
     return ident
@@ -527,8 +539,9 @@ def load_study(study_dir, config: dict | None = None) -> Study:
         base = _identity(run_dir, train, None)
         t = train or {}
         out["runs"].append({**base, **{k: t.get(k) for k in (
-            "steps", "batch_size", "params", "final_loss", "wall_seconds", "tokens_per_s", "device",
-            "git_commit", "config_hash")}})
+            "steps", "batch_size", "lr", "match", "matched_to", "params", "final_loss", "wall_seconds",
+            "tokens_per_s", "flops_per_step", "valid_nats_per_token", "valid_stderr", "clipped_fraction",
+            "grad_norm_median", "device", "git_commit", "config_hash")}})
         for kind in ALL_EVAL_FILES:
             result = read_json(run_dir / "eval" / f"{kind}.json", problems)
             if result is not None:

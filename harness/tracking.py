@@ -43,8 +43,8 @@ import yaml
 
 from harness.errors import UserError
 from harness.results import read_history, read_json_object, read_result
-from harness.study import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_rule, ci_bounds, num, parse_run_name,
-                           run_dirs)
+from harness.study import (ALL_EVAL_FILES, COST_DIR, benchmark_files, benchmark_rule, ci_bounds, identity_of, num,
+                           parse_run_name, run_dirs)
 
 #: bump when what a run records changes, so existing runs are logged again
 TRACKING_FORMAT = "2"
@@ -387,8 +387,7 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
         run_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else config
     except yaml.YAMLError:
         run_cfg = config                       # unreadable run config: the study config stands in
-    ident = {**parse_run_name(run_dir.name), **{k: train[k] for k in ("method", "layout", "size", "seed")
-                                                 if k in train}}
+    ident = {**parse_run_name(run_dir.name), **identity_of(train)}
     p = Payload(name=run_dir.name, key=f"{study}/{run_dir.name}")
     p.params = {**flatten(run_cfg if isinstance(run_cfg, dict) else {}), **flatten(train)}
     files: list[tuple[Path, str | None]] = [(run_dir / f, None) for f in ("train.json", "history.csv", "config.yaml")]

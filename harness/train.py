@@ -41,7 +41,8 @@ from harness.methods import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; Snakemake retries the job, which resumes
 STATE_FILE = "resume/state.pt"  # the resumable state; not a Snakemake output, so never deleted on failure
-HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "s_per_step", "wall_time"]
+HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "clipped_fraction", "tokens", "tokens_per_s", "s_per_step",
+                  "wall_time"]
 
 
 class Preempted(Exception):
@@ -146,6 +147,43 @@ def history_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+class Clipping:
+    """Gradient-norm clipping that counts what it does: the fraction of clipped steps per history
+    window and over the run (kept in the resume state), so a recipe whose clip reshapes one method's
+    updates and not another's shows it (issue 23)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.clipped, self.window_clipped, self.window_steps = 0, 0, 0
+
+    def __call__(self, params) -> torch.Tensor:
+        """Clip in place; returns the pre-clip total norm."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.threshold if self.threshold > 0 else float("inf"))
+        hit = int(self.threshold > 0 and bool(norm > self.threshold))
+        self.clipped += hit
+        self.window_clipped += hit
+        self.window_steps += 1
+        return norm
+
+    def window_fraction(self) -> float:
+        return self.window_clipped / max(1, self.window_steps)
+
+    def new_window(self) -> None:
+        self.window_clipped, self.window_steps = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"clipped": self.clipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clipped = int(state.get("clipped", 0))
+
+    def summary(self, history: list[dict], steps: int) -> dict:
+        """train.json: the fraction of clipped steps and the median logged pre-clip norm."""
+        norms = sorted(float(r["grad_norm"]) for r in history if r.get("grad_norm") is not None)
+        return {"grad_clip": self.threshold, "clipped_fraction": round(self.clipped / max(1, steps), 6),
+                "grad_norm_median": norms[len(norms) // 2] if norms else None}
+
+
 class _Distributed:
     """DDP context from torchrun's environment (RANK/WORLD_SIZE/LOCAL_RANK); trivial otherwise."""
 
@@ -243,20 +281,79 @@ def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, 
     return methods.build(method, vocab, config.get("size", "tiny"), layout, _max_len(config, layout), **options)
 
 
-def _settings(config: dict, method_name: str, steps: int | None) -> TrainSettings:
-    """The run's TrainSettings with `steps` = train.steps x step_multiplier unless given."""
-    settings = TrainSettings.from_config(config.get("train", {}))
-    multiplier = (config.get("train", {}).get("step_multiplier") or {}).get(method_name, 1)
-    settings.steps = int(steps if steps is not None else max(1, round(settings.steps * multiplier)))
+def resolve_run(config: dict, label: str, layout: str) -> dict:
+    """The study's runs entry (harness.config.run_entries) for `label` (a run label or a method
+    name) and `layout`; a method the study does not list trains with the study's recipe."""
+    from harness.config import run_entry
+
+    entry = run_entry(config, label, layout)
+    if entry is None:
+        entry = {"label": label, "method": label, "layout": layout, "match": "steps", "seeds": list(config.get("seeds") or [0]),
+                 "train": {}}
+    return entry
+
+
+def _settings(config: dict, entry: dict, steps: int | None) -> TrainSettings:
+    """The run's TrainSettings: the study's `train`, the run's own keys over it, and `steps`
+    (given, else the run's: see harness.config.run_steps; a FLOPs-matched run gets its steps later)."""
+    from harness.config import run_steps
+
+    settings = TrainSettings.from_config({**config.get("train", {}), **entry["train"]})
+    if steps is not None:
+        settings.steps = int(steps)
+    elif entry["match"] != "flops":
+        settings.steps = run_steps(config, entry)
     return settings
 
 
-def expected_recipe(config: dict, method_name: str, layout: str, seed: int, manifest: dict, vocab) -> str:
+def _recipe_extra(config: dict, entry: dict, manifest: dict, vocab, settings: TrainSettings, layout: str) -> dict:
+    """What besides the settings and the seed the weights depend on (see recipe_hash)."""
+    from harness.config import match_targets
+
+    extra = {"options": _method_options(config, entry["method"], settings.dropout),
+             "data_hash": manifest.get("config_hash"), "vocab": vocab.to_dict(), "max_len": _max_len(config, layout),
+             "method": entry["method"], "layout": layout}
+    if entry["match"] == "flops":   # the matched steps follow from the runs it is matched to
+        extra["match"] = {"flops": match_targets(config, entry)}
+    return extra
+
+
+def expected_recipe(config: dict, label: str, layout: str, seed: int, manifest: dict, vocab) -> str:
     """The recipe hash `train` records for this run of `config` on this data (see recipe_hash)."""
-    settings = _settings(config, method_name, None)
-    return recipe_hash(settings, seed, {"options": _method_options(config, method_name, settings.dropout),
-                                        "data_hash": manifest.get("config_hash"), "vocab": vocab.to_dict(),
-                                        "max_len": _max_len(config, layout)})
+    entry = resolve_run(config, label, layout)
+    settings = _settings(config, entry, None)
+    if entry["match"] == "flops":
+        settings.steps = 0   # not part of the recipe: it follows from extra["match"] and the data
+    return recipe_hash(settings, seed, _recipe_extra(config, entry, manifest, vocab, settings, layout))
+
+
+def matched_steps(config: dict, entry: dict, model, train_data, settings: TrainSettings, seed: int, world: int,
+                  device, manifest: dict, vocab) -> tuple[int, dict]:
+    """Steps that give a FLOPs-matched run (match: flops) the training FLOPs of the most expensive
+    other run of its layout: ceil(max_target steps x FLOPs/step / own FLOPs/step), every FLOPs/step
+    estimated the same way (estimate_flops_per_step: the first batches of the seed) at each run's
+    own batch. Returns (steps, {target label, target FLOPs, own FLOPs/step})."""
+    from harness.config import match_targets
+
+    targets = match_targets(config, entry)
+    if not targets:
+        raise UserError(f"{entry['label']} ({entry['layout']}): match flops needs another trained run of its layout")
+    own = estimate_flops_per_step(model, train_data, settings, seed, world, device)
+    if own is None:
+        raise UserError(f"{entry['label']}: method {entry['method']} has no FLOPs estimate (flops_per_token)")
+    best, best_flops = None, -1.0
+    for t in targets:
+        other = build_method(config, t["method"], entry["layout"], manifest, vocab).to(device)
+        ts = TrainSettings.from_config({**config.get("train", {}), "batch_size": t["batch_size"],
+                                        "accumulate": t["accumulate"]})
+        per_step = estimate_flops_per_step(other, train_data, ts, seed, world, device)
+        if per_step is not None and per_step * t["steps"] > best_flops:
+            best, best_flops = t, per_step * t["steps"]
+        del other
+    if best is None:
+        raise UserError(f"{entry['label']}: no run of its layout has a FLOPs estimate to match")
+    steps = max(1, math.ceil(best_flops / own - 1e-9))
+    return steps, {"match": "flops", "matched_to": best["label"], "matched_flops": float(f"{best_flops:.6g}")}
 
 
 def check_data_fits(config: dict, layout: str, manifest: dict, data_dir) -> None:
@@ -303,8 +400,11 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
     from harness.config import config_hash, run_name
     from harness.results import provenance
 
-    settings = _settings(config, method_name, steps)
-    total_steps = settings.steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 10**9):
+        raise UserError(f"--steps must be an integer from 1 to 1000000000, got {steps!r}")
+    entry = resolve_run(config, method_name, layout)
+    method_name, label = entry["method"], entry["label"]
+    settings = _settings(config, entry, steps)
     ctx = _Distributed()
     device = ctx.device
 
@@ -338,16 +438,30 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
     )
     ema = EMA(model, settings.ema)
     use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+    extra = _recipe_extra(config, entry, manifest, tokenizer.vocab, settings, layout)
+    matching: dict = {}
+    if entry["match"] == "flops" and steps is None:
+        settings.steps = 0   # the recipe names the matched runs, not the steps they give
+        recipe = recipe_hash(settings, seed, extra)
+        settings.steps, matching = matched_steps(config, entry, model, train_data, settings, seed, ctx.world, device,
+                                                 manifest, tokenizer.vocab)
+    else:
+        recipe = recipe_hash(settings, seed, extra)
+    total_steps = settings.steps
 
     info = {
-        "run": run_name(method_name, layout, config.get("size", "tiny"), seed),
+        "run": run_name(label, layout, config.get("size", "tiny"), seed),
         "study": config.get("study"),
+        "label": label,
         "method": method_name,
         "layout": layout,
         "size": config.get("size", "tiny"),
         "seed": seed,
         "steps": total_steps,
         "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "cosine": settings.cosine,
+        **matching,
         "max_len": model.max_len,
         "vocab": tokenizer.vocab.to_dict(),
         "options": model.options,
@@ -357,10 +471,11 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
         "precision": "bf16" if use_bf16 else "float32",
         "data_hash": manifest.get("config_hash"),
     }
-    info["recipe"] = recipe_hash(settings, seed, info)
+    info["recipe"] = recipe
 
     state_path = os.path.join(out_dir, STATE_FILE)
     start_step, history, wall_offset = 0, [], 0.0
+    clip = Clipping(settings.grad_clip)
     state = load_checkpoint(state_path) if os.path.exists(state_path) else None
     if state is not None and _stale(state["info"], info):
         if ctx.main:
@@ -373,6 +488,7 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start_step, history, wall_offset = state["step"], state["history"], state["wall_time"]
+        clip.load_state_dict(state.get("clipping", {}))
         if ctx.main:  # also with progress=False (the workflow's --quiet): the job log says it resumed
             print(f"{info['run']}: resuming from step {start_step}", flush=True)
 
@@ -388,6 +504,7 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
                     "ema": ema.state_dict(),
                     "history": history,
                     "wall_time": wall,
+                    "clipping": clip.state_dict(),
                 },
                 state_path,
             )
@@ -447,7 +564,7 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / settings.accumulate
             ctx.average_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else float("inf"))
+            grad_norm = clip(params)
             if not torch.isfinite(grad_norm):  # a step would poison the weights (and the next checkpoint)
                 raise NonFiniteLoss(_nonfinite("gradient norm", grad_norm, step, batch, lr))
             optimizer.step()
@@ -468,7 +585,8 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
                     "step": done,
                     "loss": round(loss_avg, 6),
                     "lr": lr,
-                    "grad_norm": round(float(grad_norm), 6),
+                    "grad_norm": round(float(grad_norm), 6),  # before clipping (this step's)
+                    "clipped_fraction": round(clip.window_fraction(), 6),
                     "tokens": tokens,
                     "tokens_per_s": round(window_tokens / elapsed, 3),
                     "s_per_step": round(elapsed / window_steps, 6),
@@ -485,6 +603,7 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
                 if live is not None:
                     live.log_row(row)
                 window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+                clip.new_window()
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if bar is not None:
@@ -508,6 +627,7 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
             "wall_seconds": round(wall, 3),
             "tokens_per_s": _steady_tokens_per_s(history),
             "flops_per_step": None if flops_per_step is None else float(f"{flops_per_step:.6g}"),
+            **clip.summary(history, total_steps),
         }
     )
     if ctx.main:
@@ -650,8 +770,9 @@ def estimate_flops_per_step(model, train_data, s: TrainSettings, seed: int, worl
 _NOT_RECIPE = ("checkpoint_every", "log_every", "valid_mc", "valid_sequences", "valid_every")
 
 
-def recipe_hash(settings: TrainSettings, seed: int, info: dict) -> str:
-    """Hash of everything the weights at step k depend on: settings, steps, seed, options, data.
+def recipe_hash(settings: TrainSettings, seed: int, extra: dict) -> str:
+    """Hash of everything the weights at step k depend on: settings, steps, seed, and `extra`
+    (_recipe_extra: method, layout, options, data, vocabulary, length; what a matched run matches).
 
     A resume state with another recipe is stale (the config was edited after it was saved,
     and Snakemake re-runs the job without deleting resume/); resuming it would mix two
@@ -660,7 +781,7 @@ def recipe_hash(settings: TrainSettings, seed: int, info: dict) -> str:
     from harness.config import config_hash
 
     recipe = {k: v for k, v in asdict(settings).items() if k not in _NOT_RECIPE}
-    recipe.update(seed=seed, **{k: info.get(k) for k in ("options", "data_hash", "vocab", "max_len")})
+    recipe.update(seed=seed, **extra)
     return config_hash(recipe)
 
 

@@ -43,7 +43,7 @@ shell.prefix(
     + ":$PATH; "
 )
 
-from harness.config import config_hash, load_config, read_yaml, schema, study_runs
+from harness.config import config_hash, load_config, match_targets, read_yaml, run_entry, schema, study_runs
 from harness.errors import UserError
 
 
@@ -147,22 +147,33 @@ def settings_hash(*sections):
 
 
 def train_settings(wildcards):
-    """Hash of everything one training run depends on (not the other runs, not evaluation)."""
+    """Hash of everything one training run depends on (not the other runs, not evaluation;
+    a FLOPs-matched run depends on what it is matched to)."""
     run = RUNS[wildcards.run]
+    entry = run_entry(CFG, run["label"], run["layout"])
     train = {k: v for k, v in CFG["train"].items() if k != "step_multiplier"}
     picked = {
         "data": CFG["data"],
         "size": CFG["size"],
-        "train": train,
+        "train": {**train, **entry["train"]},
         "steps": run["steps"],
         "options": CFG["methods"].get(run["method"], {}),
     }
+    if run["match"] == "flops":
+        picked["match"] = match_targets(CFG, entry)
+    if run["label"] != run["method"]:   # unlabelled runs keep the hash they always had
+        picked["run"] = {"label": run["label"], "method": run["method"]}
     return config_hash(picked)
 
 
 # --- per-run lookups ---------------------------------------------------------------------
 def run_method(wildcards):
     return RUNS[wildcards.run]["method"]
+
+
+def run_label(wildcards):
+    """What `train --method` is given: the run's label (the method unless the run names one)."""
+    return RUNS[wildcards.run]["label"]
 
 
 def run_layout(wildcards):
@@ -175,6 +186,13 @@ def run_seed(wildcards):
 
 def run_steps(wildcards):
     return RUNS[wildcards.run]["steps"]
+
+
+def steps_option(wildcards):
+    """`--steps N` for a run of a set length (the command shows it); none for a FLOPs-matched run
+    (the trainer computes its steps) or an untrained one (0 steps, from its config entry)."""
+    steps = RUNS[wildcards.run]["steps"]
+    return f"--steps {int(steps)}" if steps else ""
 
 
 def study_config(wildcards, input):

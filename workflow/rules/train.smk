@@ -19,10 +19,10 @@ rule train:
     params:
         cfg=study_config,
         launcher=launcher,
-        method=run_method,
+        method=run_label,
         layout=run_layout,
         seed=run_seed,
-        steps=run_steps,
+        steps=steps_option,
         data=input_data_dir,
         out=train_run_dir,
         settings=train_settings,
@@ -38,5 +38,5 @@ rule train:
     shell:
         "exec {params.launcher} -m harness train --config {params.cfg:q}"
         " --method {params.method:q} --layout {params.layout:q} --seed {params.seed:q}"
-        " --steps {params.steps:q} --data {params.data:q} --out {params.out:q} --quiet"
+        " {params.steps} --data {params.data:q} --out {params.out:q} --quiet"
         " > {log:q} 2>&1"

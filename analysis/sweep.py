@@ -1,0 +1,79 @@
+"""The hyper-parameter sweep table (a study with a `sweep:` grid, issue 23).
+
+Every method is trained at every (learning rate, batch) point of the grid on the same number of
+training sequences, and each point is scored by its final validation bound (train.json
+`valid_nats_per_token`: the strict bound of the EMA weights on the validation rows, never the test
+rows, so choosing the best point does not leak into the test numbers). Per method the table gives
+the best point, and its sensitivity: how much worse the median and the worst point of the grid are
+than the best. A method that needs no tuning has a small sensitivity; the paper's "no
+hyper-parameter tuning" claim for DID is a claim about this spread compared with the baselines'.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.tables import DASH, Table, _disp, fmt, missing
+from harness.study import Study
+
+
+def sweep_points(study: Study) -> pd.DataFrame:
+    """One row per grid point and seed: base_method, layout, lr, batch_size, steps, valid bound."""
+    cols = ["base_method", "layout", "lr", "batch_size", "steps", "seed", "valid_nats_per_token", "valid_stderr"]
+    runs = study.runs
+    if runs.empty or "lr" not in runs.columns:
+        return pd.DataFrame(columns=cols)
+    runs = runs.assign(**{c: np.nan for c in cols if c not in runs.columns})
+    return runs[cols].dropna(subset=["lr", "batch_size", "valid_nats_per_token"]).reset_index(drop=True)
+
+
+def sweep_summary(points: pd.DataFrame) -> pd.DataFrame:
+    """Per (base_method, layout): the best point, its bound, and the median / worst gap to it."""
+    cols = ["base_method", "layout", "points", "best_lr", "best_batch_size", "best_nats_per_token",
+            "median_minus_best", "worst_minus_best"]
+    if points.empty:
+        return pd.DataFrame(columns=cols)
+    per_point = points.groupby(["base_method", "layout", "lr", "batch_size"], sort=False)["valid_nats_per_token"].mean()
+    rows = []
+    for (method, layout), g in per_point.groupby(level=["base_method", "layout"], sort=False):
+        values = g.droplevel(["base_method", "layout"])
+        best = values.idxmin()
+        rows.append({"base_method": method, "layout": layout, "points": len(values), "best_lr": best[0],
+                     "best_batch_size": int(best[1]), "best_nats_per_token": float(values.min()),
+                     "median_minus_best": float(values.median() - values.min()),
+                     "worst_minus_best": float(values.max() - values.min())})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def sweep_table(study: Study, config: dict | None) -> Table:
+    """Each method's grid: final validation bound per (lr, batch), its best point and sensitivity."""
+    points = sweep_points(study)
+    summary = sweep_summary(points)
+    grid = (config or {}).get("sweep") or {}
+    lrs = sorted(points["lr"].unique()) if len(points) else list(grid.get("lr", []))
+    batches = sorted(points["batch_size"].unique()) if len(points) else list(grid.get("batch_size", []))
+    rows = []
+    mean = points.groupby(["base_method", "layout", "lr", "batch_size"], sort=False)["valid_nats_per_token"].mean() \
+        if len(points) else pd.Series(dtype=float)
+    for r in summary.to_dict("records"):
+        row = {"Method": r["base_method"], "Layout": r["layout"]}
+        for b in batches:
+            for lr in lrs:
+                v = mean.get((r["base_method"], r["layout"], lr, b), np.nan)
+                best = lr == r["best_lr"] and b == r["best_batch_size"]
+                row[f"lr {lr:g}, b {int(b)}"] = DASH if missing(v) else fmt(v) + (" *" if best else "")
+        row["Best (lr, batch)"] = f"{r['best_lr']:g}, {r['best_batch_size']}"
+        row["Median - best"] = fmt(r["median_minus_best"])
+        row["Worst - best"] = fmt(r["worst_minus_best"])
+        rows.append(row)
+    disp = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["Method", "Layout"])
+    steps = sorted(points["steps"].dropna().unique()) if len(points) else []
+    budget = (f" Every point saw the same training sequences ({', '.join(fmt(s, 'int') for s in steps)} steps by "
+              "batch)." if steps else "")
+    return Table("sweep", "Learning-rate x batch sweep: final validation bound (nats/token; lower is better)",
+                 summary, _disp(disp, {c: disp[c] for c in disp.columns}) if len(disp) else disp, [
+        "Each cell: the strict validation bound of the EMA weights at the end of training (train.json), mean over "
+        "seeds; * marks the method's best point, which the headline runs use." + budget,
+        "Median - best / worst - best: how much the method loses at the grid's median / worst point, its "
+        "sensitivity to the learning rate and batch (nats/token). A small value is what \"no tuning needed\" "
+        "means; compare it between methods."])
