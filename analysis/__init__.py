@@ -10,6 +10,7 @@ from pathlib import Path
 from harness.study import Study, load_study
 from analysis.figures import all_figures, bench_figure
 from analysis.sweep import sweep_table
+from analysis.training import training_table
 from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary
 from analysis.tables import Table, all_tables, atomic_write_text, summary_table, to_markdown, write_table
 
@@ -106,6 +107,7 @@ def main(study_dir, config: dict | None = None) -> list[Path]:
     study = load_study(study_dir, config)
     files: list[Path] = []
     tables = all_tables(study, config) + [bound_gap_table(study, config), exact_samples_table(study, config)]
+    tables.append(training_table(study, config))
     if (config or {}).get("sweep"):   # only a study with a grid has a sweep table
         tables.append(sweep_table(study, config))
     for table in tables + [headline(study, config)]:

@@ -9,6 +9,9 @@ Options (`methods.<name>.options` in the study config):
   dp_dtype: "float32" (the paper's) | "float64" for the training DP; the bound always uses float64.
   dropout (float), threshold (sparse target cut, 1e-6), grid ("uniform" | "cosine" sampling
   grid), sample_batch_size (sequences per sampler call inside sample(), default 64).
+  normalise: "token" (default: the batch's summed loss / its predicted tokens N(x), as every
+  method's) | "sequence" (the paper code's mean over sequences: a gradient ~mean(N) times larger,
+  which a grad_clip tuned for per-token losses cuts far harder; kept to show what that does).
 
 Two likelihood numbers (`nll_bound(..., convention=)`; derivation in `strict_bound_note`):
 
@@ -69,7 +72,7 @@ c ln(1e-3 / 1e-6) = 6.9 c nats in the slice (and without the clamp the bound wou
 infinite: such a model inserts infinitely often near t = 0); `insertion_mass_at_t0` in the
 result file reports c.
 """
-_OPTIONS = {"loss", "dp_dtype", "dropout", "threshold", "grid", "sample_batch_size"}
+_OPTIONS = {"loss", "dp_dtype", "dropout", "threshold", "grid", "sample_batch_size", "normalise"}
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -106,6 +109,9 @@ class _DIDBase(Method):
         if self.grid not in ("uniform", "cosine"):
             raise UserError(f"{self.name}: option grid must be 'uniform' or 'cosine', got {self.grid!r}")
         self.sample_batch_size = int(options.get("sample_batch_size", 64))
+        self.normalise = options.get("normalise", "token")
+        if self.normalise not in ("token", "sequence"):
+            raise UserError(f"{self.name}: option normalise must be 'token' or 'sequence', got {self.normalise!r}")
         cfg = backbone_config(
             size, time_cond=self.time_conditioned, dropout=float(options.get("dropout", 0.0)), max_len=max_len
         )
@@ -185,9 +191,9 @@ class _DIDBase(Method):
         # the objective per predicted token N(x) (sum over the batch / sum N), as every method's: the
         # paper's per-sequence mean has the same direction but a gradient ~mean(N) times larger, which
         # a shared grad_clip would cut ~50-100x for DID only (issue 23)
-        loss = per_seq.sum() / predicted_tokens(batch).sum()
-        stats["nats_per_token"] = float(loss.detach())
-        return loss, stats
+        per_token = per_seq.sum() / predicted_tokens(batch).sum()
+        stats["nats_per_token"] = float(per_token.detach())
+        return (per_token if self.normalise == "token" else per_seq.mean()), stats
 
     @torch.no_grad()
     def nll_bound(self, batch: Batch, mc: int, generator: torch.Generator | None = None,

@@ -385,10 +385,11 @@ def _sweep_entries(cfg: dict) -> list[dict]:
 
 def run_entries(cfg: dict) -> list[dict]:
     """Every `runs` entry of a study (the sweep expanded) with its label: {label, method, layout,
-    match, seeds, train (the run's own recipe keys)}."""
+    match, seeds, train (the run's own recipe keys), options (its own method options)}."""
     return [{"label": run_label(run), "method": run["method"], "layout": run["layout"],
              "match": run.get("match", "steps"), "seeds": list(run.get("seeds") or cfg["seeds"]),
-             "train": dict(run.get("train") or {})} for run in _sweep_entries(cfg)]
+             "train": dict(run.get("train") or {}), "options": dict(run.get("options") or {})}
+            for run in _sweep_entries(cfg)]
 
 
 def run_entry(cfg: dict, label: str, layout: str) -> dict | None:
@@ -421,8 +422,8 @@ def match_targets(cfg: dict, entry: dict) -> list[dict]:
         if steps == 0:
             continue
         merged = {**cfg["train"], **e["train"]}
-        out.append({"label": e["label"], "method": e["method"], "steps": steps,
-                    "batch_size": merged["batch_size"], "accumulate": merged["accumulate"]})
+        out.append({"label": e["label"], "method": e["method"], "steps": steps, "batch_size": merged["batch_size"],
+                    "accumulate": merged["accumulate"], "options": e["options"]})
     return out
 
 

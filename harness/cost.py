@@ -76,7 +76,8 @@ def _train_models(chosen: list[dict], data_dir: str, device: torch.device, setti
     for r in chosen:
         state = load_checkpoint(os.path.join(r["dir"], "checkpoint.pt"))
         info = state["info"]
-        model = build_method(state["config"], info["method"], info["layout"], manifest, vocab, settings.dropout)
+        model = build_method(state["config"], info["method"], info["layout"], manifest, vocab, settings.dropout,
+                             options=info.get("options"))
         model.load_state_dict(state["model"])
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]

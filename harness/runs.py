@@ -45,7 +45,8 @@ def load_run(run_dir: str, data_dir: str | None = None, device: str | torch.devi
     manifest = data_lib.load_manifest(data_dir)
     if study_config is not None:
         check_recipe(path, info, study_config, manifest, tokenizer.vocab)
-    method = build_method(config, info["method"], info["layout"], manifest, tokenizer.vocab)
+    method = build_method(config, info["method"], info["layout"], manifest, tokenizer.vocab,
+                          options=info.get("options"))   # the options it was trained with (a run may have its own)
     try:
         method.load_state_dict(state["ema" if ema else "model"])
     except RuntimeError as err:

@@ -421,6 +421,8 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     _add(p.metrics, "final_loss", train.get("final_loss"))
     _add(p.metrics, "train_wall_seconds", train.get("wall_seconds"))
     _add(p.metrics, "train_loop_tokens_per_s", train.get("tokens_per_s"))
+    _add(p.metrics, "clipped_fraction", train.get("clipped_fraction"))       # of all steps (history: per window)
+    _add(p.metrics, "grad_norm_median", train.get("grad_norm_median"))       # before clipping
     p.metrics += history_metrics(run_dir / "history.csv", start_ms)
     p.start_ms, p.end_ms = start_ms, end_ms
     # the held-out reference rows (data/*) are the same in every run of a layout: study params

@@ -264,8 +264,10 @@ class _SignalFlag:
 # ------------------------------------------------------------------------------------ the loop
 
 
-def _method_options(config: dict, method: str, dropout: float | None) -> dict:
-    options = dict((config.get("methods") or {}).get(method, {}) or {})
+def _method_options(config: dict, method: str, dropout: float | None, run_options: dict | None = None) -> dict:
+    """The method's constructor options: `methods.<method>`, the run's own `options` over them, and
+    the dropout unless an option sets it."""
+    options = {**((config.get("methods") or {}).get(method, {}) or {}), **(run_options or {})}
     if dropout is not None:
         options.setdefault("dropout", dropout)
     return options
@@ -275,9 +277,11 @@ def _max_len(config: dict, layout: str) -> int:
     return int(config["data"]["seq_len"] if layout == "fixed" else config["data"]["max_len"])
 
 
-def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, dropout: float | None = None):
-    """Instantiate the registered method for this run from the study config."""
-    options = _method_options(config, method, dropout)
+def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, dropout: float | None = None,
+                 options: dict | None = None):
+    """Instantiate the registered method for this run from the study config. `options`: the
+    constructor options a checkpoint recorded, or a run's own (over `methods.<method>`)."""
+    options = _method_options(config, method, dropout, options)
     return methods.build(method, vocab, config.get("size", "tiny"), layout, _max_len(config, layout), **options)
 
 
@@ -289,7 +293,7 @@ def resolve_run(config: dict, label: str, layout: str) -> dict:
     entry = run_entry(config, label, layout)
     if entry is None:
         entry = {"label": label, "method": label, "layout": layout, "match": "steps", "seeds": list(config.get("seeds") or [0]),
-                 "train": {}}
+                 "train": {}, "options": {}}
     return entry
 
 
@@ -310,7 +314,7 @@ def _recipe_extra(config: dict, entry: dict, manifest: dict, vocab, settings: Tr
     """What besides the settings and the seed the weights depend on (see recipe_hash)."""
     from harness.config import match_targets
 
-    extra = {"options": _method_options(config, entry["method"], settings.dropout),
+    extra = {"options": _method_options(config, entry["method"], settings.dropout, entry["options"]),
              "data_hash": manifest.get("config_hash"), "vocab": vocab.to_dict(), "max_len": _max_len(config, layout),
              "method": entry["method"], "layout": layout}
     if entry["match"] == "flops":   # the matched steps follow from the runs it is matched to
@@ -343,7 +347,7 @@ def matched_steps(config: dict, entry: dict, model, train_data, settings: TrainS
         raise UserError(f"{entry['label']}: method {entry['method']} has no FLOPs estimate (flops_per_token)")
     best, best_flops = None, -1.0
     for t in targets:
-        other = build_method(config, t["method"], entry["layout"], manifest, vocab).to(device)
+        other = build_method(config, t["method"], entry["layout"], manifest, vocab, options=t["options"]).to(device)
         ts = TrainSettings.from_config({**config.get("train", {}), "batch_size": t["batch_size"],
                                         "accumulate": t["accumulate"]})
         per_step = estimate_flops_per_step(other, train_data, ts, seed, world, device)
@@ -426,7 +430,8 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
     valid_data = data_lib.load_split(data_dir, "valid", layout) if ctx.main else None
 
     torch.manual_seed(seed)
-    model = build_method(config, method_name, layout, manifest, tokenizer.vocab, settings.dropout).to(device)
+    model = build_method(config, method_name, layout, manifest, tokenizer.vocab, settings.dropout,
+                         entry["options"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

@@ -157,7 +157,7 @@ def train_settings(wildcards):
         "size": CFG["size"],
         "train": {**train, **entry["train"]},
         "steps": run["steps"],
-        "options": CFG["methods"].get(run["method"], {}),
+        "options": {**CFG["methods"].get(run["method"], {}), **entry["options"]},
     }
     if run["match"] == "flops":
         picked["match"] = match_targets(CFG, entry)
