@@ -450,6 +450,9 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
         recipe = recipe_hash(settings, seed, extra)
         settings.steps, matching = matched_steps(config, entry, model, train_data, settings, seed, ctx.world, device,
                                                  manifest, tokenizer.vocab)
+        if ctx.main:   # the job log says what the run was matched to
+            print(f"{label}: match flops: {settings.steps} steps to reach the {matching['matched_flops']:.4g} estimated "
+                  f"training FLOPs of {matching['matched_to']}", flush=True)
     else:
         recipe = recipe_hash(settings, seed, extra)
     total_steps = settings.steps

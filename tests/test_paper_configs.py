@@ -62,13 +62,16 @@ def _steps_by_method(output: str) -> dict[str, int]:
 def test_owt_small_plans_table_1(tmp_path):
     out, cfg = dry_run("config/owt-small.yaml", tmp_path)
     runs = study_runs(cfg)
-    assert {r["layout"] for r in runs} == {"fixed"} and len(runs) == 4
+    assert {r["layout"] for r in runs} == {"fixed"} and len(runs) == 5
     assert job_counts(out) == {
-        "prepare_data": 1, "evaluator_cache": 1, "zeroshot_data": 1, "train": 4, "cost": 1, "eval_ppl": 4,
-        "eval_samples": 4, "eval_genppl": 4, "eval_mauve": 4, "eval_diversity": 4, "eval_zeroshot": 4,
-        "report": 1, "mlflow_log": 1, "all": 1, "total": 35}
-    # training at the paper's recipe (did-method.md §9): batch 512 x 1024, 400K steps, DID-F x 2
-    assert _steps_by_method(out) == {"did-fixed": 800000, "radd": 400000, "mdlm": 400000, "ar": 400000}
+        "prepare_data": 1, "evaluator_cache": 1, "zeroshot_data": 1, "train": 5, "cost": 1, "eval_ppl": 5,
+        "eval_samples": 5, "eval_genppl": 5, "eval_mauve": 5, "eval_diversity": 5, "eval_zeroshot": 5,
+        "report": 1, "mlflow_log": 1, "all": 1, "total": 42}
+    # training at the paper's recipe (did-method.md §9): batch 512 x 1024, 400K steps; DID-S at those
+    # steps, DID-F with no --steps (its job computes them from the measured FLOPs, match: flops)
+    assert _steps_by_method(out) == {"did-fixed": 400000, "radd": 400000, "mdlm": 400000, "ar": 400000}
+    assert [r["match"] for r in runs if r["label"] == "did-fixed-F"] == ["flops"]
+    assert re.search(r"--method did-fixed-F --layout fixed --seed 0 +--data", "".join(j["shell"] for j in jobs(out, "train")))
     t = cfg["train"]
     assert (t["batch_size"], t["lr"], t["warmup"], t["weight_decay"], t["ema"]) == (512, 3e-4, 2500, 0.03, 0.9999)
     assert cfg["size"] == "small" and cfg["data"]["seq_len"] == 1024 and cfg["data"]["tokenizer"]["kind"] == "gpt2"
@@ -98,12 +101,12 @@ def test_owt_small_plans_table_1(tmp_path):
 def test_stories_plans_the_variable_length_study(tmp_path):
     out, cfg = dry_run("config/stories.yaml", tmp_path)
     runs = study_runs(cfg)
-    assert {r["layout"] for r in runs} == {"varlen"} and len(runs) == 5
+    assert {r["layout"] for r in runs} == {"varlen"} and len(runs) == 6
     assert job_counts(out) == {
-        "prepare_data": 1, "evaluator_cache": 1, "train": 5, "cost": 1, "eval_ppl": 5, "eval_samples": 5,
-        "eval_genppl": 5, "eval_mauve": 5, "eval_diversity": 5, "eval_lengths": 5, "report": 1, "mlflow_log": 1,
-        "all": 1, "total": 41}                           # no zero-shot job: Table 1 is fixed length
-    assert _steps_by_method(out) == {m: 60000 for m in ("did", "radd", "mdlm", "ilm", "ar")}
+        "prepare_data": 1, "evaluator_cache": 1, "train": 6, "cost": 1, "eval_ppl": 6, "eval_samples": 6,
+        "eval_genppl": 6, "eval_mauve": 6, "eval_diversity": 6, "eval_lengths": 6, "report": 1, "mlflow_log": 1,
+        "all": 1, "total": 48}                           # no zero-shot job: Table 1 is fixed length
+    assert _steps_by_method(out) == {m: 60000 for m in ("did", "radd", "mdlm", "ilm", "ar")}   # DID-F: computed
     t = cfg["train"]
     assert (t["batch_size"], t["lr"], t["warmup"], t["weight_decay"]) == (512, 1e-4, 1000, 0.01)
     assert cfg["evaluate"]["samples"]["steps"] == [64, 128, 256, 512] and cfg["evaluate"]["samples"]["n"] == 1024
