@@ -23,6 +23,9 @@ def is_synthetic(study: Study) -> bool:
 
 
 def headline(study: Study, config: dict | None) -> Table:
+    """The summary's table: a sweep's grid, a synthetic study's exact metrics, else the headline."""
+    if (config or {}).get("sweep"):
+        return sweep_table(study, config)
     return synthetic_summary(study, config) if is_synthetic(study) else summary_table(study, config)
 
 
@@ -108,8 +111,6 @@ def main(study_dir, config: dict | None = None) -> list[Path]:
     files: list[Path] = []
     tables = all_tables(study, config) + [bound_gap_table(study, config), exact_samples_table(study, config)]
     tables.append(training_table(study, config))
-    if (config or {}).get("sweep"):   # only a study with a grid has a sweep table
-        tables.append(sweep_table(study, config))
     for table in tables + [headline(study, config)]:
         files += write_table(table, study_dir / "tables")
     files += all_figures(study, config, study_dir / "figures") + synthetic_figures(study, config, study_dir / "figures")

@@ -193,9 +193,9 @@ def facts_of(study: Study, config: dict | None) -> pd.DataFrame:
 
 def with_facts(data: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
     """A table's CSV numbers with each row's matching, budget and plateau columns appended."""
-    if data.empty or "method" not in data.columns:
-        return data
     extra = facts[GROUP + ["matching", "budget", "plateau_text", "converged"]].rename(columns={"plateau_text": "plateau"})
+    if data.empty or "method" not in data.columns:
+        return data.assign(**{c: pd.Series(dtype=object) for c in extra.columns if c not in data.columns})
     return data.merge(extra, on=GROUP, how="left")
 
 
