@@ -38,11 +38,16 @@ def write_summary(study: Study, config: dict | None, path, files: list[Path]) ->
     lines.append(f"{n_runs} trained run(s)" + (f" on corpus `{study.corpus}`." if study.corpus else "."))
     lines += ["", to_markdown(table, heading="##"), significance_line(table), ""]
     gaps = _missing_evaluations(study, config)
-    if gaps:
-        lines += ["## Missing results", "", "These evaluations have no result file (shown as – above):", ""]
-        lines += [f"- `{run}`: {', '.join(kinds)}" for run, kinds in gaps.items()] + [""]
+    if gaps or study.missing_runs:
+        lines += ["## Missing results", ""]
+        if study.missing_runs:
+            lines += ["These runs of the study's config have no trained result (absent from every table):", ""]
+            lines += [f"- `{run}`" for run in study.missing_runs] + [""]
+        if gaps:
+            lines += ["These evaluations have no result file (shown as – above):", ""]
+            lines += [f"- `{run}`: {', '.join(kinds)}" for run, kinds in gaps.items()] + [""]
     if study.problems:
-        lines += ["## Unreadable files", ""] + [f"- {p}" for p in study.problems] + [""]
+        lines += ["## Files left out, unreadable or non-finite", ""] + [f"- {p}" for p in study.problems] + [""]
     lines += ["## Files", ""]
     lines += [f"- [{p.relative_to(root)}]({p.relative_to(root)})" for p in files]
     return atomic_write_text(Path(path), "\n".join(lines) + "\n")
@@ -87,7 +92,10 @@ def _missing_evaluations(study: Study, config: dict | None = None) -> dict[str, 
     asked = ((config or {}).get("evaluate") or {}).get("metrics")
     expected = [k for k in ALL_EVAL_FILES if k in asked] if isinstance(asked, list) else list(EVAL_FILES)
     gaps = {}
+    kept = set(study.runs["run"]) if len(study.runs) else set()   # runs left out are listed as problems
     for d in run_dirs(study.root):
+        if d.name not in kept:
+            continue
         layout = study.runs.set_index("run")["layout"].get(d.name) if len(study.runs) else None
         kinds = [k for k in expected if not (d / "eval" / f"{k}.json").is_file()
                  and not (k == "lengths" and layout == "fixed")]   # fixed-length runs have no lengths

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from harness.atomic import atomic_write
 from harness.study import GROUP, Study, num
 from analysis.tables import aggregate, fmt, reference_methods, sort_rows
 
@@ -114,17 +113,7 @@ def _label(row, many_sizes: bool) -> str:
 
 def save_figure(fig: Figure, path) -> Path:
     """Save as PNG via a temp file + rename (readers never see a partial image)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, "wb", lambda fh: fig.savefig(fh, format="png", dpi=130, bbox_inches="tight"))
 
 
 def _new(ncols: int = 1, title: str = "", height: float = 4.4, width: float = 6.2, sharey: bool = False) -> tuple[Figure, list]:

@@ -93,15 +93,19 @@ def aggregate(df: pd.DataFrame, keys: list[str], cols: list[str], keep: tuple[st
     `keep` columns (per-run uncertainties such as a CI) survive only when a group has one seed:
     with several seeds the spread over seeds replaces them.
     """
-    ordered = keys + ["n_seeds"] + [x for c in cols for x in (c, f"{c}_sd")] + list(keep)
+    ordered = keys + ["n_seeds"] + [x for c in cols for x in (c, f"{c}_sd")] + list(keep) + ["nonfinite"]
     if df.empty:
         return pd.DataFrame({c: pd.Series(dtype=object if c in keys else float) for c in ordered})
     df = df.assign(**{c: np.nan for c in [*cols, *keep] if c not in df.columns})   # absent metric: all missing
     g = df.groupby(keys, dropna=False, sort=False)
-    out = g[cols].mean()
-    sd = g[cols].std(ddof=1).add_suffix("_sd")
+    # a seed without the value (a non-finite bound, a failed metric) makes the mean missing, never
+    # the mean of the other seeds under the same "n seeds" (inf stays inf)
+    out = g[cols].agg(lambda v: v.mean() if v.notna().all() else np.nan)
+    sd = g[cols].agg(lambda v: v.std(ddof=1) if v.notna().all() else np.nan).add_suffix("_sd")
     n = g["seed"].nunique(dropna=False).rename("n_seeds") if "seed" in df.columns else g.size().rename("n_seeds")
-    parts = [n, out, sd]
+    bad = (g["nonfinite"].agg(lambda v: bool(v.fillna(False).astype(bool).any())) if "nonfinite" in df.columns
+           else pd.Series(False, index=n.index)).rename("nonfinite")
+    parts = [n, out, sd, bad]
     kept = list(keep)
     if kept:
         first = g[kept].first()
@@ -174,8 +178,9 @@ def _ident_display(df: pd.DataFrame, steps: bool = False, facts: pd.DataFrame | 
     """The identity columns of a table's rows; with `facts` (analysis.convergence.run_facts) also
     how each row was trained: its budget (steps x batch), its matching (DID-S / DID-F) and whether
     its validation curve plateaued, so no number is read without them (issue 23)."""
-    cols = {"Method": df["method"].astype(str), "Layout": df["layout"].astype(str),
-            "Size": df["size"].fillna("").astype(str)}
+    bad = df["nonfinite"].fillna(False).astype(bool).tolist() if "nonfinite" in df.columns else [False] * len(df)
+    cols = {"Method": [f"{m} (non-finite!)" if b else str(m) for m, b in zip(df["method"], bad)],
+            "Layout": df["layout"].astype(str), "Size": df["size"].fillna("").astype(str)}
     if facts is not None:
         f = df[GROUP].merge(facts, on=GROUP, how="left") if len(df) else pd.DataFrame(columns=list(facts.columns))
         is_data = (df["method"] == "data").to_numpy() if len(df) else np.array([], bool)

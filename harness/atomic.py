@@ -83,3 +83,32 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_directory(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Call `fill(tmp_dir)` on a fresh hidden directory beside `path`, fsync its files, then rename
+    it to `path` (replacing an earlier incomplete one): a reader sees the whole directory or none.
+    For outputs that are directories, e.g. an evaluator model saved by a library by path."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except Exception as err:
+        cause = os_error_behind(err)
+        if cause is None:
+            raise
+        raise UserError(f"could not write {path}: {cause.strerror or cause}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     from harness.backbone import SIZES
-    from harness.methods import available
-    from harness.methods import get as get_method
+    from harness.methods import declared   # names only: no method (no plugin) is imported to build the help
 
     config_help = "study config (YAML, validated against workflow/schemas/config.schema.yaml)"
     s = sub.add_parser("prepare", help="corpus -> tokenizer -> fixed/varlen token files + manifest")
@@ -127,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train one (method, layout, seed) run of a study")
     s.add_argument("--config", required=True, help=config_help + f"; its `size` picks the backbone "
                    f"({', '.join(SIZES)})")
-    s.add_argument("--method", required=True, help=f"the method to train: {', '.join(available())}")
-    takes = {lay: ", ".join(m for m in available() if lay in get_method(m).layouts) for lay in ("fixed", "varlen")}
+    s.add_argument("--method", required=True, help=f"the method to train ({', '.join(declared())}), or the label of "
+                   "one of the study's runs (e.g. did-F); a method the config does not list trains with the study's recipe")
     s.add_argument("--layout", required=True, choices=["fixed", "varlen"],
-                   help=f"data layout: fixed (dense chunks; {takes['fixed']}) or varlen (one document per sequence; "
-                   f"{takes['varlen']})")
+                   help="data layout: fixed (dense chunks) or varlen (one document per sequence); each method "
+                   "says which it supports")
     s.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     s.add_argument("--data", required=True, help="prepared data directory (from `prepare`)")
     s.add_argument("--out", required=True, help="run directory: checkpoint.pt, history.csv, train.json; "

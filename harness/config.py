@@ -82,7 +82,12 @@ def validation_schema() -> dict:
 def _validator():
     import jsonschema
 
-    return jsonschema.Draft202012Validator(validation_schema())
+    # JSON Schema counts 4.0 as an integer; a study config does not (`steps: 4.0` is a typo that
+    # would also change the config's hash), so integers are ints (not bools, not floats)
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)
+    return strict(validation_schema())
 
 
 # --- defaults ---------------------------------------------------------------------------------
@@ -171,6 +176,11 @@ def is_synthetic_study(cfg: dict) -> bool:
 
 
 # --- the API ----------------------------------------------------------------------------------
+#: the most nodes a config may expand to with its aliases resolved (a study config has a few hundred;
+#: nested aliases can expand exponentially: a "billion laughs" file would hold the loader for minutes)
+MAX_YAML_NODES = 100_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (YAML itself keeps the last)."""
 
@@ -178,21 +188,45 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            where = (key_node.start_mark.line, key_node.start_mark.column)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.setdefault(key, where)
             except TypeError:  # an unhashable key: SafeLoader reports it below
                 continue
-            if first != key_node.start_mark.line + 1:
+            if first != where:   # positions, not lines: `{steps: 4, steps: 400000}` is one line
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first on line {first[0] + 1})", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of a composed YAML graph with every alias expanded (each shared node counted per use)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1            # a recursive alias counts once (SafeLoader refuses it later)
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
 
 
 def read_yaml(path) -> dict:
     """A YAML mapping from `path`; a missing file, a syntax error or a duplicate key is a UserError."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+            loader = _UniqueKeyLoader(fh)
+            try:
+                node = loader.get_single_node()       # the graph, aliases still shared: cheap to measure
+                if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+                    raise UserError(f"{path}: its YAML aliases expand to more than {MAX_YAML_NODES} values; "
+                                    "a study config needs a few hundred (write the values out)")
+                data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise UserError(f"{path}: no such config file") from None
     except UnicodeDecodeError as err:
@@ -425,6 +459,27 @@ def match_targets(cfg: dict, entry: dict) -> list[dict]:
         out.append({"label": e["label"], "method": e["method"], "steps": steps, "batch_size": merged["batch_size"],
                     "accumulate": merged["accumulate"], "options": e["options"]})
     return out
+
+
+def run_settings_hash(cfg: dict, entry: dict) -> str:
+    """Hash of everything one training run of `entry` (run_entries) depends on: the data, the size,
+    its recipe (the study's `train` with its own keys over it), its steps (or, FLOPs-matched, the runs
+    it is matched to) and its method options; not the other runs, not the evaluation. The workflow
+    re-runs a training job when it changes (its `settings` param); train.json records it
+    (`settings_hash`), so a result trained under another recipe is told apart from the study's."""
+    train = {k: v for k, v in cfg["train"].items() if k != "step_multiplier"}
+    picked = {
+        "data": cfg["data"],
+        "size": cfg["size"],
+        "train": {**train, **entry["train"]},
+        "steps": None if entry["match"] == "flops" else run_steps(cfg, entry),
+        "options": {**(cfg.get("methods") or {}).get(entry["method"], {}), **entry["options"]},
+    }
+    if entry["match"] == "flops":
+        picked["match"] = match_targets(cfg, entry)
+    if entry["label"] != entry["method"]:   # unlabelled runs keep the hash they always had
+        picked["run"] = {"label": entry["label"], "method": entry["method"]}
+    return config_hash(picked)
 
 
 def study_runs(cfg: dict) -> list[dict]:

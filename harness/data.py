@@ -662,6 +662,7 @@ def prepare(data_cfg: dict, out_dir, *, workers: int | None = None, progress: bo
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new one is written
+    forget_checks(out)
     if (out / shard_lib.SHARD_DIR).is_dir():  # the shards of an earlier storage: shards prepare
         shutil.rmtree(out / shard_lib.SHARD_DIR)
     tokenizer.save(out / TOKENIZER_DIR)
@@ -719,6 +720,8 @@ def load_manifest(data_dir) -> dict:
 
 def load_tokenizer(data_dir) -> TextTokenizer:
     _need(Path(data_dir) / TOKENIZER_DIR, "tokenizer directory")
+    if (Path(data_dir) / MANIFEST).exists():
+        check_files(data_dir)
     return TextTokenizer.load(Path(data_dir) / TOKENIZER_DIR)
 
 
@@ -729,6 +732,55 @@ def verify(data_dir) -> None:
         path = _need(Path(data_dir) / name, "data file")
         if _sha256(path) != digest:
             raise UserError(f"data file {path} does not match its manifest hash: run `prepare` again")
+
+
+#: data/<STAMP>: (size, mtime_ns, sha256) of every file checked against the manifest, so a file is
+#: hashed once per change, not once per job
+STAMP = ".verified.json"
+_CHECKED: set[str] = set()
+
+
+def forget_checks(data_dir) -> None:
+    """`prepare` rewrites a directory: its stamp and this process's check of it no longer hold."""
+    (Path(data_dir) / STAMP).unlink(missing_ok=True)
+    _CHECKED.discard(str(Path(data_dir).resolve()))
+
+
+def check_files(data_dir) -> None:
+    """Every data file of the manifest matches its sha256, before anything trains or is scored on it:
+    a damaged or rewritten file (a row edited with in-range ids, a changed shard-lengths file) is
+    named in one UserError line instead of silently changing the numbers. Cheap: once per process
+    and directory, and a file whose size and mtime match the stamp (data/.verified.json) is not
+    hashed again."""
+    key = str(Path(data_dir).resolve())
+    if key in _CHECKED:
+        return
+    manifest = load_manifest(data_dir)
+    stamp_path = Path(data_dir) / STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+    except (OSError, ValueError):
+        stamp = {}
+    fresh, changed = {}, False
+    for name, digest in sorted(manifest.get("files", {}).items()):
+        path = _need(Path(data_dir) / name, "data file")
+        st = path.stat()
+        seen = stamp.get(name)
+        if seen == [st.st_size, st.st_mtime_ns, digest]:
+            fresh[name] = seen
+            continue
+        if _sha256(path) != digest:
+            raise UserError(f"data file {path} does not match the sha256 its manifest records (changed or damaged "
+                            f"since `prepare`): prepare the data again")
+        fresh[name], changed = [st.st_size, st.st_mtime_ns, digest], True
+    if changed or set(fresh) != set(stamp):
+        try:
+            from harness.atomic import atomic_write_text
+
+            atomic_write_text(stamp_path, json.dumps(fresh, indent=0, sort_keys=True))
+        except OSError:
+            pass   # a read-only data directory: checked again next time, still correct
+    _CHECKED.add(key)
 
 
 class TokenData:
@@ -754,6 +806,9 @@ class TokenData:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{source} is not a prepared data file ({e}): run `prepare` again") from None
         self.tokens = tokens.long()
+        if self.tokens.numel() and (int(self.tokens.min()) < 0 or int(self.tokens.max()) >= self.vocab.size):
+            raise UserError(f"{source} holds token ids outside the vocabulary [0, {self.vocab.size}) "
+                            f"(min {int(self.tokens.min())}, max {int(self.tokens.max())}): run `prepare` again")
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
 
     def __len__(self) -> int:
@@ -925,6 +980,8 @@ def load_split(data_dir, split: str, layout: str) -> TokenData:
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     pt_path = Path(data_dir) / f"{split}.{layout}.pt"
+    if (Path(data_dir) / MANIFEST).exists():
+        check_files(data_dir)
     if not pt_path.exists() and (Path(data_dir) / MANIFEST).exists():
         manifest = load_manifest(data_dir)
         if manifest.get("storage") == "shards":

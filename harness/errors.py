@@ -5,6 +5,18 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing data): printed as one line, no traceback."""
 
 
+#: the seeds every command accepts (torch and numpy seed with 64 and 32 bits; a config's seeds too)
+SEED_MAX = 2**32 - 1
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or one UserError line naming the option and the range
+    (a command-line override passes the same checks as the config it overrides)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
 #: the environment variable naming a file descriptor open on the console (the workflow's jobs
 #: redirect stdout and stderr to their log; a full disk can leave that log empty)
 CONSOLE_FD_ENV = "DIDBENCH_CONSOLE_FD"

@@ -91,14 +91,27 @@ def draw(loaded, *, n: int, steps: int, seed: int = 0, top_p: float = 1.0, promp
     return rows, summary
 
 
+#: bounds of `sample`: more samples or steps than these are a typo, not a study (evaluate.samples has its own)
+MAX_SAMPLES = 100_000
+MAX_SAMPLE_STEPS = 100_000
+
+
 def run(args) -> int:
     """The `sample` subcommand (args from `add_arguments`)."""
     import os
 
+    from harness.errors import SEED_MAX, check_int
     from harness.evaluate.common import pick_device
     from harness.methods import UserError
     from harness.runs import load_run
 
+    check_int("--n", args.n, 1, MAX_SAMPLES)
+    check_int("--steps", args.steps, 1, MAX_SAMPLE_STEPS)
+    check_int("--seed", args.seed, 0, SEED_MAX)
+    if args.length is not None:
+        check_int("--length", args.length, 1, 1 << 20)
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not os.path.isdir(args.run):
         raise UserError(f"run directory {args.run} does not exist (a folder holding checkpoint.pt)")
     loaded = load_run(args.run, data_dir=args.data, device=pick_device(args.device), ema=not args.no_ema)
@@ -118,10 +131,10 @@ def run(args) -> int:
 
 def add_arguments(p) -> None:
     """The `sample` options on the argparse parser `p`."""
-    from harness.methods import available
+    from harness.methods import declared   # names only: building the help imports no method
 
     p.add_argument("--run", required=True, help="a trained run directory (holding checkpoint.pt), e.g. "
-                   f"results/default/runs/did-varlen-tiny-s0; any method ({', '.join(available())}), either layout")
+                   f"results/default/runs/did-varlen-tiny-s0; any method ({', '.join(declared())}), either layout")
     p.add_argument("--data", default=None, help="the prepared data directory with the run's tokenizer "
                    "(default: <run>/../../data)")
     p.add_argument("--n", type=int, default=4, help="number of samples (default: 4)")

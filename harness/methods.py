@@ -198,7 +198,8 @@ def _load_entry_point(ep: metadata.EntryPoint) -> type[Method]:
     """Import an entry point's object and register it under the entry point's name."""
     try:
         obj = ep.load()
-    except Exception as err:  # noqa: BLE001 (third-party code: any failure is the plugin's)
+    except BaseException as err:  # noqa: BLE001 (third-party code: even sys.exit / KeyboardInterrupt
+        # raised by an import is the plugin's failure, never a silent exit 0 of the command)
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(f"method {ep.name!r}: {_describe(ep)} failed to load: "
                         f"{type(err).__name__}{': ' + detail if detail else ''}") from None

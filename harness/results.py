@@ -27,7 +27,10 @@ Schema `didbench.result/1` (one JSON object per file)::
       "values":      {...}           # the metric values (keys per kind: docs/architecture.md)
     }
 
-Non-finite floats are stored as null (JSON has no NaN).
+Non-finite floats are stored as null (JSON has no NaN), and named in a top-level
+`"nonfinite": {"values.<path>": "inf" | "-inf" | "nan"}` (absent when every number is finite), so
+a reader restores them (harness.study) instead of taking null for "missing" and averaging it away.
+A labelled run (a `runs` entry with its own `label`) also carries `"label"`.
 """
 from __future__ import annotations
 
@@ -124,6 +127,22 @@ def provenance(config: dict, info: dict | None = None, device: Any = None) -> di
 
 
 # --- atomic writes ----------------------------------------------------------------------------
+def nonfinite_paths(obj: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted path: "inf" | "-inf" | "nan"} of every non-finite float in `obj` (lists by index)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(nonfinite_paths(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(nonfinite_paths(v, f"{prefix}[{i}]"))
+    elif hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        out.update(nonfinite_paths(obj.tolist(), prefix))
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        out[prefix] = "nan" if obj != obj else ("inf" if obj > 0 else "-inf")
+    return out
+
+
 def _finite(obj: Any) -> Any:
     """A JSON-safe copy: NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists."""
     if isinstance(obj, dict):
@@ -177,6 +196,9 @@ def write_result(path: str | os.PathLike, kind: str, header: dict, settings: dic
         obj["label"] = header["label"]
     obj["settings"] = portable_paths(settings)
     obj["values"] = values
+    bad = nonfinite_paths(values, "values")
+    if bad:
+        obj["nonfinite"] = bad
     obj = _finite(obj)
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
     return obj

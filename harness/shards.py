@@ -432,6 +432,7 @@ def prepare_shards(cfg: dict, out_dir, *, workers: int | None = None, show_progr
 
     out.mkdir(parents=True, exist_ok=True)
     (out / D.MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
+    D.forget_checks(out)
     progress = _read_progress(progress_path, chash)
     if progress is not None:
         bad = _files_intact(out, progress["tokenizer_files"]) or _files_intact(
@@ -557,6 +558,17 @@ def prepare_shards(cfg: dict, out_dir, *, workers: int | None = None, show_progr
     return _finish(cfg, out, progress, splits, chain, tokenizer, source)
 
 
+def _more_groups(corpus: dict) -> str:
+    """What gives this corpus more split groups (each corpus groups its documents its own way)."""
+    name = corpus.get("name")
+    if name == "text-files":
+        return "set data.corpus.group_by: document (every document its own group)"
+    if name == "hf":
+        return "set data.corpus.group_field: null (every document its own group)"
+    return (f"use data.storage pt (its {name} groups are dealt to the splits in order, at least one each)"
+            if name else "use data.storage pt")
+
+
 def _finish(cfg, out: Path, progress: dict, splits: dict, chain: str, tokenizer, source) -> dict:
     """Checks the pt path makes up front, then stale files out, then the manifest (last)."""
     from harness import data as D
@@ -568,7 +580,7 @@ def _finish(cfg, out: Path, progress: dict, splits: dict, chain: str, tokenizer,
         raise UserError(
             f"the {'/'.join(empty)} split is empty: with data.storage shards a group goes to test, valid or train "
             "by its hash alone (test_fraction, valid_fraction of the hash range), so a corpus of few groups can "
-            "leave a split empty: raise the fractions, add groups (e.g. group_by: document) or change data.seed")
+            f"leave a split empty: raise the fractions, change data.seed, or {_more_groups(cfg['corpus'])}")
     for s, state in splits.items():
         if state.fixed_rows == 0:
             raise UserError(

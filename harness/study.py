@@ -83,6 +83,8 @@ class Study:
     #: paper_*, paper_seq_len_ppl, documents, source, detokenizer; a missing set has its `reason`
     zeroshot: pd.DataFrame = field(default_factory=pd.DataFrame)
     problems: list[str] = field(default_factory=list)
+    #: runs the study's config lists that have no training summary (not trained, or deleted)
+    missing_runs: list[str] = field(default_factory=list)
 
 
 # --- small readers ---------------------------------------------------------------------------
@@ -153,6 +155,30 @@ def _identity(run_dir: Path, train: dict | None, result: dict | None) -> dict:
     for k in ID:
         ident.setdefault(k, None)
     return ident
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def restore_nonfinite(result: dict | None) -> list[str]:
+    """Put back the non-finite numbers a result file stored as null (its `nonfinite` map,
+    harness.results.nonfinite_paths), so inf stays inf and NaN is NaN, not "missing"; returns the
+    paths restored (the loader lists them as problems: a non-finite result is never averaged away)."""
+    if not isinstance(result, dict) or not isinstance(result.get("nonfinite"), dict):
+        return []
+    restored = []
+    for path, kind in result["nonfinite"].items():
+        parts = [int(i) if i else k for k, i in _PATH_PART.findall(str(path))]
+        node = result
+        try:
+            for part in parts[:-1]:
+                node = node[part]
+            if node[parts[-1]] is None:
+                node[parts[-1]] = {"inf": math.inf, "-inf": -math.inf}.get(kind, math.nan)
+                restored.append(str(path))
+        except (KeyError, IndexError, TypeError):
+            continue
+    return restored
 
 
 def _values(result: dict | None) -> dict:
@@ -534,8 +560,11 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     out["problems"] = problems
     out["length_pmf"] = []
     histories = []
+    expected = _expected_runs(config)
     for run_dir in run_dirs(study_dir):
         train = read_json(run_dir / "train.json", problems)
+        if expected is not None and not _belongs(run_dir, train, expected, config, problems):
+            continue
         base = _identity(run_dir, train, None)
         t = train or {}
         out["runs"].append({**base, **{k: t.get(k) for k in (
@@ -545,7 +574,13 @@ def load_study(study_dir, config: dict | None = None) -> Study:
         for kind in ALL_EVAL_FILES:
             result = read_json(run_dir / "eval" / f"{kind}.json", problems)
             if result is not None:
-                _load_eval(kind, _identity(run_dir, train, result), _values(result), out)
+                ident = _identity(run_dir, train, result)
+                bad = restore_nonfinite(result)
+                if bad:
+                    problems.append(f"{run_dir.name}: eval/{kind}.json has non-finite values ({', '.join(bad[:4])}"
+                                    f"{', ...' if len(bad) > 4 else ''}): its rows say so and are not averaged away")
+                    ident["nonfinite"] = True
+                _load_eval(kind, ident, _values(result), out)
         hist = read_history(run_dir / "history.csv", problems)
         if hist is not None and len(hist):
             for k in ID:
@@ -563,8 +598,37 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     for k, cols in (("cost_train", COST_TRAIN_COLS), ("cost_sample", COST_SAMPLE_COLS)):
         frames[k] = frames[k].reindex(columns=ID + cols)
     frames["history"] = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=ID)
+    trained = set(frames["runs"]["run"]) if len(frames["runs"]) and "run" in frames["runs"] else set()
+    missing = [n for n in (expected or {}) if n not in trained or not (study_dir / "runs" / n / "train.json").is_file()]
     return Study(root=study_dir, name=str(name), corpus=_corpus_name(study_dir, config, problems),
-                 problems=problems, length_pmf=out["length_pmf"], **frames)
+                 problems=problems, length_pmf=out["length_pmf"], missing_runs=missing, **frames)
+
+
+def _expected_runs(config: dict | None) -> dict | None:
+    """{run name: runs entry} of a full study config (None for a partial one: nothing to compare)."""
+    from harness.config import run_entries, study_runs
+
+    if not isinstance(config, dict) or not all(k in config for k in ("runs", "seeds", "size", "train", "data")):
+        return None
+    entries = {(e["label"], e["layout"]): e for e in run_entries(config)}
+    return {r["name"]: entries[(r["label"], r["layout"])] for r in study_runs(config)}
+
+
+def _belongs(run_dir: Path, train: dict | None, expected: dict, config: dict, problems: list) -> bool:
+    """Whether a run folder is one of the config's runs, trained under its recipe (train.json's
+    settings_hash, harness.config.run_settings_hash); otherwise it is left out of every table, and
+    the summary says why."""
+    from harness.config import run_settings_hash
+
+    if run_dir.name not in expected:
+        problems.append(f"runs/{run_dir.name}: not a run of this study's config (left out of the tables)")
+        return False
+    recorded = (train or {}).get("settings_hash")
+    if recorded is not None and recorded != run_settings_hash(config, expected[run_dir.name]):
+        problems.append(f"runs/{run_dir.name}: trained under another recipe than this config gives it "
+                        f"(settings {recorded}); left out of the tables: retrain it (snakemake re-runs it)")
+        return False
+    return True
 
 
 #: frames with one row per sampling-steps value

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
+from harness.atomic import atomic_write_text
 from harness.batch import Vocab
 from harness.methods import UserError
 
@@ -93,12 +93,8 @@ class TextTokenizer:
             "vocab": self.vocab.to_dict(),
             "special_names": {str(k): v for k, v in sorted(self.special_names.items())},
         }
-        tmp = d / (TOKENIZER_FILE + ".tmp")
-        self._tok.save(str(tmp))
-        os.replace(tmp, d / TOKENIZER_FILE)
-        tmp = d / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, d / META_FILE)
+        atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str())
+        atomic_write_text(d / META_FILE, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory) -> "TextTokenizer":

@@ -37,8 +37,10 @@ from harness import data as data_lib
 from harness import methods
 from harness.batch import Batch
 from harness.atomic import atomic_write, atomic_write_text  # noqa: F401 (re-exported)
+from harness.errors import SEED_MAX, check_int
 from harness.methods import UserError
 
+MAX_STEPS = 10**9  # the most optimizer steps a run may ask for (the schema's train.steps maximum)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; Snakemake retries the job, which resumes
 STATE_FILE = "resume/state.pt"  # the resumable state; not a Snakemake output, so never deleted on failure
 HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "clipped_fraction", "tokens", "tokens_per_s", "s_per_step",
@@ -361,12 +363,21 @@ def matched_steps(config: dict, entry: dict, model, train_data, settings: TrainS
 
 
 def check_data_fits(config: dict, layout: str, manifest: dict, data_dir) -> None:
-    """One-line UserError when the prepared data was cut at another length than the config says."""
+    """One-line UserError when the prepared data is not the data the config's `data` section names:
+    cut at another length, or prepared from another corpus, split or tokenizer (the manifest's
+    config_hash), so a run is never trained or scored on data its config does not describe."""
     key = "seq_len" if layout == "fixed" else "max_len"
     want, have = config["data"].get(key), manifest.get(key)
     if have is not None and want is not None and int(have) != int(want):
         raise UserError(f"data.{key} is {want} in the config but the data in {data_dir} was prepared with "
                         f"{key}={have}: prepare it again (or fix the config)")
+    prepared, wanted = manifest.get("config_hash"), data_lib.config_hash(config["data"])
+    if prepared is not None and prepared != wanted:
+        differ = sorted(k for k in set(manifest.get("config") or {}) | set(data_lib.hashed_config(config["data"]))
+                        if (manifest.get("config") or {}).get(k) != data_lib.hashed_config(config["data"]).get(k))
+        raise UserError(f"the data in {data_dir} was prepared from another data config than this study's "
+                        f"(differs in data.{', data.'.join(differ) or '?'}): prepare it again from this config, "
+                        "or point at the study's own data")
 
 
 def train(
@@ -401,11 +412,12 @@ def train(
 
 def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str, out_dir: str,
            steps: int | None, progress: bool, stop_after: int | None, holder: dict) -> dict:
-    from harness.config import config_hash, run_name
+    from harness.config import config_hash, run_name, run_settings_hash
     from harness.results import provenance
 
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 10**9):
-        raise UserError(f"--steps must be an integer from 1 to 1000000000, got {steps!r}")
+    if steps is not None:
+        check_int("--steps", steps, 1, MAX_STEPS)
+    check_int("--seed", seed, 0, SEED_MAX)
     entry = resolve_run(config, method_name, layout)
     method_name, label = entry["method"], entry["label"]
     settings = _settings(config, entry, steps)
@@ -475,6 +487,9 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
         "options": model.options,
         "params": sum(p.numel() for p in model.parameters()),
         "config_hash": config_hash(config),
+        # what the workflow and the study loader compare (a --steps override is part of it)
+        "settings_hash": run_settings_hash(config, entry if steps is None else
+                                           {**entry, "match": "steps", "train": {**entry["train"], "steps": steps}}),
         "world_size": ctx.world,
         "precision": "bf16" if use_bf16 else "float32",
         "data_hash": manifest.get("config_hash"),
@@ -660,6 +675,13 @@ def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str
         import yaml
 
         atomic_write_text(os.path.join(out_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+        # the run is final: its resumable state (optimizer moments, a second copy of the weights) has
+        # served its purpose, and a later re-run of the job is a new training anyway
+        for leftover in (state_path, os.path.dirname(state_path)):
+            try:
+                os.remove(leftover) if leftover == state_path else os.rmdir(leftover)
+            except OSError:
+                pass
     ctx.close()
     return summary
 

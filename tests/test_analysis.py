@@ -21,7 +21,7 @@ from analysis.figures import bench_figure, bench_plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLE_NAMES = ["ppl", "genppl", "mauve", "diversity", "lengths", "cost_train", "cost_sample", "jobs", "bound_gap",
-               "exact_samples", "summary"]
+               "training", "exact_samples", "summary"]
 FIGURE_NAMES = ["genppl_steps", "entropy_steps", "mauve_steps", "lengths", "train_loss", "validation", "cost",
                 "bound_gap_curves", "exact_steps", "length_cdf"]
 
@@ -195,7 +195,7 @@ def test_missing_and_broken_files_are_tolerated(tmp_path):
     files = analysis.main(study_dir, config)
     study = load_study(study_dir, config)
     assert any("mauve.json" in p for p in study.problems)
-    assert "Unreadable files" in (study_dir / "summary.md").read_text()
+    assert "Files left out, unreadable or non-finite" in (study_dir / "summary.md").read_text()
     ppl = (study_dir / "tables" / "ppl.md").read_text()
     assert "| did | varlen |" in ppl and "mdlm" not in ppl
     summary = (study_dir / "tables" / "summary.md").read_text()

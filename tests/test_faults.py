@@ -166,6 +166,19 @@ def reference(train_cfg, toy_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def reference_state(train_cfg, toy_data, tmp_path_factory) -> Path:
+    """The resume state of the reference run cut off at its first checkpoint (a finished training
+    removes its state: the run is final)."""
+    from harness.config import load_config
+    from harness.train import Preempted
+
+    out = tmp_path_factory.mktemp("reference_state") / "run"
+    with pytest.raises(Preempted):
+        train(load_config(train_cfg), "ar", "fixed", 0, str(toy_data), str(out), progress=False, stop_after=5)
+    return out / STATE_FILE
+
+
+@pytest.fixture(scope="module")
 def other_vocab_data(toy_config, tmp_path_factory) -> Path:
     """The toy corpus prepared with another vocabulary size."""
     from harness.data import prepare
@@ -259,18 +272,26 @@ def test_crash_inside_torch_save_keeps_the_previous_checkpoint(toy_config, toy_d
 def test_edited_config_never_resumes_a_stale_state(toy_config, toy_data, tmp_path):
     """Snakemake re-runs `train` when the config changes but keeps resume/state.pt: the new
     recipe must be trained from scratch, not finished off from the old recipe's state."""
+    from harness.train import Preempted
+
     out = tmp_path / "run"
-    train(_small_cfg(toy_config, steps=6, lr=1e-3), "ar", "fixed", 0, str(toy_data), str(out), progress=False)
+    with pytest.raises(Preempted):   # killed after its step-2 checkpoint: the state stays
+        train(_small_cfg(toy_config, steps=6, lr=1e-3), "ar", "fixed", 0, str(toy_data), str(out), progress=False,
+              stop_after=3)
     edited = _small_cfg(toy_config, steps=6, lr=3e-3)
     train(edited, "ar", "fixed", 0, str(toy_data), str(out), progress=False)
     train(edited, "ar", "fixed", 0, str(toy_data), str(tmp_path / "fresh"), progress=False)
     assert_same_weights(out, tmp_path / "fresh")
+    assert not (out / STATE_FILE).exists()    # a finished run keeps no resume state
     # cadence settings are not part of the recipe: changing them still resumes
-    state = load_checkpoint(str(out / STATE_FILE))
-    train(_small_cfg(toy_config, steps=6, lr=3e-3, log_every=3), "ar", "fixed", 0, str(toy_data), str(out),
-          progress=False)
-    assert load_checkpoint(str(out / STATE_FILE))["info"]["recipe"] == state["info"]["recipe"]
-    assert_same_weights(out, tmp_path / "fresh")
+    again = tmp_path / "again"
+    with pytest.raises(Preempted):
+        train(edited, "ar", "fixed", 0, str(toy_data), str(again), progress=False, stop_after=3)
+    state = load_checkpoint(str(again / STATE_FILE))
+    summary = train(_small_cfg(toy_config, steps=6, lr=3e-3, log_every=3), "ar", "fixed", 0, str(toy_data),
+                    str(again), progress=False)
+    assert summary["recipe"] == state["info"]["recipe"]
+    assert_same_weights(again, tmp_path / "fresh")
 
 
 # ============================================================================ 2. bad input: one clear line
@@ -365,7 +386,7 @@ def test_document_longer_than_context_is_truncated_and_counted(toy_config, tmp_p
     assert int(test.lengths.max()) == max_len
 
 
-def test_corrupted_checkpoint(train_cfg, toy_data, reference, tmp_path):
+def test_corrupted_checkpoint(train_cfg, toy_data, reference, reference_state, tmp_path):
     """A truncated checkpoint.pt (evaluate) or resume/state.pt (train): one line, no result."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -378,14 +399,14 @@ def test_corrupted_checkpoint(train_cfg, toy_data, reference, tmp_path):
 
     resumed = tmp_path / "resumed"
     (resumed / "resume").mkdir(parents=True)
-    state = (reference / STATE_FILE).read_bytes()
+    state = reference_state.read_bytes()
     (resumed / STATE_FILE).write_bytes(state[: len(state) // 2])
     proc = cli(*train_args(train_cfg, toy_data, resumed))
     one_error_line(proc, "state.pt is corrupted or unreadable", "delete it to start over")
     assert sorted(os.listdir(resumed)) == ["resume"] and (resumed / STATE_FILE).read_bytes() == state[: len(state) // 2]
 
 
-def test_mismatched_checkpoint(train_cfg, toy_data, reference, other_vocab_data, tmp_path):
+def test_mismatched_checkpoint(train_cfg, toy_data, reference, reference_state, other_vocab_data, tmp_path):
     """A run evaluated against data with another vocabulary, or a resume state of another
     method: one line naming the mismatch, nothing written."""
     out = tmp_path / "eval" / "ppl.json"
@@ -395,7 +416,7 @@ def test_mismatched_checkpoint(train_cfg, toy_data, reference, other_vocab_data,
 
     run = tmp_path / "mdlm"
     (run / "resume").mkdir(parents=True)
-    shutil.copy(reference / STATE_FILE, run / STATE_FILE)
+    shutil.copy(reference_state, run / STATE_FILE)
     proc = cli(*train_args(train_cfg, toy_data, run, method="mdlm"))
     one_error_line(proc, "does not match this run: method is 'ar' there, 'mdlm' here")
     assert not (run / "checkpoint.pt").exists()
@@ -781,12 +802,14 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "state"])
-def test_crafted_checkpoint_never_runs_code(which, train_cfg, toy_data, reference, tmp_path):
+def test_crafted_checkpoint_never_runs_code(which, train_cfg, toy_data, reference, reference_state, tmp_path):
     """(1) A checkpoint.pt (evaluate) or resume/state.pt (train) whose pickle would run code: it is
     refused with one line, and the code never runs (no marker file)."""
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     shutil.copytree(reference, run)
+    (run / "resume").mkdir(exist_ok=True)
+    shutil.copy(reference_state, run / STATE_FILE)
     good = load_checkpoint(str(run / ("checkpoint.pt" if which == "checkpoint" else STATE_FILE)))
     torch.save({**good, "config" if which == "checkpoint" else "history": _RunsCode(marker)},
                run / ("checkpoint.pt" if which == "checkpoint" else STATE_FILE))

@@ -18,7 +18,7 @@ import torch
 from harness import shards as shard_lib
 from harness.config import config_hash as study_hash
 from harness.config import load_config
-from harness.data import (
+from harness.data import (STAMP, 
     ShardedTokenData,
     TokenData,
     batch_indices,
@@ -330,7 +330,7 @@ def test_pt_and_shards_replace_each_other(both, tmp_path):
     m = prepare({**cfg, "storage": SHARDS}, out)
     assert not list(out.glob("*.pt")) and isinstance(load_split(out, "test", "varlen"), ShardedTokenData)
     assert set(m["files"]) == {str(p.relative_to(out)) for p in out.rglob("*.*")
-                               if p.name not in ("manifest.json", "progress.json")}
+                               if p.name not in ("manifest.json", "progress.json", STAMP)}
 
 
 def test_sharded_user_errors(both, tmp_path):
@@ -341,9 +341,8 @@ def test_sharded_user_errors(both, tmp_path):
     (out / shard["file"]).write_bytes(b"garbage")
     with pytest.raises(UserError, match="manifest hash"):
         verify(out)
-    valid = load_split(out, "valid", "varlen")
-    with pytest.raises(UserError, match=f"{shard['file']} is corrupt.*prepare"):
-        valid.batch(range(len(valid)))
+    with pytest.raises(UserError, match=f"{shard['file']} does not match the sha256 .*prepare"):   # before any use
+        load_split(out, "valid", "varlen")
     (out / "shards" / "test.fixed.00000.npy").unlink()
     with pytest.raises(UserError, match="test.fixed.00000.npy is missing: run `python -m harness prepare`"):
         load_split(out, "test", "fixed")

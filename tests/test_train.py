@@ -161,8 +161,9 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(toy_config, toy_dat
 
 
 def test_mismatched_checkpoint_is_one_clear_error(toy_config, toy_data, tmp_path):
-    cfg = _cfg(toy_config, steps=2)
-    train(cfg, "toy-test", "fixed", 0, str(toy_data), str(tmp_path), progress=False)
+    cfg = _cfg(toy_config, steps=4, checkpoint_every=2)
+    with pytest.raises(Preempted):   # stopped after its first checkpoint (a finished run keeps no state)
+        train(cfg, "toy-test", "fixed", 0, str(toy_data), str(tmp_path), progress=False, stop_after=3)
     state = load_checkpoint(str(tmp_path / "resume" / "state.pt"))
     with pytest.raises(UserError, match="layout"):
         load_checkpoint(str(tmp_path / "resume" / "state.pt"), expect={**state["info"], "layout": "varlen"})

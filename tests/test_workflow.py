@@ -25,7 +25,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 STUDIES = {  # config file -> expected training jobs (stories: tests/test_paper_configs.py plans it under
     "config/default.yaml": 9,         # the SLURM profile; the micro study runs whole in tests/test_e2e.py)
     "config/owt-small.yaml": 5,
-    "config/shakespeare-long.yaml": 4,   # DID-S, DID-F (match: flops), MDLM, AR
+    "config/shakespeare-long.yaml": 7,   # DID-S, DID-F (match: flops), MDLM, AR + 3 untrained references
 }
 
 
@@ -133,8 +133,12 @@ def test_config_hash_and_run_name():
 def test_study_runs_apply_step_multiplier():
     cfg = load_config(REPO / "config/owt-small.yaml")
     runs = {r["name"]: r for r in study_runs(cfg)}
-    assert set(runs) == {"did-fixed-fixed-small-s0", "radd-fixed-small-s0", "mdlm-fixed-small-s0", "ar-fixed-small-s0"}
-    assert runs["did-fixed-fixed-small-s0"]["steps"] == 2 * runs["radd-fixed-small-s0"]["steps"] == 800000
+    assert set(runs) == {"did-fixed-fixed-small-s0", "did-fixed-F-fixed-small-s0", "radd-fixed-small-s0",
+                         "mdlm-fixed-small-s0", "ar-fixed-small-s0"}
+    assert runs["did-fixed-fixed-small-s0"]["steps"] == runs["radd-fixed-small-s0"]["steps"] == 400000
+    assert runs["did-fixed-F-fixed-small-s0"]["steps"] is None       # FLOPs-matched: its training job computes them
+    cfg["train"]["step_multiplier"] = {"did-fixed": 2}                # the multiplier still works where given
+    assert {r["name"]: r["steps"] for r in study_runs(cfg)}["did-fixed-fixed-small-s0"] == 800000
 
 
 def test_schema_works_with_snakemake_validate():

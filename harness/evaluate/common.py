@@ -124,8 +124,16 @@ def pick_device(name: str | None = "auto") -> str:
 
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(str(name))
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {name!r} is not a device: cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r}: didbench runs on cpu or cuda (or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return str(name)
 
 

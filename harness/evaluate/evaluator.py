@@ -26,11 +26,11 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from harness.atomic import atomic_directory
 from harness.methods import UserError
 
 MARKER = "didbench_evaluator.json"
@@ -181,22 +181,18 @@ def build_cache(name: str, out_dir: str | os.PathLike | None = None, allow_downl
     else:
         model, tok = _load_plain(name, allow_download)
         source, bos_token = name, None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    meta = {"name": name, "source": source, "bos_token": bos_token, "versions": versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        meta = {"name": name, "source": source, "bos_token": bos_token, "versions": versions(),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         (tmp / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)  # an incomplete earlier attempt (no marker)
-        os.replace(tmp, out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the evaluator cache {out}: {err.strerror or err}") from None
-    return out
+
+    try:   # an incomplete earlier attempt (no marker) is replaced
+        return atomic_directory(out, fill)
+    except UserError as err:
+        raise UserError(f"the evaluator cache: {err}") from None
 
 
 def load_evaluator(name: str, cache_dir: str | os.PathLike | None = None, device="cpu",

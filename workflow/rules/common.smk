@@ -43,7 +43,7 @@ shell.prefix(
     + ":$PATH; "
 )
 
-from harness.config import config_hash, load_config, match_targets, read_yaml, run_entry, schema, study_runs
+from harness.config import config_hash, load_config, read_yaml, run_entry, run_settings_hash, schema, study_runs
 from harness.errors import UserError
 
 
@@ -147,23 +147,9 @@ def settings_hash(*sections):
 
 
 def train_settings(wildcards):
-    """Hash of everything one training run depends on (not the other runs, not evaluation;
-    a FLOPs-matched run depends on what it is matched to)."""
+    """Hash of everything one training run depends on (harness.config.run_settings_hash)."""
     run = RUNS[wildcards.run]
-    entry = run_entry(CFG, run["label"], run["layout"])
-    train = {k: v for k, v in CFG["train"].items() if k != "step_multiplier"}
-    picked = {
-        "data": CFG["data"],
-        "size": CFG["size"],
-        "train": {**train, **entry["train"]},
-        "steps": run["steps"],
-        "options": {**CFG["methods"].get(run["method"], {}), **entry["options"]},
-    }
-    if run["match"] == "flops":
-        picked["match"] = match_targets(CFG, entry)
-    if run["label"] != run["method"]:   # unlabelled runs keep the hash they always had
-        picked["run"] = {"label": run["label"], "method": run["method"]}
-    return config_hash(picked)
+    return run_settings_hash(CFG, run_entry(CFG, run["label"], run["layout"]))
 
 
 # --- per-run lookups ---------------------------------------------------------------------
