@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harness.study import Study, load_study
 from analysis.figures import all_figures, bench_figure
-from analysis.sweep import sweep_table
+from analysis.sweep import sweep_figure, sweep_table
 from analysis.training import training_table
 from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary
 from analysis.tables import Table, all_tables, atomic_write_text, summary_table, to_markdown, write_table
@@ -122,5 +122,7 @@ def main(study_dir, config: dict | None = None) -> list[Path]:
     for table in tables + [headline(study, config)]:
         files += write_table(table, study_dir / "tables")
     files += all_figures(study, config, study_dir / "figures") + synthetic_figures(study, config, study_dir / "figures")
+    if (config or {}).get("sweep"):
+        files.append(sweep_figure(study, config, study_dir / "figures" / "sweep.png"))
     files.append(write_summary(study, config, study_dir / "summary.md", files))
     return files

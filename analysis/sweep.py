@@ -77,3 +77,45 @@ def sweep_table(study: Study, config: dict | None) -> Table:
         "Median - best / worst - best: how much the method loses at the grid's median / worst point, its "
         "sensitivity to the learning rate and batch (nats/token). A small value is what \"no tuning needed\" "
         "means; compare it between methods."])
+
+
+def sweep_figure(study: Study, config: dict | None, path):
+    """Per method, the validation curve of every grid point against the training sequences seen
+    (steps x batch: the grid's common budget), colour by learning rate, line style by batch."""
+    from matplotlib import colormaps
+
+    from analysis import figures as F
+
+    h = study.history
+    runs = study.runs
+    title = "Sweep: validation bound vs training sequences (colour: learning rate; solid: batch 32, dashed: 128)"
+    if h.empty or runs.empty or "valid_nats_per_token" not in h.columns or "lr" not in runs.columns:
+        return F.placeholder(path, "Sweep", "no sweep in this study")
+    facts = runs.set_index("run")[["base_method", "lr", "batch_size"]]
+    v = h.dropna(subset=["valid_nats_per_token"]).join(facts, on="run", rsuffix="_run")
+    v = v.dropna(subset=["lr", "batch_size"])
+    v["sequences"] = v["step"].astype(float) * v["batch_size"].astype(float)
+    methods = sorted(v["base_method"].dropna().unique())
+    lrs = sorted(v["lr"].unique())
+    batches = sorted(v["batch_size"].unique())
+    cmap = colormaps["viridis"]
+    color = {lr: cmap(i / max(1, len(lrs) - 1)) for i, lr in enumerate(lrs)}
+    styles = ["-", "--", ":", "-."]
+
+    @F.styled
+    def draw():
+        fig, axes = F._new(len(methods), title, width=4.6, sharey=True)
+        for ax, m in zip(axes, methods):
+            for (lr, b), g in v[v["base_method"] == m].groupby(["lr", "batch_size"]):
+                g = g.sort_values("sequences")
+                ax.plot(g["sequences"], g["valid_nats_per_token"], color=color[lr],
+                        ls=styles[batches.index(b) % len(styles)], marker="o", ms=2.5, label=f"lr {lr:g}, b {int(b)}")
+            ax.set_title(m, fontsize=11)
+            ax.set_xlabel("training sequences")
+        axes[0].set_ylabel("strict validation bound (nats/token)")
+        axes[-1].legend(fontsize=7, ncol=2)
+        lo = float(v["valid_nats_per_token"].min())
+        axes[0].set_ylim(lo - 0.02, min(float(v["valid_nats_per_token"].quantile(0.9)) + 0.1, lo + 0.8))
+        return F.save_figure(fig, path)
+
+    return draw()

@@ -265,9 +265,14 @@ def test_synthetic_study_plans_exact_metrics_not_the_evaluator(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout + result.stderr)
     cfg = load_config(REPO / "config/synthetic.yaml")
-    n_runs = len(cfg["runs"]) * len(cfg["seeds"])
+    runs = study_runs(cfg)
+    n_runs = len(runs)
+    trained = [r for r in runs if r["steps"] != 0]
     assert len(cfg["seeds"]) >= 3 and counts["train"] == n_runs
-    assert counts["eval_exact"] == n_runs and counts["eval_ppl"] == n_runs and counts["cost"] == 2
+    assert {r["label"] for r in trained} == {"did", "did-F", "mdlm", "ilm", "ar"}          # DID-S and DID-F
+    assert all(sum(r["label"] == lab for r in trained) >= 3 for lab in ("did", "did-F", "mdlm", "ilm", "ar"))
+    assert counts["eval_exact"] == n_runs and counts["eval_ppl"] == n_runs
+    assert counts["cost"] == len({r["layout"] for r in runs})
     for rule in ("eval_genppl", "eval_mauve", "evaluator_cache"):
         assert rule not in counts, rule
 
