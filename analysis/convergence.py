@@ -131,3 +131,11 @@ def _base(runs: pd.DataFrame, label: str, layout: str):
         return label
     b = hit.iloc[0].get("base_method")
     return b if isinstance(b, str) else label
+
+
+def untrained_labels(study: Study) -> set[str]:
+    """The rows (labels) that are untrained reference runs (0 steps): figures draw them as levels."""
+    runs = study.runs
+    if runs.empty or "steps" not in runs.columns:
+        return set()
+    return set(runs.loc[runs["steps"] == 0, "method"].astype(str))

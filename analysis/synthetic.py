@@ -445,6 +445,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
                                   keep=("stderr", "invalid_ci95_lo", "invalid_ci95_hi")), config)
         layouts = F._layouts(agg)
         colors = F.study_colors(study)
+        untrained = convergence.untrained_labels(study)
         fig = F.Figure(figsize=(6.2 * len(layouts), 8.2), layout="constrained")
         fig.suptitle(title, fontsize=12, fontweight="bold")
         for j, layout in enumerate(layouts):
@@ -454,6 +455,8 @@ def exact_steps_figure(study: Study, config: dict | None, path):
                 g = g.sort_values("steps")
                 kw = dict(color=colors[str(m)], ls=F.LINESTYLE.get(lay, "-"), marker=F.MARKER.get(lay, "o"),
                           capsize=3, label=str(m))
+                if str(m) in untrained:   # a reference level, not a competitor
+                    kw.update(color="0.6", ls=":", marker="x", label=f"{m} (untrained)")
                 several = g["n_seeds"].max() > 1
                 err_n = g["nats_per_token_sd"] if several else 1.96 * g["stderr"]
                 ax_n.errorbar(g["steps"], g["nats_per_token"], yerr=err_n.fillna(0).to_numpy(float), **kw)
@@ -503,6 +506,8 @@ def length_cdf_figure(study: Study, config: dict | None, path):
         for ax, k in zip(axes, shown):
             ax.step(np.arange(law.size), law, where="post", color="0.1", lw=2.2, label="exact law")
             for (m, lay, size), g in sort_rows(p[p["steps"] == k], config).groupby(GROUP, sort=False):
+                if str(m) in convergence.untrained_labels(study):
+                    continue   # an untrained network's lengths only say where its sampler stops
                 x = np.sort(g["length"].to_numpy(float))
                 ax.step(np.r_[0, x], np.r_[0, np.arange(1, x.size + 1) / x.size], where="post", color=colors[str(m)],
                         lw=1.4, label=f"{m} (n={x.size})")

@@ -268,8 +268,10 @@ def test_empty_split_hint_fits_the_corpus():
 
 
 def test_weights_only_everywhere():
-    """No torch.load in the project may unpickle code (`weights_only=False`)."""
+    """No torch.load in the project may unpickle code (weights_only off); spelled in two pieces so
+    that `grep -rn` for it over the repository stays empty, this file included."""
     repo = Path(__file__).resolve().parent.parent
-    hits = [p for d in ("harness", "did", "baselines", "analysis", "scripts") for p in (repo / d).rglob("*.py")
-            if "weights_only=False" in p.read_text()]
+    needle = "weights_only=" + "False"
+    hits = [p for d in ("harness", "did", "baselines", "analysis", "scripts", "tests") for p in (repo / d).rglob("*.py")
+            if needle in p.read_text()]
     assert hits == []
