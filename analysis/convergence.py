@@ -10,8 +10,9 @@ matching, so every table says, per row:
   baselines themselves;
 * **Plateau**: from the validation curve (history.csv, the strict bound of the EMA weights on the
   same rows at every point): the bound's improvement over the last quarter of training,
-  v(step <= 3T/4) - v(T). Below PLATEAU_NATS nats/token the run has plateaued ("yes"); otherwise
-  "no" (not converged: the run says nothing final about its method). A row of several seeds has
+  v(step <= 3T/4) - v(T). Below PLATEAU_NATS nats/token the run has plateaued ("yes"; "yes, rising"
+  when the bound got worse by more than that: converged at this learning rate, or overfitting);
+  otherwise "no" (not converged: the run says nothing final about its method). A row of several seeds has
   plateaued only if every seed has. A run without a curve cannot say ("–"); an untrained
   reference run (0 steps) is "untrained".
 """
@@ -74,6 +75,8 @@ def _plateau_text(group: pd.DataFrame) -> str:
         return "–"
     worst = float(known["improvement"].max())
     ok = bool((known["plateau"] == True).all()) and len(known) == len(group)  # noqa: E712
+    if ok and float(known["improvement"].min()) < -PLATEAU_NATS:   # flat or worse: a bound that rose
+        return f"yes, rising ({float(known['improvement'].min()):+.3f})"
     return f"yes ({worst:+.3f})" if ok else f"no ({worst:+.3f})"
 
 

@@ -844,11 +844,22 @@ def summary_table(study: Study, config: dict | None) -> Table:
         return f"{fmt(r[col])}{ci}" + (f" {MARK}" if r[flag] is True else "")
 
     facts = facts_of(study, config)
+    # each trained row's gen PPL next to its method's untrained network's (a 0-step reference run)
+    init_of = {(f["base_method"], f["layout"], f["size"]): f["method"] for f in facts.to_dict("records")
+               if f["untrained"] is True}
+    base_of = {tuple(f[k] for k in GROUP): f["base_method"] for f in facts.to_dict("records")}
+    gen_of = {tuple(r[k] for k in GROUP): r["gen_ppl"] for r in recs}
+
+    def gen_cell(r):
+        text = ci_cell(r, "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant")
+        init = init_of.get((base_of.get(_key(r)), r["layout"], r["size"]))
+        level = gen_of.get((init, r["layout"], r["size"])) if init and init != r["method"] else None
+        return text + (f" (init {fmt(level)})" if level is not None and not missing(level) and text != DASH else "")
+
     disp = _disp(t, {**_ident_display(t, facts=facts),
                      "PPL bound (strict) [95%]": [bound_cell(r) for r in recs],
                      "PPL, paper conv.": _f(t, "paper_ppl"),
-                     f"Gen PPL @{fmt(s_gen, 'int')} [95%]": [ci_cell(r, "gen_ppl", "ci95_lo", "ci95_hi",
-                                                                     "gen_ppl_significant") for r in recs],
+                     f"Gen PPL @{fmt(s_gen, 'int')} [95%]": [gen_cell(r) for r in recs],
                      f"Entropy @{fmt(s_gen, 'int')} [95%]": [ci_cell(r, "entropy_nats", "entropy_ci95_lo",
                                                                      "entropy_ci95_hi", "entropy_significant")
                                                              for r in recs],

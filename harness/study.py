@@ -605,12 +605,18 @@ def load_study(study_dir, config: dict | None = None) -> Study:
 
 
 def _expected_runs(config: dict | None) -> dict | None:
-    """{run name: runs entry} of a full study config (None for a partial one: nothing to compare)."""
-    from harness.config import run_entries, study_runs
+    """{run name: runs entry} of a study config (validated and default-filled here: the analysis may
+    read a raw YAML); None for a partial or invalid one (nothing to compare). The entries carry the
+    filled config as `config` for run_settings_hash."""
+    from harness.config import load_config, run_entries, study_runs
 
-    if not isinstance(config, dict) or not all(k in config for k in ("runs", "seeds", "size", "train", "data")):
+    if not isinstance(config, dict) or not all(k in config for k in ("runs", "data")):
         return None
-    entries = {(e["label"], e["layout"]): e for e in run_entries(config)}
+    try:
+        config = load_config(config)
+    except UserError:
+        return None
+    entries = {(e["label"], e["layout"]): {**e, "config": config} for e in run_entries(config)}
     return {r["name"]: entries[(r["label"], r["layout"])] for r in study_runs(config)}
 
 
@@ -623,8 +629,9 @@ def _belongs(run_dir: Path, train: dict | None, expected: dict, config: dict, pr
     if run_dir.name not in expected:
         problems.append(f"runs/{run_dir.name}: not a run of this study's config (left out of the tables)")
         return False
+    entry = expected[run_dir.name]
     recorded = (train or {}).get("settings_hash")
-    if recorded is not None and recorded != run_settings_hash(config, expected[run_dir.name]):
+    if recorded is not None and recorded != run_settings_hash(entry["config"], entry):
         problems.append(f"runs/{run_dir.name}: trained under another recipe than this config gives it "
                         f"(settings {recorded}); left out of the tables: retrain it (snakemake re-runs it)")
         return False
