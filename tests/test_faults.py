@@ -832,7 +832,9 @@ def test_every_path_in_a_rule_is_shell_quoted(tmp_path):
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         for cmd in re.findall(r'shell:\s*\n((?:\s*"[^\n]*"\n)+)', smk.read_text()):
             for field in re.findall(r"\{([^{}]+)\}", cmd):
-                assert field.endswith(":q") or field in ("threads", "params.launcher"), (smk.name, field)
+                # params.steps: `--steps N` or nothing, built from an integer (common.smk: steps_option)
+                assert field.endswith(":q") or field in ("threads", "params.launcher", "params.steps"), \
+                    (smk.name, field)
     marker = tmp_path / "MARK"
     hostile = f"{tmp_path}/ev dir/$(touch {marker}) --bogus"
     work = tmp_path / "w"
