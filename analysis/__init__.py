@@ -22,10 +22,17 @@ def is_synthetic(study: Study) -> bool:
     return len(study.bound_gap) > 0 or study.corpus == "synthetic"
 
 
+#: the Study frames that hold evaluation results (what a headline table compares)
+EVALUATIONS = ("ppl", "genppl", "mauve", "diversity", "lengths", "samples", "exact", "bound_gap", "speed_sample")
+
+
 def headline(study: Study, config: dict | None) -> Table:
-    """The summary's table: a sweep's grid, a synthetic study's exact metrics, else the headline."""
+    """The summary's table: a sweep's grid, a synthetic study's exact metrics, else the headline;
+    a study whose runs were trained but never evaluated (a recipe study) shows how they trained."""
     if (config or {}).get("sweep"):
         return sweep_table(study, config)
+    if len(study.runs) and not any(len(getattr(study, kind)) for kind in EVALUATIONS):
+        return training_table(study, config)
     return synthetic_summary(study, config) if is_synthetic(study) else summary_table(study, config)
 
 
@@ -65,6 +72,8 @@ def significance_line(table: Table) -> str:
     Columns `<what>[_<steps>][_flops]_significant` (`_flops`: against the FLOPs-matched DID-F; a
     synthetic headline only marks what both rows' convergence allows, see analysis.synthetic)."""
     d = table.data
+    if not any(c.endswith("_significant") for c in d.columns):
+        return "*No significance test in this table (no evaluation compares the rows).*"
     hits = []
     for col in [c for c in d.columns if c.endswith("_significant")]:
         flops = "_flops_" in col

@@ -212,6 +212,17 @@ def test_missing_and_broken_files_are_tolerated(tmp_path):
     assert "No results" in (empty / "tables" / "ppl.md").read_text()
 
 
+def test_trained_but_unevaluated_study_heads_its_summary_with_the_training_table(tmp_path):
+    """A recipe study trains and never evaluates: its summary shows how the runs trained, not an empty table."""
+    runs = [("did", "varlen", 0), ("mdlm", "varlen", 0)]
+    everything = {"ppl", "genppl", "mauve", "diversity", "lengths", "speed", "samples"}
+    study_dir, config, _ = make_fake_study(tmp_path, runs=runs, missing={run_name(*r): everything for r in runs})
+    study = load_study(study_dir, config)
+    table = analysis.headline(study, config)
+    assert "How each row was trained" in table.title and set(table.data["method"]) == {"did", "mdlm"}
+    assert "No significance test" in analysis.significance_line(table)
+
+
 def test_validation_figure_three_panels_one_line_per_run(full, tmp_path, monkeypatch):
     """Strict bound vs step, wall-clock and training FLOPs (log x) for the runs whose history has the
     validation columns; a study whose histories have none gets a placeholder saying why."""
