@@ -22,9 +22,8 @@ from harness.methods import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-STUDIES = {  # config file -> expected training jobs (stories: tests/test_paper_configs.py plans it under
-    "config/default.yaml": 9,         # the SLURM profile; the micro study runs whole in tests/test_e2e.py)
-    "config/owt-small.yaml": 5,
+STUDIES = {  # config file -> expected training jobs (owt-small and stories: tests/test_paper_configs.py plans
+    "config/default.yaml": 9,         # them under the SLURM profile; the micro study runs whole in tests/test_e2e.py)
     "config/shakespeare-long.yaml": 7,   # DID-S, DID-F (match: flops), MDLM, AR + 3 untrained references
 }
 
