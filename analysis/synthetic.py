@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import stats
 from analysis import convergence
-from analysis.tables import (DASH, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
+from analysis.tables import (DASH, FMARK, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
                              _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, facts_of, fmt,
                              lowest_seed_samples, missing, pm, reference_methods, sort_rows, with_facts)
 from harness.study import Study
@@ -359,8 +359,6 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
         "Reference (\"DID\") per layout: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(ref.items()))
         + ("; DID-F: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(fref.items())) if fref else "") + "."])
 
-
-FMARK = "‡"
 
 
 __all__ = ["bound_gap_table", "exact_samples_table", "synthetic_summary", "ci_text"]

@@ -116,10 +116,13 @@ def aggregate(df: pd.DataFrame, keys: list[str], cols: list[str], keep: tuple[st
 
 
 def sort_rows(df: pd.DataFrame, config: dict | None) -> pd.DataFrame:
-    """Rows in the config's `runs` order (method, layout); data rows last in their layout."""
+    """Rows in the config's `runs` order (label, layout); untrained reference runs (`train: {steps:
+    0}`) after the trained rows of their layout, data rows last."""
     if df.empty:
         return df
-    order = [(r.get("method"), r.get("layout")) for r in (config or {}).get("runs") or [] if isinstance(r, dict)]
+    entries = [r for r in (config or {}).get("runs") or [] if isinstance(r, dict)]
+    order = [(r.get("label") or r.get("method"), r.get("layout")) for r in entries]
+    untrained = {k for k, r in zip(order, entries) if isinstance(r.get("train"), dict) and r["train"].get("steps") == 0}
     layouts = list(dict.fromkeys([lay for _, lay in order] + sorted(df["layout"].dropna().astype(str).unique())))
     rank = {k: i for i, k in enumerate(order)}
 
@@ -127,7 +130,7 @@ def sort_rows(df: pd.DataFrame, config: dict | None) -> pd.DataFrame:
         method, layout = row.get("method"), row.get("layout")
         is_data = method == "data"
         return (layouts.index(layout) if layout in layouts else len(layouts), is_data,
-                rank.get((method, layout), len(rank)), str(method), str(row.get("size")),
+                (method, layout) in untrained, rank.get((method, layout), len(rank)), str(method), str(row.get("size")),
                 row.get("steps", 0) if not missing(row.get("steps", 0)) else 0)
 
     keys = [key(r) for r in df.to_dict("records")]
@@ -231,6 +234,7 @@ def _steps_cols(cols: list[str]) -> list[str]:
 
 # --- the tables -----------------------------------------------------------------------------------
 MARK = "†"
+FMARK = "‡"   # differs from DID-F (the FLOPs-matched DID row)
 Z95 = stats.Z95
 MARK_NOTE = (f"{MARK}: differs from the reference (DID) row at 95%: paired over the same test sequences for "
              "bounds, a two-sample bootstrap over samples for gen PPL and entropy, Welch's t over seeds "
@@ -387,9 +391,16 @@ def genppl_table(study: Study, config: dict | None) -> Table:
     rows["gen_ppl_significant"] = [d["log_gen_ppl"].significant if d.get("log_gen_ppl") else None for d in diffs]
     rows["entropy_diff_vs_ref"] = [d["entropy_nats"].estimate if d.get("entropy_nats") else np.nan for d in diffs]
     rows["entropy_significant"] = [d["entropy_nats"].significant if d.get("entropy_nats") else None for d in diffs]
+    fref = convergence.flops_reference(study, ref)     # and against DID-F, where the study has one
+    diffs_f = [sample_differences(study, _key(r), _ref_key(r, fref), r["steps"])
+               if r["method"] != "data" and _ref_key(r, fref) else {} for r in recs]
+    rows["gen_ppl_ratio_vs_flops_ref"] = [np.exp(d["log_gen_ppl"].estimate) if d.get("log_gen_ppl") else np.nan
+                                          for d in diffs_f]
+    rows["gen_ppl_flops_significant"] = [d["log_gen_ppl"].significant if d.get("log_gen_ppl") else None for d in diffs_f]
     facts = facts_of(study, config)
     data = with_facts(rows[["method", "layout", "size", "steps", "n_seeds", "gen_ppl", "gen_ppl_sd", "ci95_lo", "ci95_hi",
-                            "gen_ppl_ratio_vs_ref", "gen_ppl_significant", "gen_ppl_mean_per_sample", "entropy_nats",
+                            "gen_ppl_ratio_vs_ref", "gen_ppl_significant", "gen_ppl_ratio_vs_flops_ref",
+                            "gen_ppl_flops_significant", "gen_ppl_mean_per_sample", "entropy_nats",
                             "entropy_nats_sd", "entropy_ci95_lo", "entropy_ci95_hi", "entropy_diff_vs_ref",
                             "entropy_significant", "entropy_bits", "lm_gen_ppl", "lm_ci95_lo", "lm_ci95_hi",
                             "lm_entropy_nats", "lm_n_short", "n"]], facts)
@@ -816,8 +827,9 @@ def summary_table(study: Study, config: dict | None) -> Table:
         return _ensure(frame, cols)[GROUP + cols] if len(frame) else pd.DataFrame(columns=GROUP + cols)
 
     parts = [pick(ppl, ["nats_per_token", "nats_per_token_err", "ppl", "diff_vs_ref", "diff_significant",
-                        "paper_ppl"]),
-             pick(gen, ["gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "entropy_nats", "entropy_ci95_lo",
+                        "diff_vs_flops_ref", "diff_flops_significant", "paper_ppl"]),
+             pick(gen, ["gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "gen_ppl_flops_significant",
+                        "entropy_nats", "entropy_ci95_lo",
                         "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats"], s_gen),
              pick(mau, ["mauve", "mauve_sd", "reason"], s_mau),
              pick(train, ["tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max", "source"])
@@ -828,6 +840,18 @@ def summary_table(study: Study, config: dict | None) -> Table:
     t = t.assign(gen_ppl_steps=s_gen, mauve_steps=s_mau, s_per_sample_steps=s_cost)
     recs = t.to_dict("records")
 
+    facts = facts_of(study, config)
+    # untrained reference rows are levels to read the others against: never marked, never a verdict
+    reference_rows = {tuple(f[k] for k in GROUP) for f in facts.to_dict("records") if f["untrained"] is True}
+    for col in ("diff_significant", "diff_flops_significant", "gen_ppl_significant", "gen_ppl_flops_significant",
+                "entropy_significant"):
+        t[col] = [None if _key(r) in reference_rows else r[col] for r in recs]
+    recs = t.to_dict("records")
+
+    def marks(r, flag, flops_flag=None):
+        return ((f" {MARK}" if r[flag] is True else "")
+                + (f" {FMARK}" if flops_flag and r.get(flops_flag) is True else ""))
+
     def bound_cell(r):
         if missing(r["nats_per_token"]):
             return DASH
@@ -835,15 +859,14 @@ def summary_table(study: Study, config: dict | None) -> Table:
         if not missing(r["nats_per_token_err"]):
             lo, hi = (math.exp(min(r["nats_per_token"] + z * r["nats_per_token_err"], 700)) for z in (-Z95, Z95))
             text += f" [{fmt(lo)}, {fmt(hi)}]"
-        return text + (f" {MARK}" if r["diff_significant"] is True else "")
+        return text + marks(r, "diff_significant", "diff_flops_significant")
 
-    def ci_cell(r, col, lo, hi, flag):
+    def ci_cell(r, col, lo, hi, flag, flops_flag=None):
         if missing(r[col]):
             return DASH
         ci = "" if missing(r[lo]) or missing(r[hi]) else f" {ci_text(r[lo], r[hi])}"
-        return f"{fmt(r[col])}{ci}" + (f" {MARK}" if r[flag] is True else "")
+        return f"{fmt(r[col])}{ci}" + marks(r, flag, flops_flag)
 
-    facts = facts_of(study, config)
     # each trained row's gen PPL next to its method's untrained network's (a 0-step reference run)
     init_of = {(f["base_method"], f["layout"], f["size"]): f["method"] for f in facts.to_dict("records")
                if f["untrained"] is True}
@@ -851,7 +874,7 @@ def summary_table(study: Study, config: dict | None) -> Table:
     gen_of = {tuple(r[k] for k in GROUP): r["gen_ppl"] for r in recs}
 
     def gen_cell(r):
-        text = ci_cell(r, "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant")
+        text = ci_cell(r, "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "gen_ppl_flops_significant")
         init = init_of.get((base_of.get(_key(r)), r["layout"], r["size"]))
         level = gen_of.get((init, r["layout"], r["size"])) if init and init != r["method"] else None
         return text + (f" (init {fmt(level)})" if level is not None and not missing(level) and text != DASH else "")
@@ -871,8 +894,9 @@ def summary_table(study: Study, config: dict | None) -> Table:
                                                                            r["s_per_sample_ratio_min"],
                                                                            r["s_per_sample_ratio_max"], "ratio")
                                                                 for r in recs]})
-    data = with_facts(t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant", "paper_ppl",
-                      "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "entropy_nats", "entropy_ci95_lo",
+    data = with_facts(t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant",
+                      "diff_vs_flops_ref", "diff_flops_significant", "paper_ppl",
+                      "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "gen_ppl_flops_significant", "entropy_nats", "entropy_ci95_lo",
                       "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats", "gen_ppl_steps", "mauve", "mauve_sd",
                       "reason", "mauve_steps", "tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
                       "train_source", "s_per_sample_ratio", "s_per_sample_ratio_min", "s_per_sample_ratio_max",
@@ -884,7 +908,11 @@ def summary_table(study: Study, config: dict | None) -> Table:
         "Data entropy, same lengths: held-out text cut to each sample's length, the entropy to compare with.",
         "Cost: the interleaved cost job (methods in one process, the machine to itself, same seed every repeat), "
         "median [min–max] over repeats; tokens/s vs DID > 1: faster training than DID, s/sample vs DID > 1: "
-        "slower sampling.", MARK_NOTE])
+        "slower sampling.", MARK_NOTE]
+        + ([f"{FMARK}: differs from DID-F (the FLOPs-matched DID) the same way."]
+           if t["diff_vs_flops_ref"].notna().any() else [])
+        + (["Untrained reference rows (0 steps) are levels to read the others against, never compared."]
+           if reference_rows else []))
 
 
 # --- rendering --------------------------------------------------------------------------------

@@ -156,3 +156,27 @@ def test_plateau_criterion_and_sweep_summary():
     assert s.loc["a", "best_lr"] == 3e-3 and s.loc["a", "median_minus_best"] == pytest.approx(0.1)
     assert s.loc["a", "worst_minus_best"] == pytest.approx(0.5)
     assert s.loc["b", "best_lr"] == 1e-3 and s.loc["b", "worst_minus_best"] == pytest.approx(0.02)
+
+
+def test_labelled_rows_sort_in_config_order_with_untrained_references_last():
+    from analysis.tables import sort_rows
+
+    config = {"runs": [{"method": "did", "layout": "varlen"},
+                       {"method": "did", "layout": "varlen", "label": "did-F", "match": "flops"},
+                       {"method": "did", "layout": "varlen", "label": "did-init", "train": {"steps": 0}},
+                       {"method": "mdlm", "layout": "varlen"}]}
+    rows = pd.DataFrame({"method": ["did-init", "mdlm", "data", "did-F", "did"], "layout": "varlen", "size": "tiny"})
+    assert list(sort_rows(rows, config)["method"]) == ["did", "did-F", "mdlm", "did-init", "data"]
+
+
+def test_significance_line_names_the_matching_and_rows_that_have_not_plateaued():
+    import analysis
+    from analysis.tables import Table
+
+    data = pd.DataFrame({"method": ["mdlm", "ar"], "layout": "varlen", "diff_vs_ref": [-0.2, -1.0],
+                         "diff_significant": [True, True], "diff_vs_flops_ref": [0.05, -0.9],
+                         "diff_flops_significant": [False, True], "converged": [False, True]})
+    line = analysis.significance_line(Table("summary", "Headline results", data, data))
+    assert "mdlm (varlen): lower likelihood bound (n.c.)" in line
+    assert "ar (varlen): lower likelihood bound vs DID-F." in line      # converged: no n.c.
+    assert "mdlm (varlen): lower likelihood bound vs DID-F" not in line and "no verdict rests on it" in line
