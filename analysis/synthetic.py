@@ -257,13 +257,13 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
         other = refs.get(r["layout"])
         return conv.get(_key(r), False) and conv.get((other, r["layout"], r["size"]), False)
 
-    def diff_cell(r, col, lo, hi, sig, refs):
+    def diff_cell(r, col, lo, hi, sig, refs, mark=MARK):
         if missing(r.get(col)):
             return DASH
         text = f"{'+' if r[col] > 0 else ''}{fmt(r[col])} [{fmt(r[lo])}, {fmt(r[hi])}]"
         if not both_converged(r, refs):
             return text + " (n.c.)"
-        return text + (f" {MARK}" if r.get(sig) is True else "")
+        return text + (f" {mark}" if r.get(sig) is True else "")
 
     cols = {**_ident_display(trained, facts=facts), "Seeds": _f(trained, "n_seeds", "int"),
             "Bound gap (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"]) for r in recs],
@@ -271,7 +271,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
                                                                       "diff_significant", ref) for r in recs]}
     if fref:
         cols["vs DID-F [95%]"] = [diff_cell(r, "diff_vs_flops_ref", "diff_flops_lo", "diff_flops_hi",
-                                            "diff_flops_significant", fref) for r in recs]
+                                            "diff_flops_significant", fref, FMARK) for r in recs]
     data = trained[GROUP + ["n_seeds", "matching", "budget", "plateau", "converged", "strict_nats_per_token",
                             "strict_err", "diff_vs_ref", "diff_lo", "diff_hi", "diff_significant", "diff_vs_flops_ref",
                             "diff_flops_lo", "diff_flops_hi", "diff_flops_significant", "exact_nats_per_token"]].copy()
