@@ -87,7 +87,7 @@ def significance_line(table: Table) -> str:
             if key == "diff_significant" and diff == diff and diff is not None:   # the bound's sign
                 side = " lower" if diff < 0 else " higher"
             hits.append(f"{r['method']} ({r['layout']}):{side} {what}" + (f" @{steps}" if steps else "")
-                        + (" vs DID-F" if flops else "") + _not_converged(r, flops))
+                        + (" vs DID-F" if flops else "") + _not_converged(r))
     if not hits:
         return ("**Significance:** no comparison in this table differs from the reference (DID) row at 95% "
                 "(for a synthetic study: among rows that converged): the table cannot rank the methods.")
@@ -96,10 +96,10 @@ def significance_line(table: Table) -> str:
                if any(h.endswith("(n.c.)") for h in hits) else ""))
 
 
-def _not_converged(r: dict, flops: bool) -> str:
+def _not_converged(r: dict) -> str:
     """' (n.c.)' where the row has not plateaued (its Plateau column): the difference is measured,
     but no verdict may rest on it."""
-    return " (n.c.)" if r.get("converged") is False or r.get("converged") == False else ""  # noqa: E712 (numpy bool)
+    return " (n.c.)" if r.get("converged") == False else ""  # noqa: E712 (a numpy bool; None: not known)
 
 
 def _missing_evaluations(study: Study, config: dict | None = None) -> dict[str, list[str]]:
