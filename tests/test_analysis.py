@@ -417,3 +417,16 @@ def test_figures_use_one_palette_and_leave_rcparams_alone():
     bench_plot({"kind": "bench-train", "rows": [{"method": "did", "layout": "varlen", "size": "tiny", "seq_len": 8,
                                                  "s_per_step": {"min": 1, "median": 1, "max": 1}}]}, "t")
     assert dict(matplotlib.rcParams) == before
+
+
+def test_missing_evaluations_follow_the_schemas_metrics_for_the_corpus(tmp_path):
+    """A synthetic study's config leaves evaluate.metrics to the schema (exact metrics, no evaluator
+    LM): its summary must not list genppl/mauve as missing, but must list a missing exact.json."""
+    import yaml
+
+    runs = [("did", "varlen", 0)]
+    study_dir, _, _ = make_fake_study(tmp_path, runs=runs, missing={run_name(*runs[0]): {"genppl", "mauve"}})
+    config = yaml.safe_load((Path(__file__).parents[1] / "config" / "synthetic.yaml").read_text())
+    config["runs"] = [{"method": "did", "layout": "varlen"}]
+    gaps = analysis._missing_evaluations(load_study(study_dir, config), config)
+    assert gaps == {run_name(*runs[0]): ["exact"]}
