@@ -186,6 +186,8 @@ class MaskedDiffusion(Method):
     predicted positions.
     """
 
+    dense_canvas = True
+
     layouts = ("fixed", "varlen")
     time_conditioned = False
     #: option name -> default; subclasses extend. `backbone`: overrides for backbone_config.

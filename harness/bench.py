@@ -26,8 +26,12 @@ AdamW step), each on its own fixed input:
 zero-overhead DID (nothing but the network on its survivors) would get. `achieved` is the
 fraction of that limit reached (`achieved_fraction`): for radd/mdlm, (t_method / t_DID) /
 limit; for the DID reference row, t(backbone@kept) / t_DID (its speed-up over the dense bare
-network divided by the limit: 1 = DID has zero overhead beyond its network). Other methods
-(AR, ILM: their networks do not run on the dense canvas) get none. The case's kept fraction
+network divided by the limit: 1 = DID has zero overhead beyond its network). Every other
+method whose network takes a packed input (ILM, FlexMDM, a plugin's) gets its own bare network,
+`own@<method>`, on the very input its network sees in that step (read the same way), and
+`achieved` = t(own@<method>) / t_method: the share of its step that is its network. AR (a
+causal network, unlike the bidirectional bare one) gets none. The methods timed by default are every registered method of the layout
+(`default_methods`), so a new method is benchmarked without being named here. The case's kept fraction
 (kept tokens / clean tokens, DID's `kept_fraction` loss stat) is printed, with a warning when
 it is outside 0.45-0.55; `--balanced-seed` times each case at the seed in 0..9 whose kept
 fraction is nearest 0.5 instead of `--seed`. `--no-limit` skips the two bare networks.
@@ -66,15 +70,19 @@ from harness.backbone import Backbone, backbone_config
 from harness.batch import Batch, Vocab
 from harness.methods import UserError
 
-FIXED_METHODS = ["did-fixed", "radd", "mdlm", "ar"]
-VARLEN_METHODS = ["did", "radd", "mdlm", "ilm", "ar"]
 REFERENCE = {"fixed": "did-fixed", "varlen": "did"}
 #: the two bare-network entries of every `bench train` case (see the module docstring)
 DENSE, KEPT = "backbone@L", "backbone@kept"
-#: the methods whose network is the backbone on the dense canvas: their ratio has a limit
-DENSE_CANVAS = ("radd", "mdlm")
 #: the kept-fraction range the issue asks the batch to fall in (a warning outside it)
 KEPT_RANGE = (0.45, 0.55)
+
+
+def default_methods(layout: str) -> list[str]:
+    """Every registered method that supports `layout`, its DID reference first: a new method (a
+    plugin's included) is timed without being named anywhere here."""
+    names = [m for m in methods.available() if layout in methods.get(m).layouts]
+    ref = REFERENCE[layout]
+    return ([ref] if ref in names else []) + [m for m in names if m != ref]
 
 
 def _sync(device: torch.device) -> None:
@@ -428,6 +436,12 @@ def dense_input(batch: Batch, width: int, pad: int) -> torch.Tensor:
     return canvas
 
 
+def own_entry(name: str) -> str:
+    """The timing entry of a method's own bare network: the backbone + a vocabulary head on the
+    very input the method's network sees in the timed step (read by `network_input`)."""
+    return f"own@{name}"
+
+
 def limit_ratio(timing: dict) -> dict | None:
     """{min, median, max} over repeats of t(backbone@L) / t(backbone@kept) (None without them)."""
     if DENSE not in timing or KEPT not in timing:
@@ -443,15 +457,20 @@ def achieved_fraction(timing: dict, name: str, reference: str) -> dict | None:
       ratio to DID over the ratio a zero-overhead DID would get against the bare dense network;
     * the reference (DID) itself: t(backbone@kept)_i / t_reference_i, i.e. its speed-up over
       the bare dense network divided by the limit (1 = no cost beyond the network).
-    None for other methods (AR, ILM), for a reference that is not a DID method, or without the
+    * a method with its own bare network (`own_entry`: a packed-input method other than DID, e.g.
+      ILM, FlexMDM): t(own@name)_i / t_name_i, 1 = no cost beyond its network on its own input.
+    None for other methods (AR: causal), for a reference that is not a DID method, or without the
     bare-network timings.
     """
+    own = own_entry(name)
+    if own in timing and name in timing:
+        return summary([o / m for o, m in zip(timing[own]["times"], timing[name]["times"])])
     if DENSE not in timing or KEPT not in timing or reference not in timing or reference not in REFERENCE.values():
         return None
     dense, kept, ref = timing[DENSE]["times"], timing[KEPT]["times"], timing[reference]["times"]
     if name == reference:
         return summary([k / r for k, r in zip(kept, ref)])
-    if name in DENSE_CANVAS and name in timing:
+    if name in timing and name in methods.available() and methods.get(name).dense_canvas:
         return summary([(m / r) / (d / k) for m, r, d, k in zip(timing[name]["times"], ref, dense, kept)])
     return None
 
@@ -519,8 +538,7 @@ def bench_train(args) -> dict:
         if args.varlen:
             cases.append((size, "varlen", None))
     for size, layout, L in cases:
-        names = [m for m in (args.methods or (FIXED_METHODS if layout == "fixed" else VARLEN_METHODS))]
-        names = [m for m in names if layout in methods.get(m).layouts]
+        names = [m for m in (args.methods or default_methods(layout)) if layout in methods.get(m).layouts]
         B = _batch_size(args, size, layout, L)
         batch = fixed_batches(args.data, L, B, vocab) if layout == "fixed" else varlen_batch(args.data, B)
         max_len = L if layout == "fixed" else int(data_lib.load_split(args.data, "train", "varlen").max_len)
@@ -549,6 +567,7 @@ def bench_train(args) -> dict:
             print(f"warning: the kept fraction {kept:.3f} is outside {KEPT_RANGE[0]}-{KEPT_RANGE[1]}: the limit and "
                   f"the ratios are for this draw (try --balanced-seed or another --batch-size)", flush=True)
         timed = dict(models)
+        own_tokens: dict[str, int] = {}
         if args.limit:
             masked = batch.clean_tokens() - kept_tokens.numel()  # what RADD/MDLM score, in expectation
             for entry, (tokens, lengths, head_rows) in ((DENSE, (dense, None, masked)),
@@ -556,11 +575,23 @@ def bench_train(args) -> dict:
                 torch.manual_seed(0)
                 bare = BareBackbone(vocab.size, size, max_len, tokens, lengths, head_rows).to(device).train()
                 timed[entry] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
+            # a packed-input method other than DID (ILM, FlexMDM) gets its own zero-overhead limit
+            for name in names:
+                model = models[name][0]
+                if name == did_name or model.dense_canvas or getattr(model.backbone.cfg, "causal", False):
+                    continue  # DID has backbone@kept; dense canvases have backbone@L; the bare network is bidirectional
+                tokens, lengths = network_input(model, batch, seed)
+                if lengths is None:  # a dense input: backbone@L already is its limit
+                    continue
+                torch.manual_seed(0)
+                bare = BareBackbone(vocab.size, size, max_len, tokens, lengths).to(device).train()
+                timed[own_entry(name)] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
+                own_tokens[own_entry(name)] = int(tokens.numel())
         timing = interleaved_train(timed, batch, device=device, use_bf16=use_bf16, warmup=args.warmup,
                                    repeats=args.repeats, seed=seed)
         ref = reference_method(layout) if reference_method(layout) in models else names[0]
         limit = limit_ratio(timing)
-        bare_s = {e: summary(timing[e]["times"]) if e in timing else None for e in (DENSE, KEPT)}
+        bare_s = {e: summary(timing[e]["times"]) if e in timing else None for e in (DENSE, KEPT, *own_tokens)}
         for n in names:
             t = train_row(n, timing[n], timing[ref]["times"], batch.clean_tokens())
             row = {
@@ -582,6 +613,8 @@ def bench_train(args) -> dict:
                 "dense_tokens": int(dense.numel()),
                 "backbone_dense_s_per_step": bare_s[DENSE],
                 "backbone_kept_s_per_step": bare_s[KEPT],
+                "backbone_own_s_per_step": bare_s.get(own_entry(n)),
+                "own_tokens": own_tokens.get(own_entry(n)),
                 "limit_ratio": limit,
                 "achieved_fraction": achieved_fraction(timing, n, ref),
             }
@@ -591,7 +624,7 @@ def bench_train(args) -> dict:
             rows.append(row)
         _print_table([r for r in rows if r["size"] == size and r["layout"] == layout and r["seq_len"] == max_len],
                      {e: v for e, v in bare_s.items() if v is not None},
-                     {DENSE: dense.numel(), KEPT: kept_tokens.numel()})
+                     {DENSE: dense.numel(), KEPT: kept_tokens.numel(), **own_tokens})
         del models, timed
     return {"kind": "bench-train", "device": _device_name(device), "precision": "bf16" if use_bf16 else "float32",
             "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "balanced_seed": args.balanced_seed,
@@ -736,8 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-layout sequence lengths L, one case each (default: %(default)s)")
     t.add_argument("--no-varlen", dest="varlen", action="store_false", help="skip the variable-length case")
     t.add_argument("--methods", nargs="*", default=None,
-                   help=f"methods to time (default: {' '.join(FIXED_METHODS)} at fixed length, "
-                        f"{' '.join(VARLEN_METHODS)} at variable length)")
+                   help="methods to time (default: every registered method of the layout, DID first)")
     t.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step (default: 4096 tokens / L at tiny, 2048 / L at small; varlen 32 / 8)")
     t.add_argument("--warmup", type=int, default=1, help="untimed steps per method first (default: 1)")

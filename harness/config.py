@@ -41,8 +41,22 @@ METHOD_ENUMS = (
 METHODS_GROUP = "didbench.methods"
 
 
+def checkout_methods() -> dict[str, str]:
+    """{name: 'module:attr'} of the `didbench.methods` entry points in this checkout's
+    pyproject.toml ({} where there is none, e.g. an installed wheel: its metadata has them)."""
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    project = tomllib.loads(path.read_text()).get("project", {})
+    return dict(project.get("entry-points", {}).get(METHODS_GROUP, {}))
+
+
 def shipped_methods() -> list[str]:
-    """The methods this project ships: the schema's own enum (tests check it equals the registry's)."""
+    """The methods the schema describes (its enum; their layouts are checked without importing
+    torch). Every other method, shipped as a plugin (flexmdm) or another package's, is loaded to
+    check a run's layout against its class (`_check_plugin_run`), for configs that use it only."""
     return list(schema()["properties"]["runs"]["items"]["properties"]["method"]["enum"])
 
 
@@ -64,6 +78,7 @@ def method_names() -> list[str]:
         from importlib import metadata
 
         extra = {ep.name for ep in metadata.entry_points(group=METHODS_GROUP)}
+    extra |= set(checkout_methods())
     return shipped + sorted(extra - set(shipped))  # the shipped ones first, in the schema's order
 
 

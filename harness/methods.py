@@ -12,7 +12,7 @@ The entry point's name is the method's name in study configs; its object is a Me
 (registered under that name when it is loaded; `@register("mymethod")` on the class is optional
 and must then give the same name) or a module whose import registers it. The shipped methods are
 declared the same way in this project's pyproject.toml; from a plain checkout without installed
-package metadata they are imported directly (_BUILTIN_MODULES). An entry point that fails to load
+package metadata they are imported directly (checkout_entry_points). An entry point that fails to load
 is one UserError line naming it, raised when its method is asked for (`get`); `available()`
 lists only the methods that load.
 """
@@ -69,6 +69,9 @@ class Method(nn.Module):
     #: True when the paper convention truncates nothing for this method (AR: exact NLL; ILM: no
     #: continuous time), so its paper-convention value IS the strict bound (computed once)
     paper_equals_strict: ClassVar[bool] = False
+    #: True when the network runs on the dense [B, max_len] canvas (MDLM, RADD): `harness bench`
+    #: then reports its ratio to DID against the bare dense network's (the zero-overhead limit)
+    dense_canvas: ClassVar[bool] = False
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
         super().__init__()
@@ -154,9 +157,16 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 #: the entry-point group in which a package declares its methods (name = method name)
 ENTRY_POINT_GROUP = "didbench.methods"
-#: the shipped methods' modules (also declared as entry points in pyproject.toml), imported
-#: directly when no entry point points into them: `python -m harness` from a plain checkout
-_BUILTIN_MODULES = ("did.method", "baselines.mdlm", "baselines.radd", "baselines.ilm", "baselines.ar")
+
+
+def checkout_entry_points() -> dict[str, str]:
+    """{name: 'module:attr'}: the methods this checkout's pyproject.toml declares (the shipped
+    ones), read without importing them. Imported directly when no installed entry point points
+    into them (`python -m harness` from a plain checkout), so a shipped method, like any other,
+    is one module plus one entry-point line: no list here names it."""
+    from harness.config import checkout_methods
+
+    return checkout_methods()
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -224,7 +234,7 @@ def _load_entry_point(ep: metadata.EntryPoint) -> type[Method]:
 def _load_builtin_methods() -> None:
     """Import the shipped methods that no installed entry point declares (a plain checkout)."""
     declared = {ep.module for ep in entry_points().values()}
-    for module in _BUILTIN_MODULES:
+    for module in dict.fromkeys(v.split(":")[0].strip() for v in checkout_entry_points().values()):
         if module in declared:
             continue
         try:

@@ -68,6 +68,16 @@ def test_limit_arithmetic_on_fake_times():
     assert bench.achieved_fraction(fake, "radd", "ar") is None                 # not a DID reference
     no_bare = {k: v for k, v in fake.items() if k != bench.KEPT}
     assert bench.limit_ratio(no_bare) is None and bench.achieved_fraction(no_bare, "radd", "did") is None
+    # a packed-input method's own limit: its bare network on its own input over its step
+    own = {**fake, "flexmdm": {"times": [4.0, 2.0]}, bench.own_entry("flexmdm"): {"times": [2.0, 1.5]}}
+    assert bench.achieved_fraction(own, "flexmdm", "did") == {"min": 0.5, "median": 0.625, "max": 0.75}
+
+
+def test_every_registered_method_of_a_layout_is_timed_by_default_did_first():
+    varlen, fixed = bench.default_methods("varlen"), bench.default_methods("fixed")
+    assert varlen[0] == "did" and fixed[0] == "did-fixed"
+    assert {"flexmdm", "ilm", "mdlm", "radd", "ar"} <= set(varlen) and "did-fixed" not in varlen
+    assert "flexmdm" not in fixed and "ilm" not in fixed
 
 
 def test_network_input_is_what_the_did_step_feeds(toy_data):

@@ -104,7 +104,7 @@ def test_synthetic_micro_study_end_to_end(tmp_path):
 
     # the HTML report is a results page: every figure and table of the analysis, with its caption
     report = tmp_path / "report.html"
-    made = run_snakemake(tmp_path, "--report", str(report), "--cores", "1", timeout=600)
+    made = run_snakemake(tmp_path, "--report", str(report), "--cores", "1", timeout=600, configfile=SYNTHETIC_MICRO)
     assert made.returncode == 0, (made.stdout + made.stderr)[-3000:]
     html = report.read_text(errors="replace")
     for f in (study / "figures").glob("*.png"):
