@@ -55,6 +55,10 @@ def sweep_table(study: Study, config: dict | None) -> Table:
     rows = []
     mean = points.groupby(["base_method", "layout", "lr", "batch_size"], sort=False)["valid_nats_per_token"].mean() \
         if len(points) else pd.Series(dtype=float)
+    # a point's standard error: the validation estimate's (rows and draws), pooled over seeds
+    stderr = (points.groupby(["base_method", "layout", "lr", "batch_size"], sort=False)["valid_stderr"]
+              .apply(lambda v: float(np.sqrt((v.astype(float) ** 2).sum()) / len(v))) if len(points)
+              else pd.Series(dtype=float))
     for r in summary.to_dict("records"):
         row = {"Method": r["base_method"], "Layout": r["layout"]}
         for b in batches:
@@ -63,6 +67,8 @@ def sweep_table(study: Study, config: dict | None) -> Table:
                 best = lr == r["best_lr"] and b == r["best_batch_size"]
                 row[f"lr {lr:g}, b {int(b)}"] = DASH if missing(v) else fmt(v) + (" *" if best else "")
         row["Best (lr, batch)"] = f"{r['best_lr']:g}, {r['best_batch_size']}"
+        se = stderr.get((r["base_method"], r["layout"], r["best_lr"], r["best_batch_size"]), np.nan)
+        row["Std. error at best"] = DASH if missing(se) else fmt(se)
         row["Median - best"] = fmt(r["median_minus_best"])
         row["Worst - best"] = fmt(r["worst_minus_best"])
         rows.append(row)
@@ -74,6 +80,8 @@ def sweep_table(study: Study, config: dict | None) -> Table:
                  summary, _disp(disp, {c: disp[c] for c in disp.columns}) if len(disp) else disp, [
         "Each cell: the strict validation bound of the EMA weights at the end of training (train.json), mean over "
         "seeds; * marks the method's best point, which the headline runs use." + budget,
+        "Std. error at best: the standard error of the best point's validation estimate (its rows and Monte-Carlo "
+        "draws, pooled over seeds); cells of one method closer than about two of it are not told apart.",
         "Median - best / worst - best: how much the method loses at the grid's median / worst point, its "
         "sensitivity to the learning rate and batch (nats/token). A small value is what \"no tuning needed\" "
         "means; compare it between methods."])
