@@ -9,8 +9,10 @@ how the numbers were drawn:
   (`paired_ratio_difference`: the delta-method standard error of sum d_i / sum N_i);
 * sample metrics (generative perplexity, entropy, lengths) come from independent samples, so
   they are compared with a two-sample bootstrap (`bootstrap_difference`);
-* with several training seeds per method, the seed-to-seed spread is the noise that matters:
-  `seed_difference` (Welch's t interval on the per-seed values).
+* with several training seeds per method, the seed-to-seed spread is noise too:
+  `seed_difference` (Welch's t interval on the per-seed values). For bounds it is not all of it:
+  every seed is scored on the same rows with the same Monte-Carlo draws, whose error its seeds
+  share, so `combined_difference` adds the paired-over-rows error of the seed-averaged bounds.
 """
 from __future__ import annotations
 
@@ -95,3 +97,14 @@ def seed_difference(values_method, values_ref) -> Diff:
     dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     q = float(stats.t.ppf(0.975, dof))
     return Diff(float(est), float(est - q * se), float(est + q * se), f"Welch t over {len(a)} vs {len(b)} seeds")
+
+
+def combined_difference(seeds: Diff, rows: Diff) -> Diff:
+    """Welch over seeds with the evaluation's own error added: the interval's half-widths (seed
+    part: Welch's t; row part: the paired delta method over the same rows) add in quadrature
+    around the seed-mean difference. Conservative: neither source of noise can hide the other."""
+    if not (np.isfinite(seeds.lo) and np.isfinite(rows.lo)):
+        return seeds if np.isfinite(seeds.lo) else rows
+    half = math.hypot((seeds.hi - seeds.lo) / 2, (rows.hi - rows.lo) / 2)
+    return Diff(seeds.estimate, seeds.estimate - half, seeds.estimate + half,
+                f"{seeds.test} + {rows.test} on the seed-averaged rows (half-widths in quadrature)")

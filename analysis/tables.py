@@ -256,15 +256,22 @@ def _runs_of(frame: pd.DataFrame, key: tuple) -> pd.DataFrame:
 
 
 def bound_difference(study: Study, key: tuple, ref_key: tuple, col: str = "strict") -> stats.Diff | None:
-    """Bound of `key` minus the reference's (nats/token): Welch over seeds when both have >= 2,
-    else paired over the common test sequences of one common seed (the lowest)."""
+    """Bound of `key` minus the reference's (nats/token).
+
+    Both with >= 2 seeds: Welch over seeds, widened by the evaluation's own error. Every seed of
+    every method is scored on the same test rows with the same Monte-Carlo draws, so the seed
+    spread leaves out the error of those rows and draws (shared by a method's seeds); it is the
+    paired test over rows of the seed-averaged per-row bounds (`stats.combined_difference`).
+    Otherwise paired over the common test sequences of one common seed (the lowest)."""
     a, b = _runs_of(study.ppl, key), _runs_of(study.ppl, ref_key)
     if a.empty or b.empty:
         return None
     value = "nats_per_token" if col == "strict" else "paper_nats_per_token"
-    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
-        return stats.seed_difference(a[value], b[value])
     seq = study.ppl_seq
+    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
+        seeds = stats.seed_difference(a[value], b[value])
+        rows = _seed_averaged_rows(seq, key, ref_key, col) if not seq.empty else None
+        return stats.combined_difference(seeds, rows) if rows is not None else seeds
     if seq.empty:
         return None
     sa, sb = _runs_of(seq, key), _runs_of(seq, ref_key)
@@ -275,6 +282,19 @@ def bound_difference(study: Study, key: tuple, ref_key: tuple, col: str = "stric
     if len(sa) != len(sb) or not np.array_equal(sa["n_tokens"].to_numpy(), sb["n_tokens"].to_numpy()):
         return None   # not the same sequences: no paired test
     return stats.paired_ratio_difference(sa[col].to_numpy(), sb[col].to_numpy(), sa["n_tokens"].to_numpy())
+
+
+def _seed_averaged_rows(seq: pd.DataFrame, key: tuple, ref_key: tuple, col: str) -> stats.Diff | None:
+    """Paired difference over the common test rows of the per-row bounds averaged over each
+    method's seeds (None when the two did not score the same rows)."""
+    sa, sb = _runs_of(seq, key), _runs_of(seq, ref_key)
+    if sa.empty or sb.empty:
+        return None
+    ma = sa.groupby("index")[[col, "n_tokens"]].mean().sort_index()
+    mb = sb.groupby("index")[[col, "n_tokens"]].mean().sort_index()
+    if not ma.index.equals(mb.index) or not np.array_equal(ma["n_tokens"].to_numpy(), mb["n_tokens"].to_numpy()):
+        return None
+    return stats.paired_ratio_difference(ma[col].to_numpy(), mb[col].to_numpy(), ma["n_tokens"].to_numpy())
 
 
 def _diff_text(d: stats.Diff | None, kind: str = "auto") -> str:

@@ -51,3 +51,14 @@ def test_seed_difference_matches_welch():
     assert d.significant == (p < 0.05)
     assert d.estimate == pytest.approx(np.mean(a) - np.mean(b))
     assert not stats.seed_difference([1.0], [2.0, 3.0]).significant
+
+
+def test_combined_difference_adds_the_evaluation_error_to_the_seed_spread():
+    from analysis.stats import Diff, combined_difference
+
+    seeds = Diff(-0.02, -0.03, -0.01, "Welch")          # significant on its own
+    rows = Diff(-0.018, -0.058, 0.022, "paired")         # the shared rows and draws: wide
+    both = combined_difference(seeds, rows)
+    assert both.estimate == -0.02 and both.lo == pytest.approx(-0.02 - math.hypot(0.01, 0.04))
+    assert both.hi == pytest.approx(-0.02 + math.hypot(0.01, 0.04)) and not both.significant
+    assert combined_difference(seeds, Diff(math.nan, math.nan, math.nan, "none")) is seeds
