@@ -14,7 +14,7 @@ from analysis import stats
 from analysis import convergence
 from analysis.tables import (DASH, FMARK, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
                              _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, facts_of, fmt,
-                             lowest_seed_samples, missing, pm, reference_methods, sort_rows, with_facts)
+                             lowest_seed_samples, missing, with_sampling_error, pm, reference_methods, sort_rows, with_facts)
 from harness.study import Study
 
 GAP_COLS = ["strict_nats_per_token", "paper_nats_per_token", "exact_nats_per_token", "strict_negative_rows",
@@ -94,28 +94,32 @@ _SAMPLE_KEEP = ("stderr", "invalid_ci95_lo", "invalid_ci95_hi", "len_null_tv_q95
 
 def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[str, stats.Diff | None]:
     """Exact NLL per token and invalid fraction of `key` minus the reference's at `steps`: Welch
-    over seeds with several, else a two-sample bootstrap over the samples of the lowest seed."""
+    over seeds widened by a bootstrap over all seeds' samples with several seeds, else a
+    two-sample bootstrap over the samples of the lowest seed."""
     out: dict[str, stats.Diff | None] = {"nll": None, "invalid": None}
     a, b = (_runs_of(study.exact, k) for k in (key, ref_key))
     a, b = (x[x["steps"] == steps] if len(x) else x for x in (a, b))
     if a.empty or b.empty:
         return out
-    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
-        out["nll"] = stats.seed_difference(a["nats_per_token"], b["nats_per_token"])
-        out["invalid"] = stats.seed_difference(a["invalid_fraction"], b["invalid_fraction"])
-        if key[1] == "fixed":   # windows: the documents they hold whole (see exact.complete_documents)
-            out["doc_nll"] = stats.seed_difference(a["doc_nats_per_token"], b["doc_nats_per_token"])
-            out["doc_invalid"] = stats.seed_difference(a["doc_invalid_fraction"], b["doc_invalid_fraction"])
-        return out
-    sa, sb = lowest_seed_samples(study.exact_samples, key, ref_key, steps)
-    if sa.empty or sb.empty:
-        return out
-    va, vb = sa[sa["logp"].notna()], sb[sb["logp"].notna()]
-    if len(va) >= 2 and len(vb) >= 2:
-        out["nll"] = stats.bootstrap_difference(stats.log_token_ratio, np.c_[-va["logp"], va["n_tokens"]],
-                                                np.c_[-vb["logp"], vb["n_tokens"]])
-    out["invalid"] = stats.bootstrap_difference(stats.column_mean, sa["logp"].isna().to_numpy(float)[:, None],
-                                                sb["logp"].isna().to_numpy(float)[:, None])
+    several = a["seed"].nunique() > 1 and b["seed"].nunique() > 1
+    sa, sb = lowest_seed_samples(study.exact_samples, key, ref_key, steps, pooled=several)
+    boot: dict[str, stats.Diff | None] = {"nll": None, "invalid": None}
+    if not (sa.empty or sb.empty):
+        va, vb = sa[sa["logp"].notna()], sb[sb["logp"].notna()]
+        if len(va) >= 2 and len(vb) >= 2:
+            boot["nll"] = stats.bootstrap_difference(stats.log_token_ratio, np.c_[-va["logp"], va["n_tokens"]],
+                                                     np.c_[-vb["logp"], vb["n_tokens"]])
+        boot["invalid"] = stats.bootstrap_difference(stats.column_mean, sa["logp"].isna().to_numpy(float)[:, None],
+                                                     sb["logp"].isna().to_numpy(float)[:, None])
+    if not several:
+        return boot
+    # Welch over seeds, widened by the bootstrap over all seeds' samples (shared sampler seed)
+    out["nll"] = with_sampling_error(stats.seed_difference(a["nats_per_token"], b["nats_per_token"]), boot["nll"])
+    out["invalid"] = with_sampling_error(stats.seed_difference(a["invalid_fraction"], b["invalid_fraction"]),
+                                         boot["invalid"])
+    if key[1] == "fixed":   # windows: the documents they hold whole (see exact.complete_documents)
+        out["doc_nll"] = stats.seed_difference(a["doc_nats_per_token"], b["doc_nats_per_token"])
+        out["doc_invalid"] = stats.seed_difference(a["doc_invalid_fraction"], b["doc_invalid_fraction"])
     return out
 
 

@@ -357,16 +357,27 @@ def ppl_table(study: Study, config: dict | None) -> Table:
         "vs DID: the difference from the reference row with its 95% interval. " + MARK_NOTE])
 
 
-def lowest_seed_samples(per: pd.DataFrame, key: tuple, ref_key: tuple, steps) -> tuple[pd.DataFrame, pd.DataFrame]:
+def lowest_seed_samples(per: pd.DataFrame, key: tuple, ref_key: tuple, steps,
+                        pooled: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The per-sample rows at `steps` of `key` and of the reference, each of its lowest seed
-    (the within-run bootstrap when a row has one seed); empty frames when either has none."""
+    (the within-run bootstrap when a row has one seed), or of all its seeds (`pooled`: the
+    sampling error of a several-seed comparison); empty frames when either has none."""
     if per.empty:
         return per, per
     sa, sb = (_runs_of(per, k) for k in (key, ref_key))
     sa, sb = sa[sa["steps"] == steps], sb[sb["steps"] == steps]
     if sa.empty or sb.empty:
         return sa.iloc[0:0], sb.iloc[0:0]
+    if pooled:
+        return sa, sb
     return sa[sa["seed"] == sa["seed"].min()], sb[sb["seed"] == sb["seed"].min()]
+
+
+def with_sampling_error(seeds: stats.Diff, pooled: stats.Diff | None) -> stats.Diff:
+    """Welch over seeds widened by the bootstrap over every seed's samples pooled: each run draws
+    its samples with the same sampler seed, so a method's seeds share their sampling noise and
+    their spread alone understates it (`stats.combined_difference`)."""
+    return stats.combined_difference(seeds, pooled) if pooled is not None else seeds
 
 
 def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[str, stats.Diff | None]:
@@ -377,18 +388,21 @@ def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[
     a, b = (x[x["steps"] == steps] if len(x) else x for x in (a, b))
     if a.empty or b.empty:
         return out
-    if a["seed"].nunique() > 1 and b["seed"].nunique() > 1:
-        out["log_gen_ppl"] = stats.seed_difference(np.log(a["gen_ppl"]), np.log(b["gen_ppl"]))
-        out["entropy_nats"] = stats.seed_difference(a["entropy_nats"], b["entropy_nats"])
+    several = a["seed"].nunique() > 1 and b["seed"].nunique() > 1
+    sa, sb = lowest_seed_samples(study.genppl_samples, key, ref_key, steps, pooled=several)
+    boot: dict[str, stats.Diff | None] = {"log_gen_ppl": None, "entropy_nats": None}
+    if not (sa.empty or sb.empty):
+        boot["log_gen_ppl"] = stats.bootstrap_difference(stats.log_token_ratio, sa[["nll", "n_targets"]].to_numpy(),
+                                                         sb[["nll", "n_targets"]].to_numpy())
+        ea, eb = sa["entropy_nats"].dropna().to_numpy()[:, None], sb["entropy_nats"].dropna().to_numpy()[:, None]
+        boot["entropy_nats"] = stats.bootstrap_difference(stats.column_mean, ea, eb)
+    if several:
+        out["log_gen_ppl"] = with_sampling_error(stats.seed_difference(np.log(a["gen_ppl"]), np.log(b["gen_ppl"])),
+                                                 boot["log_gen_ppl"])
+        out["entropy_nats"] = with_sampling_error(stats.seed_difference(a["entropy_nats"], b["entropy_nats"]),
+                                                  boot["entropy_nats"])
         return out
-    sa, sb = lowest_seed_samples(study.genppl_samples, key, ref_key, steps)
-    if sa.empty or sb.empty:
-        return out
-    out["log_gen_ppl"] = stats.bootstrap_difference(stats.log_token_ratio, sa[["nll", "n_targets"]].to_numpy(),
-                                                    sb[["nll", "n_targets"]].to_numpy())
-    ea, eb = sa["entropy_nats"].dropna().to_numpy()[:, None], sb["entropy_nats"].dropna().to_numpy()[:, None]
-    out["entropy_nats"] = stats.bootstrap_difference(stats.column_mean, ea, eb)
-    return out
+    return boot
 
 
 def _marked(text: str, d: stats.Diff | None) -> str:
