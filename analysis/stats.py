@@ -107,4 +107,4 @@ def combined_difference(seeds: Diff, rows: Diff) -> Diff:
         return seeds if np.isfinite(seeds.lo) else rows
     half = math.hypot((seeds.hi - seeds.lo) / 2, (rows.hi - rows.lo) / 2)
     return Diff(seeds.estimate, seeds.estimate - half, seeds.estimate + half,
-                f"{seeds.test} + {rows.test} on the seed-averaged rows (half-widths in quadrature)")
+                f"{seeds.test} + {rows.test} (half-widths in quadrature)")
