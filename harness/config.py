@@ -297,8 +297,16 @@ def check_config(cfg: dict) -> None:
                             f"e.g. {run['method']}-init")
         if run.get("match") == "flops" and "steps" in (run.get("train") or {}):
             raise UserError(f"runs[{i}]: match flops sets the steps; remove train.steps")
+        if run.get("match_to") and run.get("match") != "flops":
+            raise UserError(f"runs[{i}].match_to: only a run with match: flops is matched to other runs")
         if run["method"] not in shipped:  # another package's method: load it now, check its layouts
             _check_plugin_run(i, run)
+    trained = {(e["label"], e["layout"]) for e in run_entries(cfg) if e["match"] != "flops" and run_steps(cfg, e) > 0}
+    for i, run in enumerate(cfg["runs"]):
+        unknown = [lab for lab in run.get("match_to") or [] if (lab, run["layout"]) not in trained]
+        if unknown:
+            raise UserError(f"runs[{i}].match_to: {', '.join(map(repr, unknown))} is not a trained run of layout "
+                            f"{run['layout']} that is matched by steps")
     if cfg["data"]["min_tokens"] > cfg["data"]["max_len"]:
         raise UserError(
             f"data.min_tokens: {cfg['data']['min_tokens']} is larger than data.max_len ({cfg['data']['max_len']})"
@@ -436,7 +444,8 @@ def run_entries(cfg: dict) -> list[dict]:
     """Every `runs` entry of a study (the sweep expanded) with its label: {label, method, layout,
     match, seeds, train (the run's own recipe keys), options (its own method options)}."""
     return [{"label": run_label(run), "method": run["method"], "layout": run["layout"],
-             "match": run.get("match", "steps"), "seeds": list(run.get("seeds") or cfg["seeds"]),
+             "match": run.get("match", "steps"), "match_to": list(run.get("match_to") or []),
+             "seeds": list(run.get("seeds") or cfg["seeds"]),
              "train": dict(run.get("train") or {}), "options": dict(run.get("options") or {})}
             for run in _sweep_entries(cfg)]
 
@@ -461,11 +470,14 @@ def run_steps(cfg: dict, entry: dict) -> int:
 
 
 def match_targets(cfg: dict, entry: dict) -> list[dict]:
-    """What a match-flops entry is matched to: every other trained entry of its layout
-    ({label, method, steps, batch_size, accumulate}); the training job takes the most expensive."""
+    """What a match-flops entry is matched to: every other trained entry of its layout, or those its
+    `match_to` names ({label, method, steps, batch_size, accumulate}); the training job takes the
+    most expensive."""
     out = []
     for e in run_entries(cfg):
         if e["layout"] != entry["layout"] or e["label"] == entry["label"] or e["match"] == "flops":
+            continue
+        if entry.get("match_to") and e["label"] not in entry["match_to"]:
             continue
         steps = run_steps(cfg, e)
         if steps == 0:

@@ -90,6 +90,23 @@ def test_run_labels_own_recipes_and_matching():
         {"label": "mdlm", "method": "mdlm", "steps": 100, "batch_size": 64, "accumulate": 1, "options": {}}]
 
 
+def test_match_to_names_the_targets_and_keeps_the_recipe_when_a_run_joins():
+    from harness.config import run_settings_hash
+
+    def did_f(cfg):
+        return next(e for e in run_entries(cfg) if e["label"] == "did-F")
+
+    base = [{"method": "did", "layout": "varlen"}, {"method": "mdlm", "layout": "varlen"},
+            {"method": "did", "layout": "varlen", "label": "did-F", "match": "flops"}]
+    before = load_config({"runs": base})
+    joined = load_config({"runs": base + [{"method": "ar", "layout": "varlen"}]})
+    named = load_config({"runs": base[:2] + [{**base[2], "match_to": ["did", "mdlm"]}, {"method": "ar", "layout": "varlen"}]})
+    # a run that joins changes the default targets, hence the recipe; naming the old ones keeps it
+    assert run_settings_hash(joined, did_f(joined)) != run_settings_hash(before, did_f(before))
+    assert run_settings_hash(named, did_f(named)) == run_settings_hash(before, did_f(before))
+    assert [t["label"] for t in match_targets(named, did_f(named))] == ["did", "mdlm"]
+
+
 @pytest.mark.parametrize("runs, message", [
     ([{"method": "did", "layout": "varlen"}, {"method": "did", "layout": "varlen"}], "give one a label"),
     ([{"method": "did", "layout": "varlen", "label": "mdlm"}], "another method's name"),
@@ -97,6 +114,9 @@ def test_run_labels_own_recipes_and_matching():
     ([{"method": "did", "layout": "varlen", "train": {"steps": 0}}], "needs a label"),
     ([{"method": "did", "layout": "varlen", "match": "flops", "train": {"steps": 5}}], "match flops sets the steps"),
     ([{"method": "did", "layout": "varlen", "match": "most"}], "is not one of"),
+    ([{"method": "did", "layout": "varlen", "match_to": ["did"]}], "only a run with match: flops"),
+    ([{"method": "mdlm", "layout": "varlen"}, {"method": "did", "layout": "varlen", "match": "flops",
+                                               "match_to": ["ar"]}], "'ar' is not a trained run"),
 ])
 def test_bad_run_entries_are_one_line_errors(runs, message):
     with pytest.raises(UserError, match=message):
