@@ -52,6 +52,8 @@ def fmt(v, kind: str = "auto") -> str:
         return f"{v:.3g}"
     if kind == "ratio":
         return f"{v:.2f}×"
+    if abs(v) >= 1e9 and kind != "int":   # an untrained model's PPL: digits beyond 4 carry nothing
+        return f"{v:.3g}"
     if v.is_integer() and (kind == "int" or abs(v) >= 1000):   # counts; a seed-mean may not be whole
         return f"{v:.0f}"
     a = abs(v)
