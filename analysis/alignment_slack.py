@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from baselines.flexmdm import oracle_bound
+from baselines.flexmdm import marginals, oracle_bound
 from harness.atomic import atomic_write_text
 
 
@@ -55,7 +55,7 @@ def single_sequence_slack(n: int, draws: int = 20000, seed: int = 0) -> tuple[fl
     values = []
     for r in range(draws):
         t = min((r + rng.random()) / draws, 1 - 1e-6)
-        p_abs, p_mask, _ = _marginals(t)
+        p_abs, p_mask, _ = marginals(t)
         states = []
         for _ in range(n):
             u = rng.random()
@@ -76,12 +76,6 @@ def single_sequence_slack(n: int, draws: int = 20000, seed: int = 0) -> tuple[fl
     mean = sum(values) / draws
     var = sum((v - mean) ** 2 for v in values) / (draws - 1)
     return mean, math.sqrt(var / draws)
-
-
-def _marginals(t: float) -> tuple[float, float, float]:
-    from baselines.flexmdm import marginals
-
-    return marginals(t)
 
 
 def toy_sources(max_n: int) -> list[tuple[str, dict[tuple, float]]]:

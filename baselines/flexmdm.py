@@ -441,12 +441,8 @@ def oracle_loss(source: dict[tuple, float], x: tuple, t: float) -> float:
         phis, lams = post[y]
         unmask = sum(-math.log(phis[j][tok]) for j, tok in enumerate(targets) if tok is not None)
         gap = sum(lam - k + (k * math.log(k / lam) if k > 0 else 0.0) for k, lam in zip(gaps, lams))
-        total += w * hazard_float(t) * (unmask + gap)
+        total += w * (unmask + gap) / (1.0 - t)  # the hazard a(t) = b(t)
     return total
-
-
-def hazard_float(t: float) -> float:
-    return 1.0 / (1.0 - t)
 
 
 def oracle_bound(source: dict[tuple, float], x: tuple) -> float:
