@@ -1,18 +1,22 @@
 """Tables, figures and the summary of a study, from the files under results/<study>/.
 
 `python -m analysis results/<study>` (which the workflow's report rule runs) calls
-`main(study_dir, config)`; the study's files are read by harness.study. No training code lives here.
+`main(study_dir, config)`; the study's files are read by harness.results.study. No training code lives here.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from harness.study import Study, load_study
+from harness.core.atomic import atomic_write_text
+from harness.core.config import load_config
+from harness.core.methods import UserError
+from harness.results.study import ALL_EVAL_FILES, EVAL_FILES, Study, load_study, run_dirs
 from analysis.figures import all_figures, bench_figure
+from analysis.frames import Table, to_markdown, write_table
 from analysis.sweep import sweep_figure, sweep_table
-from analysis.training import training_table
 from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary
-from analysis.tables import Table, all_tables, atomic_write_text, summary_table, to_markdown, write_table
+from analysis.tables import all_tables, summary_table
+from analysis.training import training_table
 
 __all__ = ["main", "load_study", "Study", "bench_figure", "write_summary"]
 
@@ -104,12 +108,9 @@ def _not_converged(r: dict) -> str:
 
 def _missing_evaluations(study: Study, config: dict | None = None) -> dict[str, list[str]]:
     """Per run, the evaluations the study's config asks for (evaluate.metrics) that have no file."""
-    from harness.study import ALL_EVAL_FILES, EVAL_FILES, run_dirs
-
     asked = ((config or {}).get("evaluate") or {}).get("metrics")
     if asked is None and config:
         try:   # the schema's default for this study (a synthetic corpus has exact metrics, no evaluator LM)
-            from harness.config import load_config
 
             asked = load_config(config)["evaluate"]["metrics"]
         except Exception:   # noqa: BLE001 (a partial config: every per-run metric is expected)
@@ -136,8 +137,6 @@ def main(study_dir, config: dict | None = None) -> list[Path]:
     """
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
-        from harness.methods import UserError   # lazy: importing torch only to report a mistake
-
         raise UserError(f"study directory {study_dir} does not exist (run the workflow first)")
     study = load_study(study_dir, config)
     files: list[Path] = []

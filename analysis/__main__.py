@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from harness.core.errors import UserError
+from analysis import main
+from analysis.paper import main as paper_main
 
 COMMANDS = ("paper",)
 EPILOG = ("subcommand:\n  paper STUDY_DIR   the paper's Table 1, gen PPL vs steps, length CDF and speed tables "
@@ -63,8 +66,6 @@ def paper_cli(argv) -> int:
     problem = _check(study_dir, args.config)
     if problem:
         return _fail(problem)
-    from analysis.paper import main as paper_main
-    from harness.errors import UserError
 
     try:
         files = paper_main(study_dir, _config(study_dir, args.config), args.out)
@@ -91,7 +92,6 @@ def cli(argv=None) -> int:
     problem = _check(study_dir, args.config)
     if problem:
         return _fail(problem)
-    from analysis import main
 
     for f in main(study_dir, _config(study_dir, args.config)):
         print(f)

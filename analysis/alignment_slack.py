@@ -20,8 +20,9 @@ import json
 import math
 from pathlib import Path
 
+from harness.core.atomic import atomic_write_text
+from harness.data.storage import load_split
 from baselines.flexmdm import marginals, oracle_bound
-from harness.atomic import atomic_write_text
 
 
 def _segment_terms(n_hidden: int, m: int, mask_idx, absent_counts) -> float:
@@ -119,8 +120,6 @@ def source_slack(data_dir: str, split: str, rows: int, draws: int) -> dict:
     Uses that the slack of a sequence depends on its length alone (checked exactly on the toy
     sources above: every sequence of n tokens of every source there has the same slack), so it is
     sum_i slack(n_i) over the rows, each slack(n) by `single_sequence_slack`."""
-    from harness.data import load_split
-
     data = load_split(data_dir, split, "varlen")
     n_rows = min(len(data), rows)
     lengths = [int(v) - 1 for v in data.batch(list(range(n_rows))).lengths.tolist()]

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from harness.study import GROUP, Study
+from harness.results.study import GROUP, Study
 
 #: the plateau criterion: the validation bound improved by less than this over the last quarter
 PLATEAU_NATS = 0.01

@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.atomic import atomic_write
-from harness.study import GROUP, Study, num
-from analysis.tables import aggregate, fmt, reference_methods, sort_rows
+from harness.core.atomic import atomic_write
+from harness.results.study import GROUP, Study, num
+from analysis.cost_tables import COST_SOURCE, SPEED_SOURCE, cost_sample_rows, cost_train_rows
+from analysis.frames import aggregate, fmt, reference_methods, sort_rows
 
 LINESTYLE = {"varlen": "-", "fixed": "--"}
 MARKER = {"varlen": "o", "fixed": "s"}
@@ -97,7 +98,7 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _log_x(ax) -> None:
+def log_x(ax) -> None:
     """Log x axis with plain-number tick labels (1, 2, 5 per decade)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -116,7 +117,7 @@ def save_figure(fig: Figure, path) -> Path:
     return atomic_write(path, "wb", lambda fh: fig.savefig(fh, format="png", dpi=130, bbox_inches="tight"))
 
 
-def _new(ncols: int = 1, title: str = "", height: float = 4.4, width: float = 6.2, sharey: bool = False) -> tuple[Figure, list]:
+def new_figure(ncols: int = 1, title: str = "", height: float = 4.4, width: float = 6.2, sharey: bool = False) -> tuple[Figure, list]:
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     axes = [fig.add_subplot(1, ncols, 1)]
     for i in range(1, ncols):
@@ -130,19 +131,19 @@ def _new(ncols: int = 1, title: str = "", height: float = 4.4, width: float = 6.
 
 @styled
 def placeholder(path, title: str, reason: str = "no results for this figure in this study") -> Path:
-    fig, (ax,) = _new(1, title)
+    fig, (ax,) = new_figure(1, title)
     ax.axis("off")
     ax.text(0.5, 0.5, reason, ha="center", va="center", fontsize=12, color="0.4", transform=ax.transAxes)
     return save_figure(fig, path)
 
 
-def _layouts(df: pd.DataFrame) -> list[str]:
+def layouts_present(df: pd.DataFrame) -> list[str]:
     order = ["varlen", "fixed"]
     present = [str(x) for x in df["layout"].dropna().unique()]
     return [x for x in order if x in present] + sorted(x for x in present if x not in order)
 
 
-def _steps_axis(ax, steps) -> None:
+def steps_axis(ax, steps) -> None:
     steps = sorted({float(s) for s in steps if np.isfinite(s)})
     if len(steps) > 1 and min(steps) > 0:
         ax.set_xscale("log", base=2)
@@ -166,8 +167,8 @@ def steps_figure(study: Study, config: dict | None, col: str, ylabel: str, title
     agg = sort_rows(aggregate(frame, GROUP + ["steps"], [col], keep=("ci95_lo", "ci95_hi") if ci else ()), config)
     colors = study_colors(study)
     many = agg["size"].nunique() > 1
-    layouts = _layouts(agg)
-    fig, axes = _new(len(layouts), title)
+    layouts = layouts_present(agg)
+    fig, axes = new_figure(len(layouts), title)
     for ax, layout in zip(axes, layouts):
         sub = agg[agg["layout"] == layout]
         for _, g in sub.groupby(GROUP, sort=False):
@@ -187,7 +188,7 @@ def steps_figure(study: Study, config: dict | None, col: str, ylabel: str, title
             ref = data_frame[data_frame["layout"] == layout][col].dropna()
             if len(ref):
                 ax.axhline(ref.mean(), color="0.3", ls=":", lw=1.5, label="data (real text)")
-        _steps_axis(ax, sub["steps"])
+        steps_axis(ax, sub["steps"])
         if logy:
             _log_y(ax)
         ax.set_ylabel(ylabel)
@@ -209,7 +210,7 @@ def lengths_figure(study: Study, config: dict | None, path) -> Path:
     model = model[model["steps"] == smax]
     colors = study_colors(study)
     many = model["size"].nunique() > 1
-    fig, (ax_h, ax_c) = _new(2, f"{title}, {fmt(smax, 'int')} sampling steps")
+    fig, (ax_h, ax_c) = new_figure(2, f"{title}, {fmt(smax, 'int')} sampling steps")
 
     def draw(g, **kw):
         c = g.groupby(["bin_lo", "bin_hi"], sort=True)["count"].sum().reset_index()   # pool seeds
@@ -255,7 +256,7 @@ def training_figure(study: Study, config: dict | None, path) -> Path:
         return placeholder(path, "Training loss", "no training histories in this study")
     colors = study_colors(study)
     has_wall = "wall_time" in h.columns and h["wall_time"].notna().any()
-    fig, axes = _new(2 if has_wall else 1, title)
+    fig, axes = new_figure(2 if has_wall else 1, title)
     runs = sort_rows(h[["run", "method", "layout", "size", "seed"]].drop_duplicates(), config)
     for _, r in runs.iterrows():
         g = h[h["run"] == r["run"]].dropna(subset=["loss"]).sort_values("step" if "step" in h else "wall_time")
@@ -294,7 +295,7 @@ def validation_figure(study: Study, config: dict | None, path) -> Path:
         ("train_flops", "training FLOPs (estimated, log scale)", True))
         if c in v.columns and v[c].notna().any() and (not log or (v[c] > 0).any())]
     colors = study_colors(study)
-    fig, axes = _new(len(panels), title)
+    fig, axes = new_figure(len(panels), title)
     runs = sort_rows(v[["run", "method", "layout", "size", "seed"]].drop_duplicates(), config)
     for _, r in runs.iterrows():
         g = v[v["run"] == r["run"]].sort_values("step" if "step" in v.columns else panels[0][0])
@@ -310,7 +311,7 @@ def validation_figure(study: Study, config: dict | None, path) -> Path:
                 ax.fill_between(x, y - err, y + err, color=kw["color"], alpha=0.15, lw=0)
     for ax, (col, label, log) in zip(axes, panels):
         if log:
-            _log_x(ax)
+            log_x(ax)
         ax.set_xlabel(label)
         ax.set_ylabel("strict validation bound (nats/token)")
     axes[-1].legend(fontsize=7, ncol=1 + len(runs) // 10)
@@ -357,7 +358,7 @@ def hbar_panel(ax, df: pd.DataFrame, col: str, *, order: list[str], colors: dict
     text = {(r["case"], r["method"]): r[labels] for r in df.to_dict("records")} if labels else {}
     top = float(np.nanmax(df[f"{col}_hi"].to_numpy(float)))
     if logx:
-        _log_x(ax)
+        log_x(ax)
         lo = float(np.nanmin(df[f"{col}_lo"].where(df[f"{col}_lo"] > 0, df[col]).to_numpy(float)))
         ax.set_xlim(lo / 1.6, top * (3.0 if labels else 1.5))
     else:
@@ -403,11 +404,9 @@ def _ratio_label(v, what: str = "DID") -> str | None:
 
 def _cost_frames(study: Study, config: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, set]:
     """(train rows, sample rows, sources): the interleaved cost job per layout, speed.json otherwise."""
-    from analysis.tables import COST_SOURCE, SPEED_SOURCE, _cost_sample_rows, _cost_train_rows
-
     ref = reference_methods(config)
-    tr = _cost_train_rows(study, ref)
-    sp = _cost_sample_rows(study, ref)
+    tr = cost_train_rows(study, ref)
+    sp = cost_sample_rows(study, ref)
     tr = sort_rows(tr[pd.to_numeric(tr.get("tokens_per_s"), errors="coerce").notna()], config) if len(tr) else tr
     sp = sort_rows(sp[pd.to_numeric(sp.get("s_per_sample"), errors="coerce").notna()], config) if len(sp) else sp
     out = []
@@ -424,8 +423,6 @@ def _cost_frames(study: Study, config: dict | None) -> tuple[pd.DataFrame, pd.Da
 def cost_figure(study: Study, config: dict | None, path) -> Path:
     """Training throughput and inference time per sample at every steps value, a bar per method,
     with the ratio to DID written on each bar; the interleaved cost job where the study has one."""
-    from analysis.tables import COST_SOURCE
-
     ref = reference_methods(config)
     tr, sp, sources = _cost_frames(study, config)
     if tr.empty and sp.empty:
@@ -450,7 +447,7 @@ def cost_figure(study: Study, config: dict | None, path) -> Path:
     n_tr = len(tr) + 2 * tr["case"].nunique() if len(tr) else 1
     n_sp = len(sp) + 2 * sp["case"].nunique() if len(sp) else 1
     height = _bar_height(0, max(n_tr, n_sp))
-    fig, (a1, a2) = _new(2, f"Cost relative to DID (reference: {refs})\n{how}", height=height, width=6.4)
+    fig, (a1, a2) = new_figure(2, f"Cost relative to DID (reference: {refs})\n{how}", height=height, width=6.4)
     if len(tr):
         hbar_panel(a1, tr, "tokens_per_s", order=list(dict.fromkeys(tr["case"])), colors=colors, labels="label",
                    xlabel="training throughput (clean tokens/s, higher is faster)")
@@ -543,7 +540,7 @@ def bench_plot(obj: dict, title: str) -> Figure | None:
         order = sorted(order, key=lambda c: rank[c])
     colors = method_colors(df["method"])
     sub = ", ".join(x for x in (obj.get("device", ""), detail, f"{obj.get('repeats', '?')} repeats") if x)
-    fig, (a1, a2) = _new(2, f"{title}\n{sub}; bars: median, whiskers: min–max over repeats",
+    fig, (a1, a2) = new_figure(2, f"{title}\n{sub}; bars: median, whiskers: min–max over repeats",
                          height=_bar_height(len(order), len(df) + len(order)), width=6.6, sharey=True)
     positive = df[value][df[value] > 0]
     logx = bool(len(positive) and positive.max() / positive.min() > 20)
@@ -578,7 +575,7 @@ def _attention_plot(obj: dict, rows: list[dict], title: str) -> Figure | None:
     order = list(dict.fromkeys(df["case"]))
     colors = method_colors(df["method"])
     sub = f"{obj.get('size', '')} heads, {obj.get('threads', '?')} threads; bars: median, whiskers: min–max"
-    fig, (a1, a2) = _new(2, f"{title}\n{sub}", height=_bar_height(len(order), len(df) + len(order)),
+    fig, (a1, a2) = new_figure(2, f"{title}\n{sub}", height=_bar_height(len(order), len(df) + len(order)),
                          width=6.6, sharey=True)
     hbar_panel(a1, df, "ms", order=order, colors=colors, labels="v_label",
                xlabel="attention forward + backward (ms)")

@@ -22,7 +22,7 @@
 Every table has a notes block on each convention that differs from the paper's (evaluator LM,
 tokenizer and token counting, data, steps, model size and training budget), written from the
 study's own files (manifest, configs, result settings), so it is true for the study it sits in.
-Nothing here computes a metric: the numbers are read through harness.study (`load_study`) and
+Nothing here computes a metric: the numbers are read through harness.results.study (`load_study`) and
 pooled over seeds. No timestamps go into the files, so the output is deterministic.
 
 Published numbers (`PAPER_*` below) are the paper's (Ding et al., "Beyond Masks", ICLR 2026) as
@@ -37,11 +37,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import (COST_SOURCE, DASH, SPEED_SOURCE, Table, _cost_sample_rows, _cost_train_rows, fmt,
-                             missing, range_text, reference_methods, sort_rows, to_markdown)
-from harness.atomic import atomic_write_text
-from harness.errors import UserError
-from harness.study import GROUP, Study, ci_bounds, load_study, num, read_json, run_dirs
+from harness.core.atomic import atomic_write_text
+from harness.core.errors import UserError
+from harness.core.records import read_jsonl
+from harness.metrics.lengths import ecdf_distances
+from harness.results.study import GROUP, Study, ci_bounds, load_study, num, read_json, run_dirs
+from analysis import figures as F
+from analysis.cost_tables import COST_SOURCE, SPEED_SOURCE, cost_sample_rows, cost_train_rows, range_text
+from analysis.frames import DASH, Table, fmt, missing, reference_methods, sort_rows, to_markdown
 
 Z95 = 1.959963984540054
 
@@ -668,8 +671,6 @@ def _genppl_notes(study: Study, config, g: pd.DataFrame, steps, same: bool) -> l
 def length_samples(study: Study) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(generated lengths: ID + steps + length, data lengths: ID + length, what a length counts) of the
     varlen runs: lengths.json's stored lengths, else samples.jsonl / references.jsonl."""
-    from harness.results import read_jsonl
-
     gen, ref, unit = [], [], ""
     for r in _runs(study, "varlen").to_dict("records"):
         ident = {k: r[k] for k in ("run", "method", "layout", "size", "seed")}
@@ -711,8 +712,6 @@ def length_samples(study: Study) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 def length_cdf(study: Study, config: dict | None, out_dir: Path) -> tuple[Path, Path, pd.DataFrame, str]:
     """paper/length_cdf.png (a panel per steps count) and length_cdf.csv (n, mean, quantiles, KS and
     W1 to the data per row). Returns the paths, the CSV frame and the length unit."""
-    from analysis import figures as F
-    from harness.evaluate.lengths import ecdf_distances
 
     gen, ref, unit = length_samples(study)
     png, csv = out_dir / "length_cdf.png", out_dir / "length_cdf.csv"
@@ -743,7 +742,7 @@ def length_cdf(study: Study, config: dict | None, out_dir: Path) -> tuple[Path, 
 
         shown = steps if len(steps) <= 4 else [steps[i] for i in np.linspace(0, len(steps) - 1, 4).round().astype(int)]
         colors = F.study_colors(study)
-        fig, axes = F._new(len(shown), title, width=5.4, sharey=True)
+        fig, axes = F.new_figure(len(shown), title, width=5.4, sharey=True)
         pmf = np.asarray(study.length_pmf, float) if study.length_pmf else None
         for ax, s in zip(axes, shown):
             if ref_len.size:
@@ -773,8 +772,8 @@ def length_cdf(study: Study, config: dict | None, out_dir: Path) -> tuple[Path, 
 # --- speed -------------------------------------------------------------------------------------------
 def speed_table(study: Study, config: dict | None) -> PaperTable:
     ref = reference_methods(config)
-    train = _cost_train_rows(study, ref)
-    sample = _cost_sample_rows(study, ref)
+    train = cost_train_rows(study, ref)
+    sample = cost_sample_rows(study, ref)
     steps = sorted(sample["steps"].dropna().unique()) if len(sample) and "steps" in sample else []
     keys = pd.concat([f[GROUP] for f in (train, sample) if len(f)]).drop_duplicates() if len(train) or len(sample) \
         else pd.DataFrame(columns=GROUP)

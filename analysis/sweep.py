@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.tables import DASH, Table, _disp, fmt, missing
-from harness.study import Study
+from harness.results.study import Study
+from analysis import figures as F
+from analysis.frames import DASH, Table, display_columns, fmt, missing
 
 
 def sweep_points(study: Study) -> pd.DataFrame:
@@ -77,7 +78,7 @@ def sweep_table(study: Study, config: dict | None) -> Table:
     budget = (f" Every point saw the same training sequences ({', '.join(fmt(s, 'int') for s in steps)} steps by "
               "batch)." if steps else "")
     return Table("sweep", "Learning-rate x batch sweep: final validation bound (nats/token; lower is better)",
-                 summary, _disp(disp, {c: disp[c] for c in disp.columns}) if len(disp) else disp, [
+                 summary, display_columns(disp, {c: disp[c] for c in disp.columns}) if len(disp) else disp, [
         "Each cell: the strict validation bound of the EMA weights at the end of training (train.json), mean over "
         "seeds; * marks the method's best point, which the headline runs use." + budget,
         "Std. error at best: the standard error of the best point's validation estimate (its rows and Monte-Carlo "
@@ -92,7 +93,6 @@ def sweep_figure(study: Study, config: dict | None, path):
     (steps x batch: the grid's common budget), colour by learning rate, line style by batch."""
     from matplotlib import colormaps
 
-    from analysis import figures as F
 
     h = study.history
     runs = study.runs
@@ -112,7 +112,7 @@ def sweep_figure(study: Study, config: dict | None, path):
 
     @F.styled
     def draw():
-        fig, axes = F._new(len(methods), title, width=4.6, sharey=True)
+        fig, axes = F.new_figure(len(methods), title, width=4.6, sharey=True)
         for ax, m in zip(axes, methods):
             for (lr, b), g in v[v["base_method"] == m].groupby(["lr", "batch_size"]):
                 g = g.sort_values("sequences")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis import stats
-from analysis import convergence
-from analysis.tables import (DASH, FMARK, GROUP, MARK, MARK_NOTE, Table, _disp, _ensure, _f, _ident_display, _key, _ref_key,
-                             _runs_of, _stack, aggregate, bound_difference, ci_text, data_rows, facts_of, fmt,
-                             lowest_seed_samples, missing, with_sampling_error, pm, reference_methods, sort_rows, with_facts)
-from harness.study import Study
+from harness.results.study import GROUP, Study
+from analysis import convergence, figures as F, stats
+from analysis.frames import (DASH, Table, aggregate, ci_text, data_rows, display_columns, ensure_columns, facts_of,
+                             fmt, fmt_column, ident_display, missing, pm, reference_key, reference_methods, row_key,
+                             runs_of, sort_rows, stack_frames, with_facts)
+from analysis.tables import FMARK, MARK, MARK_NOTE, bound_difference, lowest_seed_samples, with_sampling_error
 
 GAP_COLS = ["strict_nats_per_token", "paper_nats_per_token", "exact_nats_per_token", "strict_negative_rows",
             "paper_negative_rows", "strict_n_sequences"]
@@ -29,14 +29,14 @@ def _gap_err(r: dict, col: str) -> float:
 def bound_gap_table(study: Study, config: dict | None) -> Table:
     """Per method: strict and paper-convention bound minus the exact NLL of the same test rows."""
     ref = reference_methods(config)
-    frame = _ensure(study.bound_gap, GAP_COLS + ["strict_stderr", "paper_stderr"])
+    frame = ensure_columns(study.bound_gap, GAP_COLS + ["strict_stderr", "paper_stderr"])
     agg = sort_rows(aggregate(frame, GROUP, GAP_COLS, keep=("strict_stderr", "paper_stderr")), config)
     recs = agg.to_dict("records")
     # the gap difference between two methods IS their bound difference (the same rows, the exact
     # NLL cancels): the ppl table's test, paired over rows (one seed) or Welch over seeds
-    diffs = [bound_difference(study, _key(r), _ref_key(r, ref)) if _ref_key(r, ref) else None for r in recs]
+    diffs = [bound_difference(study, row_key(r), reference_key(r, ref)) if reference_key(r, ref) else None for r in recs]
     fref = convergence.flops_reference(study, ref)
-    diffs_f = [bound_difference(study, _key(r), _ref_key(r, fref)) if _ref_key(r, fref) else None for r in recs]
+    diffs_f = [bound_difference(study, row_key(r), reference_key(r, fref)) if reference_key(r, fref) else None for r in recs]
     agg["diff_vs_flops_ref"] = [np.nan if d is None else d.estimate for d in diffs_f]
     agg["diff_flops_lo"] = [np.nan if d is None else d.lo for d in diffs_f]
     agg["diff_flops_hi"] = [np.nan if d is None else d.hi for d in diffs_f]
@@ -61,14 +61,14 @@ def bound_gap_table(study: Study, config: dict | None) -> Table:
 
     facts = facts_of(study, config)
     vs_f = {"vs DID-F (95%)": [diff_text(d) for d in diffs_f]} if fref else {}
-    disp = _disp(agg, {**_ident_display(agg, facts=facts), "Seeds": _f(agg, "n_seeds", "int"),
+    disp = display_columns(agg, {**ident_display(agg, facts=facts), "Seeds": fmt_column(agg, "n_seeds", "int"),
                        "Bound gap, strict (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"])
                                                           for r in agg.to_dict("records")],
                        ("vs DID-S (95%)" if fref else "vs DID (95%)"): [diff_text(d) for d in diffs], **vs_f,
                        "Gap, paper conv.": [pm(r["paper_nats_per_token"], r["paper_err"])
                                             for r in agg.to_dict("records")],
-                       "Exact NLL of the rows": _f(agg, "exact_nats_per_token"),
-                       "Rows": _f(agg, "strict_n_sequences", "int")})
+                       "Exact NLL of the rows": fmt_column(agg, "exact_nats_per_token"),
+                       "Rows": fmt_column(agg, "strict_n_sequences", "int")})
     data = with_facts(agg[GROUP + ["n_seeds", "strict_nats_per_token", "strict_err", "err_kind", "diff_vs_ref",
                                    "diff_lo", "diff_hi", "diff_significant", "diff_vs_flops_ref", "diff_flops_lo",
                                    "diff_flops_hi", "diff_flops_significant", "strict_below_zero",
@@ -97,7 +97,7 @@ def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[
     over seeds widened by a bootstrap over all seeds' samples with several seeds, else a
     two-sample bootstrap over the samples of the lowest seed."""
     out: dict[str, stats.Diff | None] = {"nll": None, "invalid": None}
-    a, b = (_runs_of(study.exact, k) for k in (key, ref_key))
+    a, b = (runs_of(study.exact, k) for k in (key, ref_key))
     a, b = (x[x["steps"] == steps] if len(x) else x for x in (a, b))
     if a.empty or b.empty:
         return out
@@ -126,14 +126,14 @@ def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[
 def exact_samples_table(study: Study, config: dict | None) -> Table:
     """Per method and sampling steps: the samples scored by the source itself, next to the data."""
     ref = reference_methods(config)
-    frame = _ensure(study.exact, _SAMPLE_COLS + list(_SAMPLE_KEEP))
+    frame = ensure_columns(study.exact, _SAMPLE_COLS + list(_SAMPLE_KEEP))
     agg = aggregate(frame, GROUP + ["steps"], _SAMPLE_COLS, keep=_SAMPLE_KEEP)
-    data = data_rows(_ensure(study.exact_data, _SAMPLE_COLS + list(_SAMPLE_KEEP)),
+    data = data_rows(ensure_columns(study.exact_data, _SAMPLE_COLS + list(_SAMPLE_KEEP)),
                      _SAMPLE_COLS + list(_SAMPLE_KEEP)).assign(steps=np.nan)
-    rows = _ensure(_stack(config, agg, data), agg.columns)
+    rows = ensure_columns(stack_frames(config, agg, data), agg.columns)
     recs = rows.to_dict("records")
-    diffs = [sample_differences(study, _key(r), _ref_key(r, ref), r["steps"])
-             if r["method"] != "data" and _ref_key(r, ref) else {} for r in recs]
+    diffs = [sample_differences(study, row_key(r), reference_key(r, ref), r["steps"])
+             if r["method"] != "data" and reference_key(r, ref) else {} for r in recs]
     rows["nll_diff_vs_ref"] = [d["nll"].estimate if d.get("nll") else np.nan for d in diffs]
     rows["nll_significant"] = [d["nll"].significant if d.get("nll") else None for d in diffs]
     rows["invalid_diff_vs_ref"] = [d["invalid"].estimate if d.get("invalid") else np.nan for d in diffs]
@@ -168,18 +168,18 @@ def exact_samples_table(study: Study, config: dict | None) -> Table:
         return text + ("" if missing(r.get(null)) else f" (null q95 {fmt(r[null])})")
 
     facts = facts_of(study, config)
-    disp = _disp(rows, {**_ident_display(rows, steps=True, facts=facts),
+    disp = display_columns(rows, {**ident_display(rows, steps=True, facts=facts),
                         "Exact NLL (nats/token)": [mark(nll_cell(r), d.get("nll")) for r, d in zip(recs, diffs)],
                         "Invalid [95%]": [mark(invalid_cell(r), d.get("invalid")) for r, d in zip(recs, diffs)],
-                        "Unigram entropy": _f(rows, "unigram_entropy_mean"),
-                        "Mean length": _f(rows, "len_mean"),
+                        "Unigram entropy": fmt_column(rows, "unigram_entropy_mean"),
+                        "Mean length": fmt_column(rows, "len_mean"),
                         "Length TV to the law": [length_cell(r, "len_tv", "len_null_tv_q95") for r in recs],
                         "Length KS": [length_cell(r, "len_ks", "len_null_ks_q95") for r in recs],
-                        "Samples": _f(rows, "n", "int"),
+                        "Samples": fmt_column(rows, "n", "int"),
                         "Whole docs in windows: exact NLL": [mark(nll_doc_cell(r), d.get("doc_nll"))
                                                              for r, d in zip(recs, diffs)],
                         "invalid": [mark(invalid_cell(r, "doc_"), d.get("doc_invalid")) for r, d in zip(recs, diffs)],
-                        "documents": _f(rows, "doc_n", "int")})
+                        "documents": fmt_column(rows, "doc_n", "int")})
     cols = ["method", "layout", "size", "steps", "n_seeds"] + [x for c in _SAMPLE_COLS for x in (c, f"{c}_sd")]
     out = with_facts(rows[cols + list(_SAMPLE_KEEP) + ["nll_diff_vs_ref", "nll_significant", "invalid_diff_vs_ref",
                                                        "invalid_significant", "doc_nll_significant",
@@ -259,7 +259,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
 
     def both_converged(r, refs) -> bool:
         other = refs.get(r["layout"])
-        return conv.get(_key(r), False) and conv.get((other, r["layout"], r["size"]), False)
+        return conv.get(row_key(r), False) and conv.get((other, r["layout"], r["size"]), False)
 
     def diff_cell(r, col, lo, hi, sig, refs, mark=MARK):
         if missing(r.get(col)):
@@ -269,7 +269,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
             return text + " (n.c.)"
         return text + (f" {mark}" if r.get(sig) is True else "")
 
-    cols = {**_ident_display(trained, facts=facts), "Seeds": _f(trained, "n_seeds", "int"),
+    cols = {**ident_display(trained, facts=facts), "Seeds": fmt_column(trained, "n_seeds", "int"),
             "Bound gap (nats/token)": [pm(r["strict_nats_per_token"], r["strict_err"]) for r in recs],
             ("vs DID-S [95%]" if fref else "vs DID [95%]"): [diff_cell(r, "diff_vs_ref", "diff_lo", "diff_hi",
                                                                       "diff_significant", ref) for r in recs]}
@@ -292,12 +292,12 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
                 levels[key] = hit.iloc[0].to_dict()
         mrecs = m.to_dict("records")
         init = [levels.get((r["base_method"], r["layout"], r["size"])) for r in mrecs]
-        past = {_key(r): _past(r["invalid_fraction"], _sample_err(r, "invalid_fraction"),
+        past = {row_key(r): _past(r["invalid_fraction"], _sample_err(r, "invalid_fraction"),
                                None if lv is None else lv["invalid_fraction"]) for r, lv in zip(mrecs, init)}
 
         def comparable(r, refs) -> bool:
             other = (refs.get(r["layout"]), r["layout"], r["size"])
-            return both_converged(r, refs) and past.get(_key(r), False) and past.get(other, False)
+            return both_converged(r, refs) and past.get(row_key(r), False) and past.get(other, False)
 
         def mark(r, significant, refs, sign):
             if significant is not True:
@@ -310,9 +310,9 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
             for r in mrecs:
                 fk = (fref.get(r["layout"]), r["layout"], r["size"])
                 if fk[0] and fk[0] != r["method"]:
-                    d = sample_differences(study, _key(r), fk, k)
+                    d = sample_differences(study, row_key(r), fk, k)
                     lay_doc = r["layout"] == "fixed"
-                    f_sig[_key(r)] = (d.get("doc_nll" if lay_doc else "nll"), d.get("doc_invalid" if lay_doc else "invalid"))
+                    f_sig[row_key(r)] = (d.get("doc_nll" if lay_doc else "nll"), d.get("doc_invalid" if lay_doc else "invalid"))
         kk = fmt(k, "int")
 
         def nll_text(r):
@@ -320,7 +320,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
             if text == DASH:
                 return text
             text += mark(r, r["nll_significant"], ref, MARK)
-            fs = f_sig.get(_key(r), (None, None))[0]
+            fs = f_sig.get(row_key(r), (None, None))[0]
             return text + (mark(r, fs.significant, fref, FMARK) if fs is not None else "")
 
         def invalid_text(r, lv):
@@ -330,7 +330,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
             if lv is not None and not missing(lv.get("invalid_fraction")):
                 text += f" (init {100 * lv['invalid_fraction']:.0f}%)"
             text += mark(r, r["invalid_significant"], ref, MARK)
-            fs = f_sig.get(_key(r), (None, None))[1]
+            fs = f_sig.get(row_key(r), (None, None))[1]
             return text + (mark(r, fs.significant, fref, FMARK) if fs is not None else "")
 
         cols[f"Exact NLL @{kk}"] = [nll_text(r) for r in mrecs]
@@ -338,9 +338,9 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
         data[f"exact_nll_{int(k)}"] = m["nats_per_token"].to_numpy()
         data[f"invalid_{int(k)}"] = m["invalid_fraction"].to_numpy()
         data[f"invalid_{int(k)}_untrained"] = [np.nan if lv is None else lv.get("invalid_fraction") for lv in init]
-        data[f"invalid_{int(k)}_past_untrained"] = [past.get(_key(r)) for r in mrecs]
+        data[f"invalid_{int(k)}_past_untrained"] = [past.get(row_key(r)) for r in mrecs]
         shown = lambda r, sig, refs: sig is True and comparable(r, refs)   # noqa: E731
-        fsig = lambda r, i: getattr(f_sig.get(_key(r), (None, None))[i], "significant", None)   # noqa: E731
+        fsig = lambda r, i: getattr(f_sig.get(row_key(r), (None, None))[i], "significant", None)   # noqa: E731
         data[f"nll_{int(k)}_significant"] = [shown(r, r["nll_significant"], ref) for r in mrecs]
         data[f"invalid_{int(k)}_significant"] = [shown(r, r["invalid_significant"], ref) for r in mrecs]
         data[f"nll_{int(k)}_flops_significant"] = [shown(r, fsig(r, 0), fref) for r in mrecs]
@@ -353,7 +353,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
              + " (Welch's t over seeds with several, else paired over test rows for bounds and a bootstrap over "
                "samples), shown only where both rows converged (n.c.: not converged) and, for samples, both are "
                "clearly below their untrained invalid level.")
-    return Table("summary", "Headline results (synthetic corpus: exact metrics)", data, _disp(trained, cols), [
+    return Table("summary", "Headline results (synthetic corpus: exact metrics)", data, display_columns(trained, cols), [
         "Bound gap: strict bound minus the exact NLL of the same test rows (bound_gap table). Exact NLL @N: "
         "samples at N sampling steps scored by the source (exact_samples table), to compare with the data's "
         "exact NLL; fixed-layout rows score the documents their windows hold whole." + note,
@@ -384,8 +384,6 @@ def _gap_curves(study: Study) -> pd.DataFrame:
 
 def gap_curve_figure(study: Study, config: dict | None, path):
     """Bound gap on the validation rows vs optimizer step and vs training FLOPs, mean ± sd over seeds."""
-    from analysis import figures as F
-
     title = ("Bound gap during training: strict validation bound minus the exact NLL of the same rows\n"
              "(synthetic corpus; mean ± sd over seeds; 0 = the true law with a tight bound)")
     v = _gap_curves(study)
@@ -398,7 +396,7 @@ def gap_curve_figure(study: Study, config: dict | None, path):
                                                     ("train_flops", "training FLOPs (estimated, log scale)", True))
                   if c in v.columns and v[c].notna().any()]
         colors = F.study_colors(study)
-        fig, axes = F._new(len(panels), title)
+        fig, axes = F.new_figure(len(panels), title)
         for (m, lay, size), g in sort_rows(v, config).groupby(GROUP, sort=False):
             kw = dict(color=colors[str(m)], ls=F.LINESTYLE.get(lay, "-"), marker=F.MARKER.get(lay, "o"), ms=3.5)
             for ax, (col, _, log) in zip(axes, panels):
@@ -409,7 +407,7 @@ def gap_curve_figure(study: Study, config: dict | None, path):
                 ax.fill_between(a["x"], a["y"] - sd, a["y"] + sd, color=kw["color"], alpha=0.15, lw=0)
         for ax, (col, lab, log) in zip(axes, panels):
             if log:
-                F._log_x(ax)
+                F.log_x(ax)
             ax.axhline(0, color="0.3", lw=1, ls=":")
             ax.set_xlabel(lab)
             ax.set_ylabel("bound gap (nats/token)")
@@ -433,8 +431,6 @@ def _whole_documents_for_fixed(frame: pd.DataFrame) -> pd.DataFrame:
 
 def exact_steps_figure(study: Study, config: dict | None, path):
     """Exact sample NLL and invalid fraction vs sampling steps, per layout, with the data's value."""
-    from analysis import figures as F
-
     title = "Samples scored by the source vs sampling steps (synthetic corpus; bars: sd over seeds or 95% CI)"
     frame = study.exact
     if frame.empty or frame["nats_per_token"].notna().sum() == 0:
@@ -445,7 +441,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
         f = _whole_documents_for_fixed(frame)
         agg = sort_rows(aggregate(f, GROUP + ["steps"], ["nats_per_token", "invalid_fraction"],
                                   keep=("stderr", "invalid_ci95_lo", "invalid_ci95_hi")), config)
-        layouts = F._layouts(agg)
+        layouts = F.layouts_present(agg)
         colors = F.study_colors(study)
         untrained = convergence.untrained_labels(study)
         fig = F.Figure(figsize=(6.2 * len(layouts), 8.2), layout="constrained")
@@ -474,7 +470,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
             if len(ref):
                 ax_n.axhline(ref["nats_per_token"].mean(), color="0.3", ls=":", lw=1.5, label="data (held out)")
             for ax in (ax_n, ax_i):
-                F._steps_axis(ax, sub["steps"])
+                F.steps_axis(ax, sub["steps"])
                 ax.grid(True, alpha=0.3)
             ax_n.set_title(f"{layout} layout" + (": the documents windows hold whole" if layout == "fixed" else ""),
                            fontsize=10)
@@ -489,8 +485,6 @@ def exact_steps_figure(study: Study, config: dict | None, path):
 
 def length_cdf_figure(study: Study, config: dict | None, path):
     """Generated length CDF per method (pooled over seeds) against the source's exact length law."""
-    from analysis import figures as F
-
     per = study.exact_samples
     title = "Generated length CDF vs the exact length law (synthetic corpus, variable-length runs)"
     if per.empty or "length" not in per.columns or per["length"].notna().sum() == 0 or not study.length_pmf:
@@ -502,7 +496,7 @@ def length_cdf_figure(study: Study, config: dict | None, path):
         steps = sorted(p["steps"].dropna().unique())
         shown = [steps[0], steps[-1]] if len(steps) > 1 else steps
         colors = F.study_colors(study)
-        fig, axes = F._new(len(shown), title, sharey=True)
+        fig, axes = F.new_figure(len(shown), title, sharey=True)
         pmf = np.asarray(study.length_pmf, float)
         law = np.cumsum(pmf)
         for ax, k in zip(axes, shown):

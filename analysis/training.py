@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.results.study import GROUP, Study
 from analysis import convergence
-from analysis.tables import GROUP, Table, _disp, _ensure, _f, _ident_display, aggregate, facts_of, pm, sort_rows, with_facts
-from harness.study import Study
+from analysis.frames import (Table, aggregate, display_columns, ensure_columns, facts_of, fmt_column, ident_display,
+                             pm, sort_rows, with_facts)
 
 COLS = ["lr", "clipped_fraction", "grad_norm_median", "valid_nats_per_token", "train_flops", "wall_seconds"]
 
 
 def training_table(study: Study, config: dict | None) -> Table:
-    runs = _ensure(study.runs, ["lr", "clipped_fraction", "grad_norm_median", "valid_nats_per_token", "flops_per_step",
+    runs = ensure_columns(study.runs, ["lr", "clipped_fraction", "grad_norm_median", "valid_nats_per_token", "flops_per_step",
                                 "wall_seconds", "steps"])
     runs = runs.assign(train_flops=runs["flops_per_step"].astype(float) * runs["steps"].astype(float))
     agg = sort_rows(aggregate(runs, GROUP, COLS), config)
@@ -30,14 +31,14 @@ def training_table(study: Study, config: dict | None) -> Table:
     else:
         agg["improvement"] = np.nan
     pct = lambda v: "–" if v != v else f"{100 * v:.0f}%"   # noqa: E731
-    disp = _disp(agg, {**_ident_display(agg, facts=facts), "Seeds": _f(agg, "n_seeds", "int"),
-                       "LR": _f(agg, "lr"),
+    disp = display_columns(agg, {**ident_display(agg, facts=facts), "Seeds": fmt_column(agg, "n_seeds", "int"),
+                       "LR": fmt_column(agg, "lr"),
                        "Clipped steps": [pct(v) for v in agg["clipped_fraction"]],
-                       "Grad norm (median, pre-clip)": _f(agg, "grad_norm_median"),
+                       "Grad norm (median, pre-clip)": fmt_column(agg, "grad_norm_median"),
                        "Valid bound (nats/token)": [pm(r["valid_nats_per_token"], r["valid_nats_per_token_sd"])
                                                     for r in agg.to_dict("records")],
                        "Train FLOPs": ["–" if v != v else f"{v:.3g}" for v in agg["train_flops"]],
-                       "Train s": _f(agg, "wall_seconds", "int")})
+                       "Train s": fmt_column(agg, "wall_seconds", "int")})
     data = with_facts(agg[GROUP + ["n_seeds"] + [x for c in COLS for x in (c, f"{c}_sd")] + ["improvement"]], facts)
     return Table("training", "How each row was trained: budget, clipping, validation bound and plateau", data, disp, [
         "Clipped steps: the share of optimizer steps whose gradient norm exceeded train.grad_clip (every method's "

@@ -2,7 +2,7 @@
 
 Fixed layout: input x[:, :-1] predicts x[:, 1:] (L-1 targets). Variable length: the input is
 [BOS] content and the targets are content [EOS], so the EOS is the termination event and
-N(x) = content + 1, as in `harness.batch.predicted_tokens`. The NLL is exact. BOS, PAD and MASK
+N(x) = content + 1, as in `harness.core.batch.predicted_tokens`. The NLL is exact. BOS, PAD and MASK
 are never valid outputs: their logits are -inf in the loss, the NLL and the sampler alike.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.batch import Batch, Vocab
-from harness.methods import Method, SampleResult, UserError, check_convention, register
-from harness.sampling import sample_categorical
+from harness.core.backbone import Backbone, backbone_config
+from harness.core.batch import Batch, Vocab
+from harness.core.methods import Method, SampleResult, UserError, check_convention, register
+from harness.core.sampling import sample_categorical
 
 
 # --- pure math (tested against the worked example of spec 4.d) ---------------------------
@@ -76,7 +77,7 @@ def per_sequence_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 
 
 def on_generator_device(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Move `t` to the generator's device: harness.sampling draws its noise next to the data."""
+    """Move `t` to the generator's device: harness.core.sampling draws its noise next to the data."""
     return t if generator is None or t.device == generator.device else t.to(generator.device)
 
 
@@ -109,7 +110,6 @@ class AR(Method):
         if not isinstance(opts["kv_cache"], bool):
             raise UserError(f"ar option kv_cache must be true or false, got {opts['kv_cache']!r}")
         self.kv_cache = opts["kv_cache"]
-        from harness.backbone import Backbone, backbone_config
 
         cfg = backbone_config(size, time_cond=False, causal=True, dropout=float(opts["dropout"]), max_len=max_len)
         self.backbone = Backbone(cfg, vocab.size)

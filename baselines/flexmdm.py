@@ -30,12 +30,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from harness.core.backbone import Backbone, backbone_config
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import Method, SampleResult, UserError, check_convention, register
+from harness.core.sampling import sample_categorical
+from harness.core.schedule import stratified_uniform
 from baselines.ar import on_generator_device, suppress
 from baselines.ilm import drop_plan
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import Method, SampleResult, UserError, check_convention, register
-from harness.sampling import sample_categorical
-from harness.schedule import stratified_uniform
 
 CLOCK_EPS = 1e-6  # insertion clocks are shifted into (eps, 1] so no token is present at t = 0
 T_MAX = 1 - 1e-6  # the hazards 1 / (1 - t) blow up at t = 1: t is kept at or below this
@@ -195,7 +196,6 @@ class FlexMDM(Method):
         self.sample_batch_size = int(opts["sample_batch_size"])
         if self.sample_batch_size < 1:
             raise UserError("flexmdm sample_batch_size must be >= 1")
-        from harness.backbone import Backbone, backbone_config
 
         cfg = backbone_config(size, time_cond=True, dropout=float(opts["dropout"]), max_len=max_len)
         self.backbone = Backbone(cfg, vocab.size)

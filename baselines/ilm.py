@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from harness.core.backbone import Backbone, backbone_config
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import Method, SampleResult, UserError, check_convention, register
+from harness.core.sampling import exp_race, sample_categorical
+from harness.core.schedule import stratified_uniform
 from baselines.ar import on_generator_device, row_logsumexp, suppress
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import Method, SampleResult, UserError, check_convention, register
-from harness.sampling import exp_race, sample_categorical
-from harness.schedule import stratified_uniform
 
 STOP, MORE = 0, 1  # stop-head classes: 0 = sequence complete, 1 = more to insert
 
@@ -165,7 +166,6 @@ class ILM(Method):
         self.slot_policy = opts["slot_policy"]
         self.stop_policy = opts["stop_policy"]
         self.stop_threshold = float(opts["stop_threshold"])
-        from harness.backbone import Backbone, backbone_config
 
         cfg = backbone_config(size, time_cond=False, causal=False, dropout=float(opts["dropout"]), max_len=max_len)
         self.backbone = Backbone(cfg, vocab.size)

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import Method, SampleResult, UserError, check_convention
-from harness import sampling
-from harness.sampling import bernoulli_at_least_one, sample_categorical, top_p_filter
-from harness.schedule import T_MIN, alpha, elbo_weight, sigma_bar
+from harness.core import sampling
+from harness.core.backbone import Backbone, backbone_config
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import Method, SampleResult, UserError, check_convention
+from harness.core.sampling import bernoulli_at_least_one, sample_categorical, top_p_filter
+from harness.core.schedule import T_MIN, alpha, elbo_weight, sigma_bar
 
 #: Logit given to impossible tokens (MDLM's SUBS constant). Log-softmax runs in float32, where
 #: -1e6 is safe; float16 overflows it to -inf and NaNs follow (mdlm #7), so use -1e3 there.
@@ -181,7 +182,7 @@ class MaskedDiffusion(Method):
     Bound vs N(x). In the varlen layout the bound is on -log p of the whole canvas (content and
     the PAD block). The canvas is a function of x and a sample is cut at its first PAD, so
     -log p(x) <= -log p(canvas(x)) <= B(x): B(x) is a bound on the text itself. Per-token
-    numbers divide B(x) by N(x) = content + 1 (harness.batch.predicted_tokens), the same
+    numbers divide B(x) by N(x) = content + 1 (harness.core.batch.predicted_tokens), the same
     denominator as every other method, even though the PAD block spans N_c - 1 - content
     predicted positions.
     """
@@ -204,7 +205,6 @@ class MaskedDiffusion(Method):
         if max_len < 2:
             raise UserError(f"{self.name} needs max_len >= 2 (BOS + at least one position), got {max_len}")
         backbone_overrides = dict(self.opts.get("backbone") or {})
-        from harness.backbone import Backbone, backbone_config
 
         cfg = backbone_config(
             size, time_cond=False, dropout=float(self.opts["dropout"]), max_len=max_len, **backbone_overrides
@@ -266,7 +266,7 @@ class MaskedDiffusion(Method):
         dev = canvas.device
         total = torch.zeros(canvas.shape[0], dtype=torch.float64, device=dev)
         # each draw masks conditioned on at least one mask, weighted by its probability
-        # (harness.sampling.bernoulli_at_least_one): nothing masked scores 0, so this is the
+        # (harness.core.sampling.bernoulli_at_least_one): nothing masked scores 0, so this is the
         # same expectation as a plain draw without the heavy 1/lambda tail at small lambda
         if convention == "strict":
             lam = stratified_levels(canvas.shape[0], mc, generator, dev)

@@ -8,8 +8,8 @@ Choices (spec options):
 * Loss: continuous-time NELBO (T = 0), weight -alpha'/(1-alpha) = 1/t for the log-linear schedule,
   t in [t_min, 1] with t_min = 1e-3, mask probability (1 - eps) t.
 * t sampler: MDLM's antithetic one, one t per stratum of the micro-batch
-  (`harness.schedule.stratified_t`, strata in random order).
-* Batch loss: sum of per-sequence NELBO / sum of N(x) (harness.batch.predicted_tokens).
+  (`harness.core.schedule.stratified_t`, strata in random order).
+* Batch loss: sum of per-sequence NELBO / sum of N(x) (harness.core.batch.predicted_tokens).
 * Sampler `ddpm_cache` (spec 1.h): K ancestral steps on a uniform grid 1 -> 1e-5, each MASK
   unmasks with probability (t - s)/t, then a final noise-removal step for the MASKs left
   (probability about 1e-5 each). Default `noise_removal: sample` (DUO: one more ancestral step
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from harness.core.batch import Batch, Vocab
+from harness.core.methods import UserError, register
+from harness.core.schedule import T_MIN, alpha, stratified_t, time_grid, update_rate
 from baselines.masked import MaskedDiffusion, bernoulli_mask, continuous_nelbo
-from harness.batch import Batch, Vocab
-from harness.methods import UserError, register
-from harness.schedule import T_MIN, alpha, stratified_t, time_grid, update_rate
 
 
 @register("mdlm")

@@ -23,18 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from baselines.masked import (
-    MaskedDiffusion,
-    bernoulli_mask,
-    continuous_nelbo,
-    exact_k_mask,
-    k_dce,
-    lambda_dce,
-    radd_code_t_dce,
-)
-from harness.batch import Batch, Vocab
-from harness.methods import UserError, register
-from harness.schedule import T_MIN, alpha, stratified_t, stratified_uniform, time_grid, update_rate
+from harness.core.batch import Batch, Vocab
+from harness.core.methods import UserError, register
+from harness.core.schedule import T_MIN, alpha, stratified_t, stratified_uniform, time_grid, update_rate
+from baselines.masked import (MaskedDiffusion, bernoulli_mask, continuous_nelbo, exact_k_mask, k_dce, lambda_dce,
+                              radd_code_t_dce)
 
 LOSSES = ("lambda_dce", "t_dce", "k_dce")
 

@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from harness.backbone import packed_positions, sequence_ids
-from harness.batch import Vocab
+from harness.core.backbone import packed_positions, sequence_ids
+from harness.core.batch import Vocab
 
 SEQNORM_FUDGE = 1e-4  # keeps log(L - n + fudge) finite once a sequence is full
 

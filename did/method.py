@@ -29,13 +29,13 @@ import time
 
 import torch
 
+from harness.core import schedule
+from harness.core.backbone import Backbone, backbone_config
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import Method, SampleResult, UserError, check_convention, register
+from harness.core.sampling import bernoulli_at_least_one
 from did import counting, loss as losses, process, sampler
 from did.heads import CSoftmaxHead, SeqNormHead, prompt_blocked_slots, suppressed_tokens
-from harness import schedule
-from harness.backbone import Backbone, backbone_config
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import Method, SampleResult, UserError, check_convention, register
-from harness.sampling import bernoulli_at_least_one
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -63,7 +63,7 @@ DICE + (1/t) 1e-4 on every row with |x_t| < L (the head's mass is L - n + 1e-4 w
 sum r = L - n): the "seqnorm cap term".
 
 Estimate. The integral is taken over [T_FLOOR, 1] = [1e-6, 1] with K times per sequence from
-harness.schedule.bound_times: stratified, uniform above 1e-3 and log-uniform on
+harness.core.schedule.bound_times: stratified, uniform above 1e-3 and log-uniform on
 [1e-6, 1e-3] (a quarter of the strata), each draw weighted by dt/du, so the estimate is
 unbiased whatever the integrand. Below 1e-3 a well-fitted model predicts about t (m - 1)
 insertions, the integrand is bounded and the slice (0, 1e-6) is negligible (< 1e-6 x that
@@ -76,7 +76,7 @@ _OPTIONS = {"loss", "dp_dtype", "dropout", "threshold", "grid", "sample_batch_si
 
 
 def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
-    """harness.schedule draws t on the CPU: derive a CPU generator from a device one."""
+    """harness.core.schedule draws t on the CPU: derive a CPU generator from a device one."""
     if generator is None or generator.device.type == "cpu":
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -164,7 +164,7 @@ class _DIDBase(Method):
         """Unbiased estimate [B] of E_{x_t ~ q_t(. | x0)}[loss(x_t, t)] at times t [B] (float64).
 
         E = P(nothing deleted) loss(x0) + P(>= 1 deleted) E[loss | >= 1 deleted], with the second
-        x_t drawn conditioned on a deletion (harness.sampling.bernoulli_at_least_one): same
+        x_t drawn conditioned on a deletion (harness.core.sampling.bernoulli_at_least_one): same
         expectation as one plain draw, without its heavy 1/t tail at small t.
         """
         f64 = torch.float64
@@ -201,7 +201,7 @@ class _DIDBase(Method):
         """Per-sequence bound [B], float64, K = `mc` times per sequence (weight 1/t).
 
         strict (see `strict_bound_note`): DISE of the capped model, deletion probability t,
-        (1/K) sum_k DISE(t_k) dt/du_k with t_k from harness.schedule.bound_times over [1e-6, 1].
+        (1/K) sum_k DISE(t_k) dt/du_k with t_k from harness.core.schedule.bound_times over [1e-6, 1].
         paper: (1/K) sum_k DISE/DICE(t_k), t_k stratified in [1e-3, 1], deletion (1 - 1e-3) t.
         """
         check_convention(convention)

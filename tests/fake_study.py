@@ -141,7 +141,7 @@ def make_fake_study(root, study="fake", runs=RUNS, missing=MISSING) -> tuple[Pat
     return study_dir, config, written
 
 
-# --- the study-level cost files (harness/cost.py): results/<study>/cost/<layout>.json ----------
+# --- the study-level cost files (harness/metrics/cost.py): results/<study>/cost/<layout>.json ----------
 COST_REFERENCE = {"varlen": "did", "fixed": "did-fixed"}
 
 

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_study import NO_VALIDATION, RUNS, fake_valid, make_fake_study, run_name, write_fake_cost  # noqa: E402
 
 import analysis  # noqa: E402
-from analysis import tables as T  # noqa: E402
+from analysis import cost_tables, frames, tables as T  # noqa: E402
 from analysis.__main__ import cli  # noqa: E402
-from harness.study import load_study  # noqa: E402
+from harness.results.study import load_study  # noqa: E402
 from analysis.figures import bench_figure, bench_plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,7 +62,7 @@ def test_ppl_table_shows_fixture_numbers(full):
         if (method, layout) == ("did", "varlen"):
             continue                                                  # two seeds: checked below
         v = values[run_name(method, layout, seed)]["ppl"]
-        assert f"{T.fmt(v['nats_per_token'])} ± {T.fmt(v['stderr'])}" in md
+        assert f"{frames.fmt(v['nats_per_token'])} ± {frames.fmt(v['stderr'])}" in md
         row = csv[(csv.method == method) & (csv.layout == layout)].iloc[0]
         assert row.nats_per_token == pytest.approx(v["nats_per_token"])
         assert row.nats_per_token_err == pytest.approx(v["stderr"]) and row.err_kind == "stderr"
@@ -92,7 +92,7 @@ def test_genppl_mauve_lengths_tables(full):
     assert "| data | varlen |" in (study_dir / "tables" / "genppl.md").read_text()
 
     mauve_md = (study_dir / "tables" / "mauve.md").read_text()
-    assert T.fmt(values["mdlm-varlen-tiny-s0"]["mauve"]["by_steps"][1]["mauve"]) in mauve_md
+    assert frames.fmt(values["mdlm-varlen-tiny-s0"]["mauve"]["by_steps"][1]["mauve"]) in mauve_md
     ar_fixed = [line for line in mauve_md.splitlines() if line.startswith("| ar | fixed |")]
     assert ar_fixed == []            # ar-fixed has no mauve.json: no row invented for it
 
@@ -130,7 +130,7 @@ def test_summary_headline(full):
     study_dir, _, values, _ = full
     text = (study_dir / "summary.md").read_text()
     assert "Gen PPL @64" in text and "Train tokens/s vs DID" in text
-    assert T.fmt(values["mdlm-fixed-tiny-s0"]["genppl"]["by_steps"][1]["gen_ppl"]) in text
+    assert frames.fmt(values["mdlm-fixed-tiny-s0"]["genppl"]["by_steps"][1]["gen_ppl"]) in text
     assert "`ar-fixed-tiny-s0`: mauve" in text
     assert "`ilm-varlen-tiny-s0`: speed" not in text          # speed is opt-in now (the cost job replaces it)
     assert "did-fixed for fixed, did for varlen" in text
@@ -272,12 +272,12 @@ def test_bench_figure_and_cli(tmp_path, capsys):
 
 
 def test_formatting_helpers():
-    assert T.fmt(float("nan")) == T.DASH and T.fmt(None) == T.DASH
-    assert T.fmt(3.14159) == "3.142" and T.fmt(123456.0) == "123456" and T.fmt(16.0, "int") == "16"
-    assert T.fmt(15.5, "int") == "15.50"                  # a seed mean of counts is not rounded away
-    assert T.pm(1.0, float("nan")) == "1.000" and T.pm(float("nan"), 1.0) == T.DASH
-    assert T.tex_escape("a_b & 5% ± –") == r"a\_b \& 5\% $\pm$ --"
-    agg = T.aggregate(pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "x": [1.0, 3.0, 5.0]}),
+    assert frames.fmt(float("nan")) == frames.DASH and frames.fmt(None) == frames.DASH
+    assert frames.fmt(3.14159) == "3.142" and frames.fmt(123456.0) == "123456" and frames.fmt(16.0, "int") == "16"
+    assert frames.fmt(15.5, "int") == "15.50"                  # a seed mean of counts is not rounded away
+    assert frames.pm(1.0, float("nan")) == "1.000" and frames.pm(float("nan"), 1.0) == frames.DASH
+    assert frames.tex_escape("a_b & 5% ± –") == r"a\_b \& 5\% $\pm$ --"
+    agg = frames.aggregate(pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "x": [1.0, 3.0, 5.0]}),
                       ["method"], ["x"])
     assert list(agg.x) == [2.0, 5.0] and list(agg.n_seeds) == [2, 1]
     assert agg.x_sd.iloc[0] == pytest.approx(math.sqrt(2)) and math.isnan(agg.x_sd.iloc[1])
@@ -293,7 +293,7 @@ def with_cost(tmp_path_factory):
 
 
 def test_cost_frames(with_cost):
-    from harness.study import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
+    from harness.results.study import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
 
     study_dir, config, _, cost, _ = with_cost
     study = load_study(study_dir, config)
@@ -324,7 +324,7 @@ def test_cost_frames(with_cost):
 def test_cost_tables_use_the_interleaved_job(with_cost):
     study_dir, _, values, cost, _ = with_cost
     c = pd.read_csv(study_dir / "tables" / "cost_train.csv")
-    assert set(c.source.dropna()) == {T.COST_SOURCE}
+    assert set(c.source.dropna()) == {cost_tables.COST_SOURCE}
     mdlm = c[(c.method == "mdlm") & (c.layout == "varlen")].iloc[0]
     j = cost["varlen"]["methods"].index("mdlm")
     assert mdlm.s_per_step_ratio == pytest.approx(j + 1) and mdlm.tokens_per_s_ratio == pytest.approx(1 / (j + 1))
@@ -334,13 +334,13 @@ def test_cost_tables_use_the_interleaved_job(with_cost):
     assert mdlm.reference == "did" and mdlm.loop_tokens_per_s == pytest.approx(900.0 * 5)   # train.json, run 4
     md = (study_dir / "tables" / "cost_train.md").read_text()
     assert "interleaved cost job" in md and "shared-machine" not in md.split("\n")[0]
-    assert T.range_text(row["s_per_step"]["median"], row["s_per_step"]["min"], row["s_per_step"]["max"]) in md
+    assert cost_tables.range_text(row["s_per_step"]["median"], row["s_per_step"]["min"], row["s_per_step"]["max"]) in md
     assert f"{j + 1:.2f}× [{j + 1:.2f}–{j + 1:.2f}]" in md
 
     s = pd.read_csv(study_dir / "tables" / "cost_sample.csv")
     ar = s[(s.method == "ar") & (s.layout == "fixed") & (s.steps == 64)].iloc[0]
     j = cost["fixed"]["methods"].index("ar")
-    assert ar.s_per_sample_ratio == pytest.approx(j + 1) and ar.source == T.COST_SOURCE
+    assert ar.s_per_sample_ratio == pytest.approx(j + 1) and ar.source == cost_tables.COST_SOURCE
     assert ar.gen_tokens_per_s == pytest.approx(cost["fixed"]["sample"]["rows"][2 * j + 1]["gen_tokens_per_s"]["median"])
     assert ar.nfe == 64 and ar.mean_length == pytest.approx(20.0 + j) and ar.n == 4
     jobs = (study_dir / "tables" / "jobs.md").read_text()
@@ -352,18 +352,18 @@ def test_cost_tables_fall_back_per_layout(tmp_path):
     alone, built as analysis.main builds it)."""
     study_dir, config, values = make_fake_study(tmp_path)
     write_fake_cost(study_dir, runs=[r for r in RUNS if r[1] == "varlen"])
-    table = T.cost_train_table(load_study(study_dir, config), config)
+    table = cost_tables.cost_train_table(load_study(study_dir, config), config)
     c = table.data
-    assert set(c[c.layout == "varlen"].source) == {T.COST_SOURCE}
-    assert set(c[c.layout == "fixed"].source) == {T.SPEED_SOURCE}
+    assert set(c[c.layout == "varlen"].source) == {cost_tables.COST_SOURCE}
+    assert set(c[c.layout == "fixed"].source) == {cost_tables.SPEED_SOURCE}
     ar = c[(c.method == "ar") & (c.layout == "fixed")].iloc[0]
     ref = values["did-fixed-fixed-tiny-s0"]["speed"]["train"]["s_per_step"]
     assert ar.s_per_step_ratio == pytest.approx(values["ar-fixed-tiny-s0"]["speed"]["train"]["s_per_step"] / ref)
-    md = T.to_markdown(table)
+    md = frames.to_markdown(table)
     assert "per-run (shared machine)" in md and "interleaved" in md
     # and with no cost file at all the title says where the numbers come from
     plain, cfg, _ = make_fake_study(tmp_path / "x")
-    assert "(shared-machine per-run measurement)" in T.to_markdown(T.cost_train_table(load_study(plain, cfg), cfg))
+    assert "(shared-machine per-run measurement)" in frames.to_markdown(cost_tables.cost_train_table(load_study(plain, cfg), cfg))
 
 
 def test_cost_figure_reads_the_cost_frames(with_cost):
@@ -372,7 +372,7 @@ def test_cost_figure_reads_the_cost_frames(with_cost):
     study_dir, config, _, cost, _ = with_cost
     assert_png(study_dir / "figures" / "cost.png")
     tr, sp, sources = _cost_frames(load_study(study_dir, config), config)
-    assert sources == {T.COST_SOURCE} and len(tr) == 7 and len(sp) == 14
+    assert sources == {cost_tables.COST_SOURCE} and len(tr) == 7 and len(sp) == 14
     row = tr[(tr.method == "mdlm") & (tr.layout == "fixed")].iloc[0]
     r = cost["fixed"]["train"]["rows"][cost["fixed"]["methods"].index("mdlm")]["tokens_per_s"]
     assert (row.tokens_per_s_lo, row.tokens_per_s, row.tokens_per_s_hi) == pytest.approx((r["min"], r["median"], r["max"]))

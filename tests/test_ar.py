@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from baselines.ar import AR, causal_inputs, per_sequence_sum, suppress, suppressed_ids, token_nll
-from harness import backbone
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import UserError, build
+from harness.core import backbone
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import UserError, build
 
 VOCAB = Vocab(size=12, bos=0, eos=1, pad=2, mask=3)  # content ids 4..11
 

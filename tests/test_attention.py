@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from harness import attention
+from harness.core import attention
 
 
 def naive(q, k, v, lengths, causal):
@@ -80,7 +80,7 @@ def test_cuda_varlen_kernel_matches_naive(causal):
 
 
 def test_did_like_lengths_are_seeded_and_in_range():
-    from harness.bench_attention import did_like_lengths
+    from harness.metrics.bench_attention import did_like_lengths
 
     a, b = did_like_lengths(64, 16, seed=1), did_like_lengths(64, 16, seed=1)
     assert a.tolist() == b.tolist() and int(a.min()) >= 1 and int(a.max()) <= 64
@@ -89,7 +89,7 @@ def test_did_like_lengths_are_seeded_and_in_range():
 def test_bench_attention_writes_rows(tmp_path):
     import json
 
-    from harness import bench
+    from harness.metrics import bench
 
     out = tmp_path / "att.json"
     assert bench.main(["attention", "--cases", "32x3", "--repeats", "1", "--out", str(out)]) == 0
@@ -101,7 +101,7 @@ def test_bench_attention_writes_rows(tmp_path):
 
 def test_bench_attention_figure(tmp_path):
     from analysis.figures import bench_figure
-    from harness import bench
+    from harness.metrics import bench
 
     out = tmp_path / "attention-cpu.json"
     assert bench.main(["attention", "--cases", "16x2", "--repeats", "1", "--out", str(out)]) == 0

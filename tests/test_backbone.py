@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from harness.backbone import Backbone, backbone_config, packed_positions
-from harness.methods import UserError
+from harness.core.backbone import Backbone, backbone_config, packed_positions
+from harness.core.methods import UserError
 
 
 def _model(**kw):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from harness import bench
+from harness.metrics import bench
 
 
 def test_bench_train_tiny(toy_data, tmp_path):
@@ -50,10 +50,11 @@ def test_bench_train_no_limit_balanced_seed(toy_data, tmp_path):
 
 
 def _tiny(name, layout, toy_data, max_len=16):
-    from harness import data as data_lib, methods
+    from harness.data.manifest import load_tokenizer
+    from harness.core import methods
 
     torch.manual_seed(0)
-    return methods.build(name, data_lib.load_tokenizer(toy_data).vocab, "tiny", layout, max_len)
+    return methods.build(name, load_tokenizer(toy_data).vocab, "tiny", layout, max_len)
 
 
 def test_limit_arithmetic_on_fake_times():
@@ -108,7 +109,7 @@ class _FakeNet(torch.nn.Module):
 
 
 def test_network_probe_counts_sizes_and_cleans_up():
-    from harness.backbone import Backbone, backbone_config
+    from harness.core.backbone import Backbone, backbone_config
 
     net = Backbone(backbone_config("tiny", n_layers=1, d_model=32, n_heads=2), 50)
     with bench.NetworkProbe(net, torch.device("cpu")) as probe:
@@ -144,15 +145,15 @@ def test_interleaved_sample_network_numbers(toy_data):
     assert timing[("radd", 3)]["row_length_per_call"] == [16]
 
 
-# --- the study's cost job (harness/cost.py) on a micro study ------------------------------------
+# --- the study's cost job (harness/metrics/cost.py) on a micro study ------------------------------------
 MICRO_RUNS = [("did", "varlen"), ("mdlm", "varlen"), ("ar", "varlen"), ("did-fixed", "fixed")]
 
 
 @pytest.fixture(scope="module")
 def micro_study(toy_config, toy_data, tmp_path_factory):
     """A study directory with 4 runs trained for 2 steps on the toy data (a few seconds)."""
-    from harness.config import load_config
-    from harness.train import train
+    from harness.core.config import load_config
+    from harness.run.loop import train
 
     root = tmp_path_factory.mktemp("cost_study") / "micro"
     cfg = json.loads(json.dumps(toy_config))
@@ -211,7 +212,7 @@ def test_cost_job_varlen(micro_study, toy_data):
 
 def test_cost_job_fixed_and_missing_runs(micro_study, toy_data, tmp_path):
     """A layout with one trained method; a method without a checkpoint is listed, not invented."""
-    from harness import cost
+    from harness.metrics import cost
 
     root, config_path, cfg = micro_study
     cfg2 = {**cfg, "runs": cfg["runs"] + [{"method": "radd", "layout": "fixed"}]}

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import methods, schedule
-from harness.batch import Batch, Vocab
+from harness.core import methods, schedule
+from harness.core.batch import Batch, Vocab
 
 A, B, BOS, EOS, PAD, MASK = 0, 1, 2, 3, 4, 5
 VOCAB = Vocab(size=6, bos=BOS, eos=EOS, pad=PAD, mask=MASK)

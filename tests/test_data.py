@@ -1,4 +1,4 @@
-"""Tests for harness/data.py and harness/tokenizer.py: corpora, split, tokenizers, layouts, batching."""
+"""Tests for harness/data/ and harness/data/tokenizer.py: corpora, split, tokenizers, layouts, batching."""
 from __future__ import annotations
 
 import json
@@ -10,28 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.batch import Vocab
-from harness.data import (
-    CORPORA,
-    Document,
-    TokenData,
-    batch_indices,
-    build_fixed,
-    build_varlen,
-    config_hash,
-    eval_batches,
-    iter_batches,
-    load_corpus,
-    load_manifest,
-    load_split,
-    load_tokenizer,
-    parse_play,
-    prepare,
-    split_documents,
-    verify,
-)
-from harness.methods import UserError
-from harness.tokenizer import TextTokenizer, build_tokenizer, gpt2_tokenizer, train_bpe
+from harness.core.batch import Vocab
+from harness.data.corpora import CORPORA, Document, load_corpus, parse_play
+from harness.data.storage import TokenData, load_split
+from harness.data.batches import batch_indices, eval_batches, iter_batches
+from harness.data.prepare import build_fixed, build_varlen, prepare
+from harness.data.settings import config_hash
+from harness.data.manifest import load_manifest, load_tokenizer, verify
+from harness.data.splits import split_documents
+from harness.core.methods import UserError
+from harness.data.tokenizer import TextTokenizer, build_tokenizer, gpt2_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,8 +128,8 @@ def test_hf_loader_on_local_jsonl(tmp_path):
 def test_hf_hub_name_offline_is_one_clear_error(tmp_path):
     pytest.importorskip("datasets")
     code = (
-        "from harness.data import load_corpus\n"
-        "from harness.methods import UserError\n"
+        "from harness.data.corpora import load_corpus\n"
+        "from harness.core.methods import UserError\n"
         "try:\n"
         "    load_corpus({'name': 'hf', 'dataset': 'openwebtext'})\n"
         "except UserError as e:\n"

@@ -10,8 +10,8 @@ from did.counting import SparseTargets, dense_insertion_targets, sparse_insertio
 from did.heads import CSoftmaxHead, SeqNormHead, prompt_blocked_slots, segment_log_softmax
 from did.loss import dice, dise
 from did.process import delete
-from harness.batch import Vocab
-from harness.schedule import elbo_weight
+from harness.core.batch import Vocab
+from harness.core.schedule import elbo_weight
 
 VOCAB = Vocab(size=12, bos=0, eos=1, pad=2, mask=3)
 

@@ -6,9 +6,9 @@ import torch
 
 from did import counting, loss as losses
 from did.process import delete
-from harness import methods, schedule
-from harness.batch import Batch, Vocab
-from harness.methods import UserError
+from harness.core import methods, schedule
+from harness.core.batch import Batch, Vocab
+from harness.core.methods import UserError
 
 VOCAB = Vocab(size=24, bos=0, eos=1, pad=2, mask=3)
 SPECIALS_NEVER_SAMPLED = {VOCAB.bos, VOCAB.pad, VOCAB.mask}

@@ -146,7 +146,7 @@ def test_generator_makes_samples_reproducible():
 
 def _draw_all_float64(log_scores, rho, blocked, forbidden, top_p, gen):
     """The reference draw: every slot's probabilities in float64 (the sampler before screening)."""
-    from harness import sampling
+    from harness.core import sampling
 
     probs = log_scores.to(torch.float64).exp() * rho
     if forbidden is not None:

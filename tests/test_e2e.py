@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config, study_runs
+from harness.core.config import load_config, study_runs
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = "tests/configs/micro.yaml"

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from harness.evaluate import genppl
-from harness.evaluate.evaluator import MARKER, Evaluator, from_hf, load_evaluator
-from harness.methods import UserError
+from harness.metrics import genppl
+from harness.metrics.evaluator import MARKER, Evaluator, from_hf, load_evaluator
+from harness.core.methods import UserError
 
 BOS, SEP, PAD = 1, 2, 0
 
@@ -151,7 +151,7 @@ WORDS = "the king is dead long live the queen and all her court sing songs of ol
 
 
 def _write_fake_eval_dir(d: Path, n=12):
-    from harness.results import atomic_write_jsonl, provenance, write_result
+    from harness.core.records import atomic_write_jsonl, provenance, write_result
 
     rng = np.random.default_rng(0)
 
@@ -171,8 +171,8 @@ def _write_fake_eval_dir(d: Path, n=12):
 
 
 def test_cli_genppl_mauve_diversity_lengths(tmp_path, fake_evaluator_dir):
-    from harness.evaluate import main
-    from harness.results import read_result
+    from harness.metrics import main
+    from harness.core.records import read_result
 
     ev_dir = tmp_path / "eval"
     ev_dir.mkdir()
@@ -256,9 +256,9 @@ def test_smollm2_build_cache_and_score(tmp_path):
 @pytest.mark.slow
 def test_evaluate_a_trained_toy_run(tmp_path, toy_config, toy_data, fake_evaluator_dir):
     """Integration: train a tiny AR run, then every evaluate command through the CLI."""
-    from harness.evaluate import main
-    from harness.results import read_result
-    from harness.train import train
+    from harness.metrics import main
+    from harness.core.records import read_result
+    from harness.run.loop import train
 
     cfg = {**toy_config, "runs": [{"method": "ar", "layout": "varlen"}],
            "evaluate": {**toy_config["evaluate"],

@@ -6,10 +6,12 @@ import pytest
 import torch
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.evaluate import diversity, lengths, mauve, ppl, samples, speed
-from harness.evaluate.common import render, settings
-from harness.methods import SampleResult
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.bounds import nll_statistics
+from harness.metrics import diversity, lengths, mauve, ppl, samples, speed
+from harness.data.tokenizer import render
+from harness.metrics.common import settings
+from harness.core.methods import SampleResult
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 VOCAB = Vocab(size=31, bos=27, eos=28, pad=29, mask=30)
@@ -171,13 +173,13 @@ def test_mauve_subsets_are_disjoint_and_reported():
 
 # --- ppl ---------------------------------------------------------------------------------------
 def test_nll_statistics_hand_values():
-    v = ppl.nll_statistics([2.0, 4.0, 9.0], [1, 2, 3])
+    v = nll_statistics([2.0, 4.0, 9.0], [1, 2, 3])
     assert v["nats_per_token"] == pytest.approx(2.5) and v["ppl"] == pytest.approx(math.exp(2.5))
     assert v["per_sequence_mean"] == pytest.approx(7 / 3)
     # residuals B - R N = (-0.5, -1, 1.5): sqrt(3.5 / (3 * 2)) / mean N (= 2)
     assert v["stderr"] == pytest.approx(math.sqrt(3.5 / 6) / 2)
     assert v["n_sequences"] == 3 and v["n_tokens"] == 6
-    assert ppl.nll_statistics([1.0], [2])["stderr"] is None
+    assert nll_statistics([1.0], [2])["stderr"] is None
 
 
 def test_evaluate_ppl_is_seeded_and_token_weighted():

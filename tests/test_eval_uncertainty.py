@@ -8,11 +8,11 @@ import pytest
 import torch
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from harness.batch import Vocab
-from harness.config import load_config
-from harness.evaluate import diversity, genppl, lengths, mauve, samples
-from harness.evaluate.common import bootstrap_mean_ci, bootstrap_ratio_ci, reference_count, settings
-from harness.methods import SampleResult
+from harness.core.batch import Vocab
+from harness.core.config import load_config
+from harness.metrics import diversity, genppl, lengths, mauve, samples
+from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci, reference_count, settings
+from harness.core.methods import SampleResult
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -227,7 +227,7 @@ def test_cut_at_first_pad_counts_what_it_drops():
 def test_masked_sample_reports_content_after_pad(monkeypatch, layout):
     """A hand-built final canvas through MaskedDiffusion.sample (the unmasking itself stubbed)."""
     import baselines.masked as masked
-    from harness.methods import build
+    from harness.core.methods import build
 
     canvas = torch.tensor([[0, 4, 5, 2, 2, 2], [0, 2, 6, 2, 7, 8], [0, 4, 5, 6, 7, 8], [0, 9, 2, 2, 2, 4]])
     monkeypatch.setattr(masked, "ancestral_unmask", lambda *a, **k: (canvas.clone(), 3))

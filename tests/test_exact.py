@@ -1,4 +1,4 @@
-"""Exact metrics of synthetic studies (harness.evaluate.exact) on hand-worked values."""
+"""Exact metrics of synthetic studies (harness.metrics.exact) on hand-worked values."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from harness import synthetic
-from harness.batch import Vocab
-from harness.evaluate import exact
+from harness.data import synthetic
+from harness.core.batch import Vocab
+from harness.metrics import exact
 
 SRC = synthetic.dyck_source(types=2, depth=2, fillers=2, max_length=10)
 V = SRC.n_symbols
@@ -103,7 +103,7 @@ def _exact_values(nll: float, invalid: int, n: int = 40) -> dict:
 def test_synthetic_tables_test_against_the_reference(tmp_path):
     import analysis
     from analysis.synthetic import bound_gap_table, exact_samples_table
-    from harness.study import load_study
+    from harness.results.study import load_study
 
     rows = list(range(8))
     for name, shift, nll, invalid in (("did-varlen-tiny-s0", 0.0, 1.6, 2), ("ar-varlen-tiny-s0", 0.25, 1.6, 30)):

@@ -34,7 +34,8 @@ import pytest
 import torch
 import yaml
 
-from harness.train import EXIT_PREEMPTED, STATE_FILE, NonFiniteLoss, load_checkpoint, train
+from harness.run.loop import EXIT_PREEMPTED, STATE_FILE, NonFiniteLoss, train
+from harness.run.recipe import load_checkpoint
 
 pytestmark = pytest.mark.faults
 
@@ -169,8 +170,8 @@ def reference(train_cfg, toy_data, tmp_path_factory) -> Path:
 def reference_state(train_cfg, toy_data, tmp_path_factory) -> Path:
     """The resume state of the reference run cut off at its first checkpoint (a finished training
     removes its state: the run is final)."""
-    from harness.config import load_config
-    from harness.train import Preempted
+    from harness.core.config import load_config
+    from harness.run.loop import Preempted
 
     out = tmp_path_factory.mktemp("reference_state") / "run"
     with pytest.raises(Preempted):
@@ -181,7 +182,7 @@ def reference_state(train_cfg, toy_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_vocab_data(toy_config, tmp_path_factory) -> Path:
     """The toy corpus prepared with another vocabulary size."""
-    from harness.data import prepare
+    from harness.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("other_vocab")
     prepare({**toy_config["data"], "tokenizer": {"kind": "bpe", "vocab_size": 280}}, out)
@@ -272,7 +273,7 @@ def test_crash_inside_torch_save_keeps_the_previous_checkpoint(toy_config, toy_d
 def test_edited_config_never_resumes_a_stale_state(toy_config, toy_data, tmp_path):
     """Snakemake re-runs `train` when the config changes but keeps resume/state.pt: the new
     recipe must be trained from scratch, not finished off from the old recipe's state."""
-    from harness.train import Preempted
+    from harness.run.loop import Preempted
 
     out = tmp_path / "run"
     with pytest.raises(Preempted):   # killed after its step-2 checkpoint: the state stays
@@ -380,7 +381,7 @@ def test_document_longer_than_context_is_truncated_and_counted(toy_config, tmp_p
         assert s["document_tokens"]["max"] > max_len, split
         # fixed: every content token plus one EOS per document, cut into (seq_len - 1)-token rows
         assert s["fixed"]["sequences"] == (s["content_tokens"] + s["documents"]) // (seq_len - 1), split
-    from harness.data import load_split
+    from harness.data.storage import load_split
 
     test = load_split(tmp_path / "data", "test", "varlen")
     assert int(test.lengths.max()) == max_len
@@ -438,7 +439,7 @@ def test_missing_evaluator(train_cfg, toy_data, reference, tmp_path):
 
 
 NAN_AFTER = """
-    from harness import methods
+    from harness.core import methods
     cls = methods.get("ar")
     real, calls = cls.loss, []
     def loss(self, batch):  # fault: the loss turns NaN from the {n}th micro-batch on
@@ -480,7 +481,7 @@ class _NaNGrad(torch.autograd.Function):
 def test_nan_gradient_with_finite_loss_never_reaches_a_checkpoint(toy_config, toy_data, tmp_path, monkeypatch):
     """A finite loss with a NaN gradient stops before the optimizer step, so the checkpoint
     kept is the last good one, not NaN weights saved as if they were."""
-    from harness import methods
+    from harness.core import methods
 
     cls = methods.get("ar")
     real, calls = cls.loss, []
@@ -532,7 +533,7 @@ def test_disk_full_while_training_leaves_nothing_that_looks_trained(train_cfg, t
 # ============================================================================ 3. results never lost or duplicated
 CRASH_IN_WRITE = """
 import os, signal, sys
-from harness import results
+from harness.core import records as results
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # dies with the bytes written, before the rename
 header = results.provenance({"study": "s"}, {"run": "r"})
 results.write_result(sys.argv[1], "ppl", header, {}, {"nats_per_token": 1.0})
@@ -557,7 +558,7 @@ def test_crash_while_writing_a_result_leaves_no_partial_file(existing, tmp_path)
 
 def _rewrite_results(run_dir: str, barrier) -> None:
     """One 'evaluation job': rewrite every result of one run through write_result, at once with 7 others."""
-    from harness.results import write_result
+    from harness.core.records import write_result
 
     files = sorted(Path(run_dir, "eval").glob("*.json"))
     objs = [json.loads(f.read_text()) for f in files]
@@ -582,7 +583,7 @@ def _active_runs(uri: str, study: str) -> dict[str, list]:
 
 def _assert_complete(study_dir: Path, uri: str, study: str) -> None:
     """One FINISHED MLflow run per trained model (plus the study run), with every metric of its results."""
-    from harness import tracking
+    from harness.results import tracking
 
     runs = _active_runs(uri, study)
     names = sorted(d.name for d in (study_dir / "runs").iterdir())
@@ -611,7 +612,7 @@ def fake_study(tmp_path, monkeypatch):
 def test_eight_result_sets_finishing_together_are_all_logged(fake_study):
     """8 evaluation jobs write their result files at the same moment, then `log` runs: exactly
     8 model runs in MLflow, each with every metric of its result files."""
-    from harness import tracking
+    from harness.results import tracking
 
     study_dir, config, uri = fake_study
     ctx = multiprocessing.get_context("fork")
@@ -631,7 +632,7 @@ LOG_TOGETHER = """
 import sys, time
 from pathlib import Path
 import yaml
-from harness.tracking import log_study
+from harness.results.tracking import log_study
 study_dir, me, other = sys.argv[1:4]
 Path(me).touch()
 while not Path(other).exists():  # both loggers have imported everything: start together
@@ -725,7 +726,7 @@ if "train" in argv and "--method" in argv and "--out" in argv:
         os.write(fd, argv[argv.index("--out") + 1].encode())
         os.close(fd)
         import signal
-        import harness.train as t
+        import harness.run.loop as t
         real_lr_at = t.lr_at
         def lr_at(step, settings):
             if step == {step}:
@@ -753,7 +754,7 @@ def test_workflow_survives_a_killed_training_job(tmp_path):
     """The micro study with one training job SIGKILLed mid-run: Snakemake reports the failure,
     the next `snakemake` completes the whole study, and the killed run's weights equal those of
     a clean workflow run bitwise (it resumed from its checkpoint, nothing mixed in)."""
-    from harness.config import load_config, study_runs
+    from harness.core.config import load_config, study_runs
 
     cfg = load_config(REPO / "tests/configs/micro.yaml")
     assert cfg["train"]["checkpoint_every"] == 2 and cfg["train"]["steps"] >= 4
@@ -875,7 +876,7 @@ def shlex_split_one(word: str) -> str:
 @pytest.fixture
 def logged_study(fake_study):
     """The fake study logged once to its fresh SQLite store: (study_dir, config, uri, run ids by name)."""
-    from harness import tracking
+    from harness.results import tracking
 
     study_dir, config, uri = fake_study
     tracking.log_study(study_dir, config)
@@ -886,8 +887,8 @@ def logged_study(fake_study):
 def test_bad_result_file_fails_log_and_report_and_keeps_the_good_run(content, logged_study, train_cfg):
     """(3) A truncated or schema-less result in a logged study: `log` and `report` fail with one
     line naming the file, and the good MLflow run is not replaced."""
-    from harness import tracking
-    from harness.methods import UserError
+    from harness.results import tracking
+    from harness.core.methods import UserError
 
     study_dir, config, uri, ids = logged_study
     name = "did-varlen-tiny-s0"
@@ -956,9 +957,9 @@ def test_deleted_result_file_is_rebuilt(tmp_path):
 def test_damaged_history_is_detected(damage, fake_study):
     """(5) history.csv cut mid-row, or binary: `log` fails with one line naming the file (no curve
     that silently lost points, no UnicodeDecodeError), and the report notes the file."""
-    from harness import tracking
-    from harness.methods import UserError
-    from harness.study import load_study
+    from harness.results import tracking
+    from harness.core.methods import UserError
+    from harness.results.study import load_study
 
     study_dir, config, _ = fake_study
     hist = study_dir / "runs" / "did-varlen-tiny-s0" / "history.csv"
@@ -1020,7 +1021,7 @@ with engine.begin() as connection:  # killed after its DDL, before alembic recor
 def test_half_built_sqlite_store_is_rebuilt(fake_study):
     """(8) A logger killed while MLflow migrated a fresh SQLite store left it half-built: the next
     `log` moves it aside, builds a new store and logs everything (no `table ... already exists`)."""
-    from harness import tracking
+    from harness.results import tracking
 
     study_dir, config, uri = fake_study
     db = study_dir / "mlflow.db"
@@ -1035,7 +1036,7 @@ def test_half_built_sqlite_store_is_rebuilt(fake_study):
 
 KILL_IN_CREATE = """
 import os, signal, sys
-from harness import tracking
+from harness.results import tracking
 real = os.replace
 os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)   # dies with the store built, before the rename
 tracking.ensure_store("sqlite:///" + sys.argv[1])
@@ -1045,7 +1046,7 @@ tracking.ensure_store("sqlite:///" + sys.argv[1])
 def test_killed_while_creating_the_store_leaves_no_half_store(fake_study):
     """(8) SIGKILL while the fresh store is built: no mlflow.db at all (only a temp file), and the
     next `log` builds it and logs everything."""
-    from harness import tracking
+    from harness.results import tracking
 
     study_dir, config, uri = fake_study
     proc = subprocess.run([sys.executable, "-c", KILL_IN_CREATE, str(study_dir / "mlflow.db")], cwd=REPO, env=_env(),
@@ -1063,7 +1064,7 @@ def test_tracking_server_that_never_answers_is_one_line(server, fake_study, trai
     with one line after bounded waits, never hangs, no traceback."""
     import socket
 
-    from harness import tracking
+    from harness.results import tracking
 
     timeout, retries = int(tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]), \
         int(tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
@@ -1092,7 +1093,7 @@ SHARED_LOG = """
 import sys, time
 from pathlib import Path
 import yaml
-from harness.tracking import log_study
+from harness.results.tracking import log_study
 study_dir, me, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 Path(me).touch()
 while len(list(Path(me).parent.glob("ready*"))) < n:
@@ -1161,7 +1162,7 @@ def test_damaged_run_files_are_one_line(damage, train_cfg, toy_data, reference, 
         torch.save(state, run / "checkpoint.pt")
         needle = "checkpoint.pt is malformed: it lacks config"
     else:
-        from harness.evaluate.genppl import save_features
+        from harness.metrics.genppl import save_features
 
         proc = cli("evaluate", "samples", "--config", train_cfg, "--run", run, "--data", toy_data,
                    "--out", run / "eval" / "samples.json")
@@ -1254,7 +1255,7 @@ def test_documented_recovery_after_a_killed_snakemake(tmp_path):
 def test_the_reason_of_a_disk_full_failure_reaches_the_console(train_cfg, toy_data, tmp_path):
     """(14) A job whose disk is full cannot write its log either: its one error line still reaches
     the console (the workflow's shell prefix keeps it on fd 3)."""
-    from harness.errors import CONSOLE_PREFIX
+    from harness.core.errors import CONSOLE_PREFIX
 
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     assert "CONSOLE_PREFIX" in common.split("shell.prefix(", 1)[1].split(")\n", 1)[0]
@@ -1280,7 +1281,7 @@ def shlex_quote(s: str) -> str:
 def test_results_record_no_machine_paths(tmp_path, monkeypatch):
     """(15) Paths in a result's settings (e.g. the evaluator cache, the samples file) are recorded
     relative to the repository, or to the study's working directory, not as absolute paths."""
-    from harness import results
+    from harness.core import records as results
 
     monkeypatch.chdir(tmp_path)
     header = results.provenance({"study": "s"}, {"run": "r"})

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import load_config
-from harness.methods import UserError
-from harness.train import STATE_FILE, train
+from harness.core.config import load_config
+from harness.data.manifest import _CHECKED, STAMP, check_files, load_tokenizer
+from harness.data.storage import TokenData, load_split
+from harness.core.methods import UserError
+from harness.run.loop import STATE_FILE, train
 from test_faults import _env, cli, one_error_line, write_config
 from test_plugins import fake_package
 
@@ -56,7 +58,7 @@ def _copy(study: Path, tmp_path: Path) -> Path:
 def test_another_runs_checkpoint_is_refused(study, tmp_path, toy_config):
     """(1) mdlm's checkpoint copied into the ar run's folder: evaluate and sample refuse it in one
     line instead of scoring MDLM under AR's name; so does a train.json of another run."""
-    from harness.runs import load_run
+    from harness.run.recipe import load_run
 
     s = _copy(study, tmp_path)
     ar = s / "runs" / "ar-fixed-tiny-s0"
@@ -82,7 +84,7 @@ def test_another_runs_checkpoint_is_refused(study, tmp_path, toy_config):
 
 def test_recipe_names_method_and_layout():
     """(1) The recipe hash of two runs that differ only in method (or layout) differs."""
-    from harness.train import TrainSettings, recipe_hash
+    from harness.run.recipe import TrainSettings, recipe_hash
 
     s = TrainSettings()
     base = {"options": {}, "data_hash": "d", "vocab": {}, "max_len": 8, "method": "ar", "layout": "fixed"}
@@ -93,30 +95,29 @@ def test_recipe_names_method_and_layout():
 def test_damaged_data_is_named_before_it_is_used(study, tmp_path):
     """(2) Rows of a split rewritten with in-range ids (or out of range): the file that no longer
     matches its manifest hash is named in one line, before any training or scoring."""
-    from harness import data as D
 
     s = _copy(study, tmp_path)
     path = s / "data" / "test.fixed.pt"
     payload = torch.load(path, weights_only=True)
     payload["tokens"][:4, 5:9] = payload["tokens"][:4, 9:13].clone()    # in-range ids
     torch.save(payload, path)
-    D._CHECKED.clear()
+    _CHECKED.clear()
     with pytest.raises(UserError, match=r"test\.fixed\.pt does not match the sha256"):
-        D.load_split(s / "data", "test", "fixed")
+        load_split(s / "data", "test", "fixed")
     proc = cli("evaluate", "ppl", "--config", s / "config.yaml", "--run", s / "runs" / "ar-fixed-tiny-s0",
                "--data", s / "data", "--out", s / "ppl.json")
     one_error_line(proc, "test.fixed.pt does not match the sha256")
     assert not (s / "ppl.json").exists()
     # out-of-range ids in a file without a manifest entry: one line, not an IndexError
     payload["tokens"][0, 1] = 10**6
-    bad = D.TokenData.__new__(D.TokenData)
+    bad = TokenData.__new__(TokenData)
     with pytest.raises(UserError, match="token ids outside the vocabulary"):
         bad.__init__(payload, "test.fixed.pt")
     # an unchanged directory is hashed once: the stamp records size and mtime
     s2 = _copy(study, tmp_path / "c")
-    D._CHECKED.clear()
-    D.check_files(s2 / "data")
-    stamp = json.loads((s2 / "data" / D.STAMP).read_text())
+    _CHECKED.clear()
+    check_files(s2 / "data")
+    stamp = json.loads((s2 / "data" / STAMP).read_text())
     assert set(stamp) == set(json.loads((s2 / "data" / "manifest.json").read_text())["files"])
 
 
@@ -141,8 +142,8 @@ def test_a_nonfinite_bound_is_never_averaged_away(tmp_path):
     "2 seeds"; it says non-finite, and the summary lists the file."""
     import analysis
     from analysis.tables import ppl_table
-    from harness.results import provenance, write_result
-    from harness.study import load_study
+    from harness.core.records import provenance, write_result
+    from harness.results.study import load_study
 
     for seed, value in ((0, 3.125), (1, float("inf"))):
         run = f"did-varlen-tiny-s{seed}"
@@ -165,7 +166,7 @@ def test_missing_and_foreign_runs_are_named(study, tmp_path, toy_config):
     """(5) A run of the config with no folder is listed as missing; (6) a folder the config does
     not list, and a run trained under another recipe, are left out and listed."""
     import analysis
-    from harness.study import load_study
+    from harness.results.study import load_study
 
     s = _copy(study, tmp_path)
     cfg = _cfg(toy_config)
@@ -238,17 +239,17 @@ def test_a_plugin_that_exits_at_import_is_a_broken_plugin(body, study, tmp_path)
 def test_one_atomic_writer_and_no_leftovers(study, tmp_path, monkeypatch):
     """(12) the tokenizer is written through the shared atomic writer (a failed write keeps the old
     file, no fixed-name temp file); (14) a finished run keeps no resume state."""
-    from harness import data as D
 
-    tok = D.load_tokenizer(study / "data")
+
+    tok = load_tokenizer(study / "data")
     tok.save(tmp_path / "tok")
     before = (tmp_path / "tok" / "tokenizer.json").read_text()
-    import harness.atomic
+    import harness.core.atomic
 
     def full_disk(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(harness.atomic.os, "replace", full_disk)
+    monkeypatch.setattr(harness.core.atomic.os, "replace", full_disk)
     with pytest.raises(UserError, match="No space left on device"):
         tok.save(tmp_path / "tok")
     monkeypatch.undo()
@@ -260,7 +261,7 @@ def test_one_atomic_writer_and_no_leftovers(study, tmp_path, monkeypatch):
 
 def test_empty_split_hint_fits_the_corpus():
     """(15) The shards "split is empty" error suggests what works for the corpus at hand."""
-    from harness.shards import _more_groups
+    from harness.data.shards import _more_groups
 
     assert "group_by: document" in _more_groups({"name": "text-files"})
     assert "group_field: null" in _more_groups({"name": "hf"})

@@ -20,9 +20,9 @@ from baselines.flexmdm import (
     sequence_loss,
     unmask_probability,
 )
-from harness import backbone
-from harness.batch import Batch, Vocab
-from harness.methods import UserError, build
+from harness.core import backbone
+from harness.core.batch import Batch, Vocab
+from harness.core.methods import UserError, build
 
 BOS, EOS, PAD, MASK = 0, 1, 2, 3
 A, B, C = 4, 5, 6

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.train import Preempted, train
+from harness.run.loop import Preempted, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def json_rows(out: str) -> list[dict]:
 
 @pytest.mark.parametrize("method,layout", RUNS, ids=[f"{m}-{lay}" for m, lay in RUNS])
 def test_prints_n_texts_and_valid_ids(method, layout, runs, toy_data, capsys):
-    from harness.data import load_tokenizer
+    from harness.data.manifest import load_tokenizer
 
     rc, out, err = sample(capsys, runs[(method, layout)], toy_data, "--n", 3, "--steps", 4)
     assert rc == 0, err
@@ -145,9 +145,9 @@ def test_command_line(runs, toy_data):
 # --------------------------------------------------------------------------- help texts
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     """Every argparse parser of `python -m harness` (the subcommands and `evaluate`), by name."""
-    from harness import evaluate
+    from harness import metrics as evaluate
 
-    from harness import bench, bench_attention
+    from harness.metrics import bench, bench_attention
 
     out = {"python -m harness": cli.build_parser(), "evaluate": evaluate.build_parser(),
            "bench": bench.build_parser(), "bench attention": bench_attention.build_parser()}
@@ -174,8 +174,8 @@ def test_every_option_has_a_help_text():
 
 
 def test_help_lists_methods_and_sizes(capsys):
-    from harness.backbone import SIZES
-    from harness.methods import available
+    from harness.core.backbone import SIZES
+    from harness.core.methods import available
 
     texts = {}
     for sub in ("train", "sample"):

@@ -6,6 +6,9 @@ import json
 import pytest
 import torch
 
+from harness.data.manifest import load_tokenizer
+from harness.data.storage import load_split
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 FIXED = ["did-fixed", "radd", "mdlm", "ar"]
@@ -13,23 +16,23 @@ VARLEN = ["did", "radd", "mdlm", "ilm", "ar"]
 
 
 def _build(name, layout, toy_data, max_len=32):
-    from harness import data as data_lib, methods
+    from harness.core import methods
 
     torch.manual_seed(0)
-    vocab = data_lib.load_tokenizer(toy_data).vocab
+    vocab = load_tokenizer(toy_data).vocab
     return methods.build(name, vocab, "tiny", layout, max_len).cuda()
 
 
 def _batch(toy_data, layout, n=8):
-    from harness import data as data_lib
 
-    rows = data_lib.load_split(toy_data, "train", layout)
+
+    rows = load_split(toy_data, "train", layout)
     return rows.batch(list(range(n))).to(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_backbone_bf16_matches_per_sequence(causal):
-    from harness.backbone import Backbone, backbone_config
+    from harness.core.backbone import Backbone, backbone_config
 
     torch.manual_seed(0)
     model = Backbone(backbone_config("tiny", causal=causal), vocab_size=100).cuda().eval()
@@ -43,7 +46,7 @@ def test_packed_backbone_bf16_matches_per_sequence(causal):
 
 @pytest.mark.parametrize("layout,name", [("fixed", m) for m in FIXED] + [("varlen", m) for m in VARLEN])
 def test_bf16_training_step_bound_and_sampling_on_cuda(layout, name, toy_data):
-    from harness.bench import train_step
+    from harness.metrics.bench import train_step
 
     model = _build(name, layout, toy_data).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -63,9 +66,10 @@ def test_bf16_training_step_bound_and_sampling_on_cuda(layout, name, toy_data):
 
 
 def test_ar_kv_cache_samples_equal_recomputation_on_cuda(toy_data):
-    from harness import data as data_lib, methods
 
-    vocab = data_lib.load_tokenizer(toy_data).vocab
+    from harness.core import methods
+
+    vocab = load_tokenizer(toy_data).vocab
     out = {}
     for cache in (True, False):
         torch.manual_seed(0)
@@ -77,7 +81,7 @@ def test_ar_kv_cache_samples_equal_recomputation_on_cuda(toy_data):
 
 
 def test_bench_train_on_cuda_reports_peak_memory_and_limits(toy_data, tmp_path):
-    from harness import bench
+    from harness.metrics import bench
 
     path = tmp_path / "bench.json"
     assert bench.main(["train", "--data", str(toy_data), "--sizes", "tiny", "--fixed-lengths", "32",

@@ -18,9 +18,9 @@ from baselines.ilm import (
     segment_logsumexp,
     uniform_k,
 )
-from harness import backbone
-from harness.batch import Batch, Vocab
-from harness.methods import UserError, build
+from harness.core import backbone
+from harness.core.batch import Batch, Vocab
+from harness.core.methods import UserError, build
 
 LN2, LN3 = math.log(2), math.log(3)
 TOY_BOS = 3  # toy vocabulary a, b, c = 0, 1, 2; the BOS id never reaches the toy logits

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from harness import methods
-from harness.batch import Batch, predicted_tokens
-from harness.config import load_config, match_targets, run_entries, study_runs
-from harness.methods import UserError
+from harness.core import methods
+from harness.core.batch import Batch, predicted_tokens
+from harness.core.config import load_config, match_targets, run_entries, study_runs
+from harness.core.methods import UserError
 
 VARLEN = ["did", "mdlm", "radd", "ilm", "ar"]
 
@@ -31,7 +31,7 @@ def test_every_training_loss_is_the_objective_per_predicted_token(name):
     """The value the optimizer minimises (and clips) is in one unit for every method: the one-draw
     objective per predicted token N(x), the `nats_per_token` stat; DID's per-sequence mean would
     be ~mean(N) times larger and its gradient clipped ~mean(N) times harder."""
-    from harness.batch import Vocab
+    from harness.core.batch import Vocab
 
     vocab = Vocab(size=12, bos=0, eos=1, pad=2, mask=3)   # content ids 4..11
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def test_every_training_loss_is_the_objective_per_predicted_token(name):
 
 
 def test_clipping_counts_clipped_steps():
-    from harness.train import Clipping
+    from harness.run.loop import Clipping
 
     p = torch.nn.Parameter(torch.zeros(3))
     clip = Clipping(1.0)
@@ -91,7 +91,7 @@ def test_run_labels_own_recipes_and_matching():
 
 
 def test_match_to_names_the_targets_and_keeps_the_recipe_when_a_run_joins():
-    from harness.config import run_settings_hash
+    from harness.core.config import run_settings_hash
 
     def did_f(cfg):
         return next(e for e in run_entries(cfg) if e["label"] == "did-F")
@@ -136,7 +136,7 @@ def test_sweep_expands_every_run_on_the_same_sequences():
 def test_flops_matched_run_trains_to_the_most_expensive_baseline(toy_config, toy_data, tmp_path):
     """DID-F's steps come from the measured FLOPs per step: ceil(target total / own per step), and
     an untrained run (0 steps) is the initial network with its validation bound."""
-    from harness.train import train
+    from harness.run.loop import train
 
     cfg = json.loads(json.dumps(toy_config))
     cfg["runs"] = [{"method": "mdlm", "layout": "varlen"},
@@ -179,7 +179,7 @@ def test_plateau_criterion_and_sweep_summary():
 
 
 def test_labelled_rows_sort_in_config_order_with_untrained_references_last():
-    from analysis.tables import sort_rows
+    from analysis.frames import sort_rows
 
     config = {"runs": [{"method": "did", "layout": "varlen"},
                        {"method": "did", "layout": "varlen", "label": "did-F", "match": "flops"},
@@ -191,7 +191,7 @@ def test_labelled_rows_sort_in_config_order_with_untrained_references_last():
 
 def test_significance_line_names_the_matching_and_rows_that_have_not_plateaued():
     import analysis
-    from analysis.tables import Table
+    from analysis.frames import Table
 
     data = pd.DataFrame({"method": ["mdlm", "ar"], "layout": "varlen", "diff_vs_ref": [-0.2, -1.0],
                          "diff_significant": [True, True], "diff_vs_flops_ref": [0.05, -0.9],

@@ -18,8 +18,8 @@ from baselines.masked import (
     subs_log_probs,
     target_nll,
 )
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import UserError, build
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import UserError, build
 
 torch.set_num_threads(1)
 

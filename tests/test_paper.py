@@ -20,7 +20,7 @@ from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa:
 
 from analysis import paper as P  # noqa: E402
 from analysis.__main__ import cli  # noqa: E402
-from analysis.tables import fmt  # noqa: E402
+from analysis.frames import fmt  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: the fake study plus a second seed of did-fixed (seed pooling in Table 1)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import zeroshot as zs
+from harness.data import zeroshot as zs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_workflow import job_counts  # noqa: E402  (the "Job stats" table of a dry run)
-from harness.config import config_hash, load_config, study_runs
+from harness.core.config import config_hash, load_config, study_runs
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Methods from other packages: the `didbench.methods` entry-point group (harness.methods).
+"""Methods from other packages: the `didbench.methods` entry-point group (harness.core.methods).
 
 A fake installed package (a dist-info folder and a module on sys.path in tmp_path) declares a
 method; the registry finds it, the study config accepts it, and a broken declaration is one
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import config, methods
-from harness.config import load_config
-from harness.errors import UserError
+from harness.core import config, methods
+from harness.core.config import load_config
+from harness.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 DEMO = '''
-from harness.methods import Method, register
+from harness.core.methods import Method, register
 
 
 class Demo(Method):                      # no decorator: registered under the entry point's name
@@ -103,9 +103,9 @@ def test_a_plugin_method_is_registered_and_accepted_by_the_config(plugin):
     ("broken = no_such_module_xyz:Thing", {}, "failed to load: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
     ("broken = boom_plugin:Thing", {"boom_plugin": "raise RuntimeError('boom at import')\n"},
      "failed to load: RuntimeError: boom at import"),
-    ("broken = thing_plugin:Thing", {"thing_plugin": "Thing = 42\n"}, "is 42, not a subclass of harness.methods.Method"),
+    ("broken = thing_plugin:Thing", {"thing_plugin": "Thing = 42\n"}, "is 42, not a subclass of harness.core.methods.Method"),
     ("broken = thing_plugin:Missing", {"thing_plugin": "Thing = 42\n"}, "failed to load: AttributeError"),
-    ("broken = named_plugin:Other", {"named_plugin": "from harness.methods import Method, register\n"
+    ("broken = named_plugin:Other", {"named_plugin": "from harness.core.methods import Method, register\n"
                                      "@register('another-name')\nclass Other(Method):\n    pass\n"},
      "is registered as 'another-name'"),
 ])
@@ -146,7 +146,7 @@ def _python(code: str, **env) -> str:
 def test_config_validation_sees_entry_points_without_importing_torch(tmp_path):
     root = fake_package(tmp_path / "site", "didbench_demo_plugin", ["plugin-demo = demo_plugin:Demo"],
                         {"demo_plugin": DEMO})
-    out = _python("import sys; from harness import config; "
+    out = _python("import sys; from harness.core import config; "
                   "config.load_config('config/default.yaml'); "
                   "print('plugin-demo' in config.method_names(), 'torch' in sys.modules)", PYTHONPATH=str(root))
     assert out == "True False"
@@ -154,7 +154,7 @@ def test_config_validation_sees_entry_points_without_importing_torch(tmp_path):
 
 def test_a_plain_checkout_without_package_metadata_still_has_the_builtins():
     out = _python("import importlib.metadata as m; m.entry_points = lambda **kw: []\n"
-                  "from harness import methods; print(' '.join(methods.available()), methods.get('radd').__module__)")
+                  "from harness.core import methods; print(' '.join(methods.available()), methods.get('radd').__module__)")
     assert out == "ar did did-fixed flexmdm ilm mdlm radd baselines.radd"
 
 

@@ -17,9 +17,9 @@ from baselines.masked import (
     stratified_levels,
     target_nll,
 )
-from harness.batch import Batch, Vocab, predicted_tokens
-from harness.methods import UserError, build
-from harness.schedule import sigma, sigma_bar
+from harness.core.batch import Batch, Vocab, predicted_tokens
+from harness.core.methods import UserError, build
+from harness.core.schedule import sigma, sigma_bar
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Result JSON schema, provenance and the all-or-nothing writes (harness.results)."""
+"""Result JSON schema, provenance and the all-or-nothing writes (harness.core.records)."""
 import errno
 import json
 import math
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from harness import results
-from harness.methods import UserError
+from harness.core import records as results
+from harness.core.methods import UserError
 
 
 def _header():

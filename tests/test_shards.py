@@ -1,4 +1,4 @@
-"""Tests for `data.storage: shards` (harness/shards.py, harness.data streaming and ShardedTokenData):
+"""Tests for `data.storage: shards` (harness/data/shards.py, harness.data streaming and ShardedTokenData):
 the config key and its hash, the per-document split, streaming corpora, identity with the pt
 storage, resume after an interruption, damage, and the CLI."""
 from __future__ import annotations
@@ -15,32 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from harness import shards as shard_lib
-from harness.config import config_hash as study_hash
-from harness.config import load_config
-from harness.data import (STAMP, 
-    ShardedTokenData,
-    TokenData,
-    batch_indices,
-    config_hash,
-    eval_batches,
-    hf_dataset,
-    iter_batches,
-    iter_corpus,
-    iter_hf_dataset,
-    iter_text_files,
-    load_corpus,
-    load_manifest,
-    load_split,
-    load_tokenizer,
-    prepare,
-    resolve_data_config,
-    split_documents,
-    split_of,
-    text_files,
-    verify,
-)
-from harness.methods import UserError
+from harness.data.storage import SHARD_DEFAULTS, token_dtype
+from harness.data.shards import ShardsInterrupted
+from harness.core.config import config_hash as study_hash
+from harness.core.config import load_config
+from harness.data.manifest import STAMP, load_manifest, load_tokenizer, verify
+from harness.data.storage import ShardedTokenData, TokenData, load_split
+from harness.data.batches import batch_indices, eval_batches, iter_batches
+from harness.data.settings import config_hash, resolve_data_config
+from harness.data.corpora import hf_dataset, iter_corpus, iter_hf_dataset, iter_text_files, load_corpus, text_files
+from harness.data.prepare import prepare
+from harness.data.splits import split_documents, split_of
+from harness.core.methods import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
@@ -100,8 +86,8 @@ def both(corpus, tmp_path_factory):
 
 # --- the config key and the hashes ----------------------------------------------------------------
 def test_default_data_config_hash_unchanged():
-    # computed with the code before data.storage existed (git 72faac4, harness.data.config_hash and
-    # harness.config.config_hash): results/ and the workflow's jobs are named by these values
+    # computed with the code before data.storage existed (git 72faac4, harness.data.settings.config_hash and
+    # harness.core.config.config_hash): results/ and the workflow's jobs are named by these values
     assert config_hash({}) == "e818473c28813b090c069b3e8352c101e1b982fc45215c80bf50f01231e23117"
     data = load_config({})["data"]  # schema defaults filled in, storage: pt among them
     assert data["storage"] == "pt"
@@ -118,7 +104,7 @@ def test_storage_key_resolves_and_hashes():
     assert config_hash({"storage": {"kind": "shards", "shard_tokens": 1000}}) != sh
     assert config_hash({"storage": {"kind": "shards", "tokenizer_documents": 10}}) != sh
     r = resolve_data_config({"storage": "shards"})["storage"]
-    assert r == {"kind": "shards", **shard_lib.SHARD_DEFAULTS}
+    assert r == {"kind": "shards", **SHARD_DEFAULTS}
     assert resolve_data_config({})["storage"] == {"kind": "pt"}
     assert resolve_data_config(resolve_data_config({"storage": "shards"})) == resolve_data_config({"storage": "shards"})
 
@@ -156,7 +142,7 @@ def test_split_of_is_per_document_with_the_split_documents_order():
     assert abs(share["test"] - 0.05) < 0.01 and abs(share["valid"] - 0.1) < 0.01
     assert [split_of(g, 8, 0.1, 0.05) for g in groups] != got
     # test takes the groups first in split_documents' order, then valid, then train
-    from harness.data import _group_key
+    from harness.data.splits import _group_key
 
     order = sorted(groups, key=lambda g: _group_key(g, 7))
     ranks = {s: [i for i, g in enumerate(order) if split_of(g, 7, 0.1, 0.05) == s] for s in SPLITS}
@@ -239,7 +225,7 @@ def test_shards_do_not_depend_on_workers_or_batches(both, tmp_path):
 def test_gpt2_and_synthetic_corpora_with_shards(tmp_path, both):
     m = prepare({**both[0], "tokenizer": {"kind": "gpt2"}, "storage": SHARDS}, tmp_path / "g")
     assert m["tokenizer"]["name"] == "gpt2" and m["shards"]["dtype"] == "uint16"
-    assert shard_lib.token_dtype(50259) == np.uint16 and shard_lib.token_dtype(70000) == np.uint32
+    assert token_dtype(50259) == np.uint16 and token_dtype(70000) == np.uint32
     tok = load_tokenizer(tmp_path / "g")
     row = load_split(tmp_path / "g", "train", "varlen").row(0)
     assert tok.decode(row).startswith("Doc ")
@@ -262,7 +248,7 @@ def test_interrupted_prepare_resumes_after_the_last_shard(both, tmp_path, capfd)
     cfg, _, _, sh = both
     cfg = {**cfg, "storage": SHARDS}
     out = tmp_path / "data"
-    with pytest.raises(shard_lib.ShardsInterrupted):
+    with pytest.raises(ShardsInterrupted):
         prepare(cfg, out, stop_after_shards=3)
     assert not (out / "manifest.json").exists()
     progress = json.loads((out / "shards" / "progress.json").read_text())
@@ -272,7 +258,7 @@ def test_interrupted_prepare_resumes_after_the_last_shard(both, tmp_path, capfd)
     with pytest.raises(UserError, match="prepare"):
         load_split(out, "train", "fixed")  # no manifest: not a data directory yet
     capfd.readouterr()
-    with pytest.raises(shard_lib.ShardsInterrupted):  # a second interruption, later on
+    with pytest.raises(ShardsInterrupted):  # a second interruption, later on
         prepare(cfg, out, stop_after_shards=2)
     assert "resuming after shard 2" in capfd.readouterr().err
     m = prepare(cfg, out)
@@ -291,7 +277,7 @@ def test_resume_starts_over_on_damage_or_change(both, tmp_path, capfd):
     cfg, _, _, sh = both
     cfg = {**cfg, "storage": SHARDS}
     out = tmp_path / "data"
-    with pytest.raises(shard_lib.ShardsInterrupted):
+    with pytest.raises(ShardsInterrupted):
         prepare(cfg, out, stop_after_shards=2)
     shard = out / "shards" / "train.fixed.00001.npy"
     shard.write_bytes(shard.read_bytes()[:-4] + b"\x00\x00\x00\x00")  # same size, other bytes
@@ -312,7 +298,7 @@ def test_resume_starts_over_on_damage_or_change(both, tmp_path, capfd):
     (changed / "f00.jsonl").write_text((changed / "f00.jsonl").read_text().replace("Doc 0.1", "Doc 0.X"))
     ccfg = {**cfg, "corpus": {"name": "text-files", "paths": str(changed / "*.jsonl")}}
     m1 = prepare(ccfg, tmp_path / "c")
-    with pytest.raises(shard_lib.ShardsInterrupted):
+    with pytest.raises(ShardsInterrupted):
         prepare(ccfg, tmp_path / "c2", stop_after_shards=1)
     (changed / "f00.jsonl").write_text((changed / "f00.jsonl").read_text().replace("Doc 0.X", "Doc 0.Y"))
     capfd.readouterr()

@@ -1,9 +1,9 @@
-"""The shared math of harness/schedule.py and harness/sampling.py (baselines spec 6.9 item 5)."""
+"""The shared math of harness/core/schedule.py and harness/core/sampling.py (baselines spec 6.9 item 5)."""
 import math
 
 import torch
 
-from harness import sampling, schedule
+from harness.core import sampling, schedule
 
 
 def test_elbo_weight_is_one_over_t():
@@ -50,7 +50,7 @@ def test_generator_on_the_same_device_is_the_given_one():
 def test_bernoulli_at_least_one_is_the_conditional_law():
     import itertools
 
-    from harness.sampling import bernoulli_at_least_one
+    from harness.core.sampling import bernoulli_at_least_one
 
     n, q = 20000, torch.tensor([0.3, 1e-4, 0.9, 0.5], dtype=torch.float64)
     eligible = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""Synthetic sources (harness.synthetic) against enumeration and sampling, and their data path."""
+"""Synthetic sources (harness.data.synthetic) against enumeration and sampling, and their data path."""
 from __future__ import annotations
 
 import itertools
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from harness import synthetic
-from harness.errors import UserError
+from harness.data import synthetic
+from harness.core.errors import UserError
 
 
 def tiny_sources():
@@ -147,8 +147,10 @@ def synthetic_data_cfg(**over):
 
 
 def test_prepare_keeps_every_document_and_ids_are_source_symbols(tmp_path):
-    from harness.data import load_split, load_tokenizer, prepare
-    from harness.evaluate.exact import score_rows
+    from harness.data.storage import load_split
+    from harness.data.manifest import load_tokenizer
+    from harness.data.prepare import prepare
+    from harness.metrics.exact import score_rows
 
     manifest = prepare(synthetic_data_cfg(), tmp_path)
     assert manifest["synthetic"]["source"] == "dyck" and manifest["synthetic"]["entropy"]["method"] == "exact"
@@ -174,7 +176,7 @@ def test_prepare_keeps_every_document_and_ids_are_source_symbols(tmp_path):
 
 
 def test_prepare_refuses_to_cut_or_drop_documents(tmp_path):
-    from harness.data import prepare
+    from harness.data.prepare import prepare
 
     with pytest.raises(UserError, match="max_len"):
         prepare(synthetic_data_cfg(max_len=20), tmp_path)
@@ -185,7 +187,7 @@ def test_prepare_refuses_to_cut_or_drop_documents(tmp_path):
 
 
 def test_config_synthetic_defaults_and_checks(toy_config):
-    from harness.config import SYNTHETIC_METRICS, load_config
+    from harness.core.config import SYNTHETIC_METRICS, load_config
 
     cfg = {"data": synthetic_data_cfg()}
     assert load_config(cfg)["evaluate"]["metrics"] == list(SYNTHETIC_METRICS)

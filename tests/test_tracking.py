@@ -1,4 +1,4 @@
-"""harness.tracking.log_study: one MLflow run per trained model, idempotent, crash-safe.
+"""harness.results.tracking.log_study: one MLflow run per trained model, idempotent, crash-safe.
 
 MLflow takes seconds to create a SQLite store, so these tests are few and each checks a lot.
 The study is FAKE (tests/fake_study.py): 8 result sets, two evaluations missing.
@@ -18,7 +18,7 @@ pytest.importorskip("mlflow")
 from mlflow.entities import ViewType  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from harness import tracking  # noqa: E402
+from harness.results import tracking  # noqa: E402
 
 MODEL_RUNS = {run_name(m, lay, s) for m, lay, s in RUNS}
 IDENT = {run_name(m, lay, s): (m, lay, str(s)) for m, lay, s in RUNS}
@@ -193,7 +193,7 @@ def test_cost_results_are_logged_and_rehashed(tmp_path, monkeypatch):
 
 
 def test_exact_metrics_of_a_synthetic_run():
-    from harness.tracking import eval_metrics
+    from harness.results.tracking import eval_metrics
 
     values = {"bound_gap": {"strict": {"nats_per_token": 0.3, "stderr": 0.02}, "paper": {"nats_per_token": 0.1},
                             "exact": {"nats_per_token": 1.5}},
@@ -210,9 +210,9 @@ def test_exact_metrics_of_a_synthetic_run():
 
 
 def test_live_training_run_is_completed_in_place(tmp_path, monkeypatch):
-    """harness.live streams the curve into the run `harness log` later completes: same run id,
+    """harness.results.live streams the curve into the run `harness log` later completes: same run id,
     nested, the curve not logged twice; a resumed training reopens the same run."""
-    from harness.live import LiveRun
+    from harness.results.live import LiveRun
 
     uri = f"sqlite:///{tmp_path / 'live.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -245,7 +245,7 @@ def test_live_training_run_is_completed_in_place(tmp_path, monkeypatch):
 
 
 def test_live_logging_never_stops_training(tmp_path, monkeypatch, capsys):
-    from harness.live import LiveRun
+    from harness.results.live import LiveRun
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")       # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from harness import methods
-from harness.backbone import Backbone, backbone_config
-from harness.batch import Batch
-from harness.methods import Method, UserError, register
-from harness.train import Preempted, load_checkpoint, train
+from harness.core import methods
+from harness.core.backbone import Backbone, backbone_config
+from harness.core.batch import Batch
+from harness.core.methods import Method, UserError, register
+from harness.run.loop import Preempted, train
+from harness.run.recipe import load_checkpoint
 
 
 @register("toy-test")
@@ -108,8 +109,10 @@ def test_resume_gives_identical_weights(toy_config, toy_data, tmp_path):
 def test_validation_curve_is_strict_fixed_and_leaves_training_alone(toy_config, toy_data, tmp_path):
     """valid_every: strict bound of the EMA weights at those steps (same rows and seed, so the last
     point is train.json's), training FLOPs on every row, and the weights of a run without it."""
-    from harness import data as data_lib
-    from harness.train import TrainSettings, build_method, strict_validation
+    from harness.data.storage import load_split
+    from harness.data.manifest import load_tokenizer
+    from harness.run.recipe import TrainSettings, build_method
+    from harness.run.validation import strict_validation
 
     cfg = _cfg(toy_config, steps=4, valid_every=2, valid_sequences=6, valid_mc=2, dropout=0.1)
     off = _cfg(toy_config, steps=4, valid_sequences=6, valid_mc=2, dropout=0.1)
@@ -131,10 +134,10 @@ def test_validation_curve_is_strict_fixed_and_leaves_training_alone(toy_config, 
     assert off_rows[-1]["valid_nats_per_token"] == rows[-1]["valid_nats_per_token"]
     # the curve point is the strict bound of the EMA weights on the first valid rows, seed + 17
     ckpt = load_checkpoint(str(tmp_path / "on" / "checkpoint.pt"))
-    model = build_method(cfg, "did", "varlen", None, data_lib.load_tokenizer(str(toy_data)).vocab)
+    model = build_method(cfg, "did", "varlen", None, load_tokenizer(str(toy_data)).vocab)
     model.load_state_dict(ckpt["ema"])
     model.eval()
-    res = strict_validation(model, data_lib.load_split(str(toy_data), "valid", "varlen"),
+    res = strict_validation(model, load_split(str(toy_data), "valid", "varlen"),
                             TrainSettings.from_config(cfg["train"]), 0, torch.device("cpu"))
     assert round(res["nats_per_token"], 6) == info["valid_nats_per_token"] and res["n_sequences"] == 6
 
@@ -177,7 +180,7 @@ import sys, json, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 import test_train  # registers the test double
-from harness.train import train
+from harness.run.loop import train
 cfg = json.loads({cfg!r})
 train(cfg, "toy-test", "fixed", 0, {data!r}, {out!r}, progress=False)
 """

@@ -1,4 +1,4 @@
-"""The study-config schema, harness.config, the Snakemake DAG of every study, and the profiles.
+"""The study-config schema, harness.core.config, the Snakemake DAG of every study, and the profiles.
 
 The DAG tests run `snakemake -n` (dry run) in a temporary working directory, so nothing is
 written into the repository; no data is needed, which is why the paper-scale studies whose
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import config_hash, load_config, run_name, schema, study_runs
-from harness.methods import UserError
+from harness.core.config import config_hash, load_config, run_name, schema, study_runs
+from harness.core.methods import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -53,7 +53,7 @@ def rule_names() -> set[str]:
     return names
 
 
-# --- schema and harness.config ----------------------------------------------------------------
+# --- schema and harness.core.config ----------------------------------------------------------------
 def test_default_yaml_equals_schema_defaults():
     """config/default.yaml spells out the schema defaults: an empty config is the default study."""
     assert load_config(REPO / "config/default.yaml") == load_config({})
@@ -181,12 +181,12 @@ def test_every_key_documented_with_default():
 def test_schema_defaults_match_the_code_defaults():
     """The evaluation and training code keep fallbacks of their own; they must agree."""
     cfg = load_config({})
-    common = pytest.importorskip("harness.evaluate.common")
+    common = pytest.importorskip("harness.metrics.common")
     for section, values in common.DEFAULTS.items():
         for key, value in values.items():
             assert cfg["evaluate"][section][key] == value, f"evaluate.{section}.{key}"
         assert set(cfg["evaluate"][section]) == set(values), f"evaluate.{section}"
-    from harness.train import TrainSettings
+    from harness.run.recipe import TrainSettings
 
     code = TrainSettings()
     for key, value in cfg["train"].items():
@@ -197,7 +197,7 @@ def test_schema_defaults_match_the_code_defaults():
 
 
 def test_schema_method_layouts_match_the_registry():
-    from harness import methods
+    from harness.core import methods
 
     # the shipped methods (tests may register test doubles such as "toy-test" in the same session)
     names = [n for n in methods.available() if methods.get(n).__module__.split(".")[0] in ("did", "baselines")]
@@ -386,8 +386,8 @@ def test_bad_resources_give_one_line(tmp_path):
     ({"gpus_per_train": "many"}, "resources.gpus_per_train: 'many' is not of type 'integer'"),
 ])
 def test_bad_resources_are_refused_by_the_schema(resources, message):
-    from harness.config import load_config
-    from harness.errors import UserError
+    from harness.core.config import load_config
+    from harness.core.errors import UserError
 
     with pytest.raises(UserError) as err:
         load_config({"resources": resources}, source="config/default.yaml")

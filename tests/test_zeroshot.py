@@ -1,4 +1,4 @@
-"""The zero-shot suite (harness/zeroshot.py, harness/evaluate/zeroshot.py): the detokenisers on
+"""The zero-shot suite (harness/data/zeroshot.py, harness/metrics/zeroshot.py): the detokenisers on
 hand-worked strings, the loaders on small local files that imitate each set's own format, the
 chunking, missing sets, the config section, and `evaluate zeroshot` end to end on a tiny run.
 Nothing here reaches the network: the hub path is tried with a stand-in for `datasets`."""
@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from harness import zeroshot as zs
-from harness.config import config_hash, load_config, schema
-from harness.errors import UserError
+from harness.data import zeroshot as zs
+from harness.core.config import config_hash, load_config, schema
+from harness.core.errors import UserError
 
 
 # --- detokenisers ---------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_offline_hub_set_is_one_line_in_missing(monkeypatch, toy_data):
         raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")
 
     _fake_datasets(monkeypatch, load)
-    from harness.data import load_tokenizer
+    from harness.data.manifest import load_tokenizer
 
     lines = []
     settings = {**zs.DEFAULTS, "datasets": ["wikitext103", "ptb"], "files": {"ptb": "/no/such/ptb.test.txt"}}
@@ -193,7 +193,8 @@ def test_offline_hub_set_is_one_line_in_missing(monkeypatch, toy_data):
 
 # --- chunking ----------------------------------------------------------------------------------
 def test_chunking_is_the_study_fixed_layout(toy_data, tmp_path):
-    from harness.data import build_fixed, load_tokenizer
+    from harness.data.prepare import build_fixed
+    from harness.data.manifest import load_tokenizer
 
     tok = load_tokenizer(toy_data)
     docs = [" = = Act one = = \n", "", " To be , or not to be @-@ that is the question . \n"] * 6
@@ -243,7 +244,7 @@ def _write_sets(tmp_path) -> dict:
 
 @pytest.fixture(scope="module")
 def fixed_run(toy_config, toy_data, tmp_path_factory):
-    from harness.train import train
+    from harness.run.loop import train
 
     root = tmp_path_factory.mktemp("zs")
     cfg = json.loads(json.dumps(toy_config))
@@ -259,11 +260,12 @@ def fixed_run(toy_config, toy_data, tmp_path_factory):
 
 def test_evaluate_zeroshot_end_to_end(fixed_run, toy_data, capsys):
     from harness import cli
-    from harness.data import TokenData, eval_batches
-    from harness.evaluate.ppl import evaluate_ppl
-    from harness.results import read_result
-    from harness.runs import load_run
-    from harness.study import check_results, load_study
+    from harness.data.storage import TokenData
+    from harness.data.batches import eval_batches
+    from harness.core.bounds import evaluate_ppl
+    from harness.core.records import read_result
+    from harness.run.recipe import load_run
+    from harness.results.study import check_results, load_study
 
     sets = fixed_run["root"] / "zeroshot" / "sets.pt"
     assert cli.main(["evaluate", "zeroshot-data", "--config", str(fixed_run["cfg_path"]), "--data", str(toy_data),
@@ -291,7 +293,7 @@ def test_evaluate_zeroshot_end_to_end(fixed_run, toy_data, capsys):
         pc = d["paper_convention"]
         assert pc["divided_by_seq_len"]["nats_per_token"] == pytest.approx(pc["nats_per_token"] * 31 / 32)
     assert v["datasets"]["ptb"]["source"].endswith("ptb.test.txt")
-    # the numbers are harness.evaluate.ppl's on the same rows with the same seed
+    # the numbers are harness.metrics.ppl's on the same rows with the same seed
     prepared = torch.load(sets, weights_only=True)
     loaded = load_run(str(fixed_run["run"]), data_dir=str(toy_data))
     rows = prepared["datasets"]["wikitext103"]["tokens"].long()
@@ -306,7 +308,7 @@ def test_evaluate_zeroshot_end_to_end(fixed_run, toy_data, capsys):
 
 
 def test_evaluate_zeroshot_refuses_what_it_cannot_score(fixed_run, toy_config, toy_data, tmp_path):
-    from harness.evaluate import zeroshot as ev
+    from harness.metrics import zeroshot as ev
 
     args = types.SimpleNamespace(run=str(fixed_run["run"]), data=str(toy_data), out=str(tmp_path / "z.json"),
                                  device="cpu", no_ema=False, sets=str(tmp_path / "nope.pt"))

@@ -29,10 +29,10 @@ def _shell_quote(path):
     return shlex.quote(path).replace("{", "{{").replace("}", "}}")
 
 
-from harness.errors import CONSOLE_PREFIX
+from harness.core.errors import CONSOLE_PREFIX
 
 # CONSOLE_PREFIX: fd 3 keeps the console, so a job's error line reaches it even when its log
-# cannot be written (a full disk); harness.errors.report_error writes there too
+# cannot be written (a full disk); harness.core.errors.report_error writes there too
 shell.prefix(
     "set -euo pipefail; "
     + CONSOLE_PREFIX
@@ -43,8 +43,8 @@ shell.prefix(
     + ":$PATH; "
 )
 
-from harness.config import config_hash, load_config, read_yaml, run_entry, run_settings_hash, schema, study_runs
-from harness.errors import UserError
+from harness.core.config import config_hash, load_config, read_yaml, run_entry, run_settings_hash, schema, study_runs
+from harness.core.errors import UserError
 
 
 def _shown(path):
@@ -147,7 +147,7 @@ def settings_hash(*sections):
 
 
 def train_settings(wildcards):
-    """Hash of everything one training run depends on (harness.config.run_settings_hash)."""
+    """Hash of everything one training run depends on (harness.core.config.run_settings_hash)."""
     run = RUNS[wildcards.run]
     return run_settings_hash(CFG, run_entry(CFG, run["label"], run["layout"]))
 

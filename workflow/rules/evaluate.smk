@@ -13,7 +13,7 @@ zeroshot -> RUN/eval/zeroshot.json (fixed-length runs, when evaluate.zeroshot.da
            sets.pt, which one local job per study prepares (it may download: see zeroshot_data)
 """
 
-#: the zero-shot test sets of the study, tokenised and chunked (harness.zeroshot), and their summary
+#: the zero-shot test sets of the study, tokenised and chunked (harness.data.zeroshot), and their summary
 ZEROSHOT_SETS = f"{RESULTS}/zeroshot/sets.pt"
 
 
@@ -225,7 +225,7 @@ rule eval_speed:
         " --out {output.result:q} > {log:q} 2>&1"
 
 
-# The study's cost measurement (harness/cost.py): every method of one layout timed in ONE
+# The study's cost measurement (harness/metrics/cost.py): every method of one layout timed in ONE
 # process, interleaved per repeat, reseeded identically every repeat. `threads: workflow.cores`
 # claims every core Snakemake may use, so the local scheduler starts nothing beside it (and
 # Snakemake sets OMP_NUM_THREADS, hence torch's threads, to the same number). On SLURM it is one

@@ -1,0 +1,131 @@
+"""Helpers every evaluation shares: settings with defaults, bootstrap intervals, step lists.
+
+Settings live under `evaluate.<section>` in the study config. The defaults below apply when a
+key is absent, and the merged dict is what each result logs under "settings", so a result
+always names every setting that produced it.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+
+from harness.core.errors import UserError
+
+
+DEFAULTS: dict[str, dict] = {
+    "ppl": {"mc": 8, "max_sequences": 128, "batch_size": 32, "seed": 0, "split": "test"},
+    "samples": {"n": 16, "steps": [16, 64], "top_p": 1.0, "seed": 0, "batch_size": 16, "trajectory": True},
+    # n: None -> enough for the samples and for every MAUVE human subset
+    "references": {"n": None, "split": "test", "seed": 0},
+    "genppl": {
+        "evaluator": "smollm2", "batch_size": 8, "max_tokens": 160, "bootstrap": 1000, "seed": 0,
+        "entropy_prefix": 128,
+    },
+    # baselines spec 6.5: 5 disjoint human subsets; issue 11: no MAUVE value below 256 / 256
+    "mauve": {
+        "max_text_length": 128, "human_samples": 32, "subsets": 1, "min_samples": 256, "seed": 25,
+        "num_buckets": "auto", "pca_max_data": -1, "kmeans_explained_var": 0.9, "kmeans_num_redo": 5,
+        "kmeans_max_iter": 500, "divergence_curve_discretization_size": 25, "mauve_scaling_factor": 5,
+    },
+    "diversity": {"self_bleu_samples": 128, "bleu_order": 4},
+    "lengths": {"bins": 32},
+    "speed": {"warmup": 1, "repeats": 2, "n": 4, "skip_rows": 1},
+    # the study-level cost job (harness.metrics.cost, one per layout): n samples per call, sampling repeats,
+    # warm-up calls/steps, training-step repeats, the seed reused for every repeat and method
+    "cost": {"n": 8, "repeats": 3, "warmup": 1, "train_repeats": 5, "seed": 0},
+}
+
+
+def settings(config: dict, section: str) -> dict:
+    """`config["evaluate"][section]` over the defaults.
+
+    Keys are checked by the config schema (workflow/schemas/config.schema.yaml); keys unknown
+    here are kept, so they still show up in the logged settings.
+    """
+    base = copy.deepcopy(DEFAULTS[section])
+    given = ((config or {}).get("evaluate") or {}).get(section) or {}
+    if not isinstance(given, dict):
+        raise UserError(f"evaluate.{section} must be a mapping, got {type(given).__name__}")
+    base.update(copy.deepcopy(given))
+    return base
+
+
+def reference_count(config: dict) -> int:
+    """How many held-out texts the reference set needs: max(samples.n, human_samples x subsets).
+
+    samples.n references let genppl give every sample of a steps setting its own length-matched
+    reference text; human_samples x subsets fill the disjoint MAUVE human subsets.
+    """
+    ref = settings(config, "references")
+    if ref["n"] is not None:
+        return int(ref["n"])
+    mv = settings(config, "mauve")
+    return max(int(settings(config, "samples")["n"]), int(mv["human_samples"]) * int(mv["subsets"]))
+
+
+def bootstrap_spec(config: dict) -> dict:
+    """Resamples and seed of every within-run bootstrap CI (`evaluate.genppl.bootstrap` / `seed`)."""
+    g = settings(config, "genppl")
+    return {"reps": int(g["bootstrap"]), "seed": int(g["seed"])}
+
+
+def percentile_ci(values, level: float = 0.95) -> list[float] | None:
+    """[lo, hi] percentiles of bootstrap replicates (non-finite ones ignored; None if none)."""
+
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    lo, hi = np.percentile(v, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_mean_ci(values, *, reps: int, seed: int, level: float = 0.95) -> list[float] | None:
+    """95% percentile bootstrap CI of the mean of `values` (non-finite values dropped first).
+
+    None with fewer than 2 values or reps = 0. Resampled in chunks of 256 replicates, so the
+    memory stays bounded for long lists. The same seed gives the same interval.
+    """
+
+    x = np.asarray(values, np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < 2 or reps <= 0:
+        return None
+    rng = np.random.default_rng(int(seed))
+    means = [x[rng.integers(0, x.size, size=(min(256, reps - c), x.size))].mean(1) for c in range(0, reps, 256)]
+    return percentile_ci(np.concatenate(means), level)
+
+
+def bootstrap_ratio_ci(num, den, *, reps: int, seed: int, level: float = 0.95, transform=None) -> list[float] | None:
+    """Percentile bootstrap CI of sum(num) / sum(den) with (num_i, den_i) pairs resampled together.
+
+    `transform` (monotone increasing, e.g. math.exp) is applied to the two percentiles.
+    Replicates with sum(den) = 0 are dropped. None with fewer than 2 pairs or reps = 0.
+    """
+
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    m = num.size
+    if m < 2 or reps <= 0 or den.sum() <= 0:
+        return None
+    rng = np.random.default_rng(int(seed))
+    out = []
+    for c in range(0, reps, 256):
+        idx = rng.integers(0, m, size=(min(256, reps - c), m))
+        a, b = num[idx].sum(1), den[idx].sum(1)
+        out.append(np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan))
+    ci = percentile_ci(np.concatenate(out), level)
+    return [float(transform(v)) for v in ci] if ci is not None and transform is not None else ci
+
+
+def steps_list(values) -> list[int]:
+    """The steps sweep as a list of positive ints (a single int is allowed)."""
+    items = values if isinstance(values, (list, tuple)) else [values]
+    try:
+        out = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise UserError(f"evaluate.samples.steps must be integers, got {values!r}") from None
+    if not out or any(s <= 0 for s in out):
+        raise UserError(f"evaluate.samples.steps must be positive integers, got {values!r}")
+    return out
