@@ -11,7 +11,8 @@ from harness.core.atomic import atomic_write_text
 from harness.core.config import load_config
 from harness.core.methods import UserError
 from harness.results.study import ALL_EVAL_FILES, EVAL_FILES, Study, load_study, run_dirs
-from analysis.figures import all_figures, bench_figure
+from analysis.cost_figures import bench_figure
+from analysis.figures import all_figures
 from analysis.frames import Table, to_markdown, write_table
 from analysis.sweep import sweep_figure, sweep_table
 from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary

@@ -31,7 +31,6 @@ transcribed by third-party notes of the paper; they have not been checked agains
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,478 +40,18 @@ from harness.core.atomic import atomic_write_text
 from harness.core.errors import UserError
 from harness.core.records import read_jsonl
 from harness.metrics.lengths import ecdf_distances
-from harness.results.study import GROUP, Study, ci_bounds, load_study, num, read_json, run_dirs
-from analysis import figures as F
+from harness.results.rows import ci_bounds, num
+from harness.results.study import GROUP, Study, load_study, read_json, run_dirs
+from analysis import plotting
 from analysis.cost_tables import COST_SOURCE, SPEED_SOURCE, cost_sample_rows, cost_train_rows, range_text
-from analysis.frames import DASH, Table, fmt, missing, reference_methods, sort_rows, to_markdown
+from analysis.frames import DASH, fmt, missing, reference_methods, sort_rows, to_markdown
+from analysis.paper_table1 import table1
+from analysis.published import (MEASURED, PAPER_CITE, PAPER_GENPPL, PAPER_GENPPL_STEPS, PAPER_SPEED, PUBLISHED,
+                                PaperTable, budget_text, ci_cell, corpus_name, eval_values, first_settings,
+                                join_words, paper_table, pool, published_text, result_settings, seq_len,
+                                study_run_rows, tokenizer_text)
 
-Z95 = 1.959963984540054
 
-# --- the paper's published numbers -----------------------------------------------------------------
-#: the zero-shot test sets of Table 1: (key in zeroshot.json, column label), the paper's column order
-PAPER_DATASETS = (("wikitext103", "WikiText"), ("lambada", "LAMBADA"), ("pubmed", "PubMed"),
-                  ("ag_news", "AG News"), ("lm1b", "LM1B"), ("arxiv", "ArXiv"), ("ptb", "PTB"))
-DATASET_LABELS = dict(PAPER_DATASETS)
-#: Table 1 (fixed length, trained on OpenWebText): (size, model, PPL per dataset in PAPER_DATASETS order)
-PAPER_TABLE1 = (
-    ("small", "RADD", (38.27, 51.82, 56.99, 73.18, 72.99, 85.95, 108.79)),
-    ("small", "DID-S (step-aligned)", (38.72, 49.10, 55.02, 76.02, 74.04, 82.41, 115.37)),
-    ("small", "DID-F (FLOPs-aligned)", (36.91, 48.00, 52.89, 71.48, 72.04, 78.38, 111.60)),
-    ("medium", "RADD", (28.44, 44.10, 41.06, 48.96, 60.32, 66.28, 81.05)),
-    ("medium", "DID-F (FLOPs-aligned)", (28.35, 41.00, 38.71, 48.84, 58.05, 61.77, 87.09)),
-)
-#: variable-length (stories) gen PPL under GPT-2-large vs sampling steps: model -> {steps: PPL}
-PAPER_GENPPL_STEPS = (64, 128, 256, 512)
-PAPER_GENPPL = (("ILM", (161.80, 137.64, 42.29, 31.14)),
-                ("RADD (padded)", (81.92, 50.89, 34.47, 26.78)),
-                ("DID", (22.78, 21.07, 21.90, 23.88)))
-#: published speedups of DID over RADD: layout -> (training low, training high, training text, inference, text)
-PAPER_SPEED = {
-    "fixed": (1.89, 1.99, "1.89× (small) – 1.99× (large)", 1.58, "1.58× (\"up to\"; ≈1.5× in the notes)"),
-    "varlen": (2.58, 3.42, "2.58× (small) – 3.42× (large)", 3.79, "3.79× (\"up to\")"),
-}
-PAPER_CITE = ("the DID paper (Ding et al., ICLR 2026), as transcribed by third-party notes of the paper; "
-              "not yet checked against the PDF")
-PUBLISHED = "paper (published)"
-MEASURED = "this study"
-
-
-# --- small helpers -----------------------------------------------------------------------------------
-@dataclass
-class PaperTable:
-    """One output file: sections (a Table each, rendered without its notes) and one notes block."""
-
-    name: str
-    title: str
-    intro: str
-    sections: list[Table]
-    notes: list[str]
-    data: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def _t95(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1))
-
-
-def pool(values, errs=None, los=None, his=None, log: bool = False) -> tuple[float, float, float, int, str]:
-    """(centre, lo, hi, n, how) of one row's values over seeds.
-
-    One value: the value with its own 95% interval (± 1.96 `errs`, or [`los`, `his`]). Several: the
-    mean over seeds with a t interval for that mean (mean ± t_{n-1} sd / sqrt(n)), taken on the log
-    scale when `log` (a perplexity: the geometric mean, a symmetric interval in nats)."""
-    v = np.asarray(values, np.float64)
-    ok = np.isfinite(v)
-    n = int(ok.sum())
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0, ""
-    if n == 1:
-        i = int(np.flatnonzero(ok)[0])
-        c = float(v[i])
-        if errs is not None and np.isfinite(num(list(errs)[i])):
-            e = num(list(errs)[i])
-            return c, c - Z95 * e, c + Z95 * e, 1, "stderr"
-        if los is not None and his is not None:
-            return c, num(list(los)[i]), num(list(his)[i]), 1, "file CI"
-        return c, math.nan, math.nan, 1, ""
-    x = np.log(v[ok]) if log else v[ok]
-    m, half = float(x.mean()), _t95(n) * float(x.std(ddof=1)) / math.sqrt(n)
-    lo, hi = m - half, m + half
-    if log:
-        m, lo, hi = math.exp(m), math.exp(lo), math.exp(hi)
-    return m, lo, hi, n, f"t over {n} seeds"
-
-
-def _exp(x: float) -> float:
-    return math.nan if missing(x) else math.exp(min(float(x), 700.0))
-
-
-def ci_cell(value, lo, hi, suffix: str = "") -> str:
-    """"value [lo, hi]", the value alone without an interval, "–" when missing."""
-    if missing(value):
-        return DASH
-    text = fmt(value) if missing(lo) or missing(hi) else f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
-    return text + suffix
-
-
-def _published(v: float) -> str:
-    return f"{v:.2f}"
-
-
-def _table(name: str, title: str, display: pd.DataFrame, data: pd.DataFrame | None = None) -> Table:
-    return Table(name, title, data if data is not None else pd.DataFrame(), display, [])
-
-
-def _settings(study: Study, run: str, kind: str) -> dict:
-    obj = read_json(Path(study.root) / "runs" / run / "eval" / f"{kind}.json", []) or {}
-    s = obj.get("settings")
-    return s if isinstance(s, dict) else {}
-
-
-def _eval_values(study: Study, run: str, kind: str) -> dict:
-    obj = read_json(Path(study.root) / "runs" / run / "eval" / f"{kind}.json", []) or {}
-    v = obj.get("values")
-    return v if isinstance(v, dict) else {}
-
-
-def _runs(study: Study, layout: str | None = None) -> pd.DataFrame:
-    r = study.runs
-    if r.empty:
-        return r
-    return r[r["layout"] == layout] if layout else r
-
-
-def _first_settings(study: Study, runs: pd.DataFrame, kind: str) -> dict:
-    """The settings of `kind` of the runs merged, the first run that has a key winning."""
-    out: dict = {}
-    for run in runs["run"] if len(runs) else []:
-        for k, v in _settings(study, run, kind).items():
-            if v is not None:
-                out.setdefault(k, v)
-    return out
-
-
-def _join(items) -> str:
-    items = [str(i) for i in dict.fromkeys(items) if i not in (None, "")]
-    return ", ".join(items) if items else "unknown"
-
-
-def _manifest(study: Study) -> dict:
-    return read_json(Path(study.root) / "data" / "manifest.json", []) or {}
-
-
-def _tokenizer_text(study: Study) -> str:
-    tok = _manifest(study).get("tokenizer") or {}
-    name = tok.get("name")
-    size = (tok.get("vocab") or {}).get("size")
-    if not name:
-        return "the study's tokenizer (not recorded in data/manifest.json)"
-    return f"the study's tokenizer `{name}`" + (f" (vocabulary {size} ids, specials included)" if size else "")
-
-
-def _seq_len(study: Study, config: dict | None, key: str) -> int | None:
-    m = _manifest(study)
-    v = m.get(key, ((config or {}).get("data") or {}).get(key))
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _corpus(study: Study) -> str:
-    return study.corpus or "the study's corpus"
-
-
-def budget_text(study: Study, layout: str) -> str:
-    """Model size and training budget of a layout's runs, from train.json (study.runs)."""
-    r = _runs(study, layout)
-    if r.empty:
-        return "no trained runs"
-    sizes = _join(sorted(r["size"].dropna().astype(str).unique()))
-    params = pd.to_numeric(r.get("params"), errors="coerce").dropna() if "params" in r else pd.Series(dtype=float)
-    steps = pd.to_numeric(r.get("steps"), errors="coerce").dropna() if "steps" in r else pd.Series(dtype=float)
-    batch = pd.to_numeric(r.get("batch_size"), errors="coerce").dropna() if "batch_size" in r else pd.Series(dtype=float)
-    text = f"`{sizes}` models"
-    if len(params):
-        lo, hi = _count(params.min()), _count(params.max())
-        text += f" ({lo} parameters)" if lo == hi else f" ({lo}–{hi} parameters)"
-    if len(steps):
-        s = _join(f"{v:.0f}" for v in sorted(steps.unique()))
-        b = _join(f"{v:.0f}" for v in sorted(batch.unique())) if len(batch) else "?"
-        text += f", {s} training steps of batch {b} sequences"
-    per = r.groupby(GROUP, sort=False)["seed"].nunique() if "seed" in r else pd.Series([1])
-    lo, hi = int(per.min()), int(per.max())
-    seeds = f"{lo}" if lo == hi else f"{lo}–{hi}"
-    return text + f", {seeds} seed{'' if hi == 1 else 's'} per method"
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else f"{n:.0f}"
-
-
-def _not_in_paper(runs: pd.DataFrame) -> str:
-    """Which of the rows' methods the paper's Table 1 does not have (it has RADD and DID only)."""
-    extra = [m for m in dict.fromkeys(runs["method"]) if not str(m).startswith("did") and m != "radd"] \
-        if len(runs) else []
-    if not extra:
-        return ""
-    return f" {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not in the paper's Table 1 (RADD and DID only)."
-
-
-def _alignment_text(runs: pd.DataFrame) -> str:
-    """Whether the study's DID trained as many steps as the other methods (the paper's DID-S) or not."""
-    if runs.empty or "steps" not in runs:
-        return ""
-    steps = runs.assign(steps=pd.to_numeric(runs["steps"], errors="coerce")).groupby("method")["steps"].max()
-    did = [m for m in steps.index if str(m).startswith("did")]
-    others = steps.drop(did)
-    if not did or others.empty:
-        return ""
-    if all(steps[d] == v for d in did for v in others):
-        return (f"This study's {', '.join(did)} trained as many steps as every other method (step-aligned, like "
-                "the paper's DID-S; the paper's DID-F has about twice the steps, RADD's FLOPs).")
-    return ("Training steps per method here: " + ", ".join(f"{m} {v:.0f}" for m, v in steps.items())
-            + " (the paper's DID-S is step-aligned with RADD, DID-F FLOPs-aligned).")
-
-
-# --- Table 1 -------------------------------------------------------------------------------------
-IN_DOMAIN = "in_domain"
-LAYOUT_WORDS = {"fixed": "fixed-length", "varlen": "variable-length"}
-
-
-def _zeroshot_frame(study: Study, runs: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict, dict]:
-    """Per-run rows (ID + dataset + both conventions) from eval/zeroshot.json; {run: {dataset: why
-    missing}}; {dataset: {source, documents, detokenizer}} (the first run's description); the first
-    file's settings."""
-    rows, gaps, about, settings = [], {}, {}, {}
-    for r in runs.to_dict("records"):
-        obj = read_json(Path(study.root) / "runs" / r["run"] / "eval" / "zeroshot.json", study.problems)
-        if obj is None:
-            continue
-        if not settings and isinstance(obj.get("settings"), dict):
-            settings = obj["settings"]
-        values = obj.get("values") if isinstance(obj.get("values"), dict) else {}
-        miss = values.get("missing") if isinstance(values.get("missing"), dict) else {}
-        if miss:
-            gaps[r["run"]] = {str(k): str(v) for k, v in miss.items()}
-        seq_len = num((obj.get("settings") or {}).get("seq_len")) if isinstance(obj.get("settings"), dict) else math.nan
-        for name, d in (values.get("datasets") or {}).items():
-            if not isinstance(d, dict):
-                continue
-            paper = d.get("paper_convention") if isinstance(d.get("paper_convention"), dict) else {}
-            per_pos = paper.get("divided_by_seq_len") if isinstance(paper.get("divided_by_seq_len"), dict) else {}
-            rows.append({**{k: r[k] for k in ("run", "method", "layout", "size", "seed")}, "dataset": str(name),
-                         **{k: num(d.get(k)) for k in ("nats_per_token", "ppl", "stderr", "n_sequences", "n_tokens")},
-                         **{f"paper_{k}": num(paper.get(k)) for k in ("nats_per_token", "ppl", "stderr")},
-                         "per_position_nats": num(per_pos.get("nats_per_token")), "seq_len": seq_len})
-            about.setdefault(str(name), {k: d.get(k) for k in ("source", "documents", "detokenizer")})
-    return pd.DataFrame(rows), gaps, about, settings
-
-
-def paper_keys() -> list[str]:
-    return [k for k, _ in PAPER_DATASETS]
-
-
-def _dataset_order(names) -> list[str]:
-    names = list(dict.fromkeys(names))
-    known = [k for k, _ in PAPER_DATASETS if k in names]
-    return ([IN_DOMAIN] if IN_DOMAIN in names else []) + known + sorted(n for n in names if n not in known
-                                                                       and n != IN_DOMAIN)
-
-
-def add_per_position(per_run: pd.DataFrame) -> pd.DataFrame:
-    """`paperpos_nats_per_token` / `paperpos_stderr`: the paper convention divided by seq_len per row
-    (the paper's denominator, BOS included) instead of the predicted tokens: zeroshot.json's
-    `divided_by_seq_len` where it has one, else paper nats x n_tokens / (n_sequences x seq_len) (the
-    same formula); NaN without a seq_len (variable-length rows have none)."""
-    df = per_run.copy()
-    for c in ("per_position_nats", "seq_len"):
-        if c not in df.columns:
-            df[c] = np.nan
-    scale = df["n_tokens"] / (df["n_sequences"] * df["seq_len"])
-    given = df["per_position_nats"]
-    computed = df["paper_nats_per_token"] * scale
-    df["paperpos_nats_per_token"] = given.where(given.notna(), computed)
-    ratio = df["paperpos_nats_per_token"] / df["paper_nats_per_token"]
-    df["paperpos_stderr"] = df["paper_stderr"] * ratio.where(ratio.notna(), scale)
-    return df
-
-
-CONVENTIONS = (("strict", ""), ("paper", "paper_"), ("paper_per_position", "paperpos_"))
-
-
-def _pooled_bounds(per_run: pd.DataFrame, config: dict | None) -> pd.DataFrame:
-    """One row per (method, layout, size, dataset): every convention pooled over seeds (in nats)."""
-    out = []
-    for (m, lay, size, ds), g in per_run.groupby(GROUP + ["dataset"], sort=False, dropna=False):
-        row = {"method": m, "layout": lay, "size": size, "dataset": ds}
-        for conv, pre in CONVENTIONS:
-            c, lo, hi, n, how = pool(g[f"{pre}nats_per_token"], errs=g[f"{pre}stderr"])
-            row.update({f"{conv}_nats_per_token": c, f"{conv}_nats_lo": lo, f"{conv}_nats_hi": hi,
-                        f"{conv}_ppl": _exp(c), f"{conv}_ppl_lo": _exp(lo), f"{conv}_ppl_hi": _exp(hi),
-                        f"{conv}_interval": how, f"{conv}_n_seeds": n})
-        row["n_sequences"] = g["n_sequences"].mean()
-        row["n_tokens"] = g["n_tokens"].mean()
-        row["seq_len"] = g["seq_len"].mean()
-        out.append(row)
-    return sort_rows(pd.DataFrame(out), config) if out else pd.DataFrame(columns=GROUP + ["dataset"])
-
-
-def table1(study: Study, config: dict | None) -> PaperTable:
-    fixed = _runs(study, "fixed")
-    layout = "fixed" if len(fixed) else "varlen"
-    runs = fixed if len(fixed) else _runs(study, "varlen")
-    zs, gaps, about, zs_settings = _zeroshot_frame(study, runs)
-    zero_shot = len(zs) > 0
-    L = _seq_len(study, config, "seq_len") if layout == "fixed" else None
-    if zero_shot:
-        per_run = zs
-        per_run["seq_len"] = per_run["seq_len"].fillna(L if L else np.nan)
-    else:
-        ppl = study.ppl[study.ppl["layout"] == layout] if len(study.ppl) else study.ppl
-        per_run = ppl.assign(dataset=IN_DOMAIN, seq_len=L if L else np.nan) if len(ppl) else pd.DataFrame()
-    needed = ["nats_per_token", "stderr", "paper_nats_per_token", "paper_stderr", "n_sequences", "n_tokens"]
-    if len(per_run):
-        per_run = add_per_position(per_run.assign(**{c: np.nan for c in needed if c not in per_run.columns}))
-    pooled = _pooled_bounds(per_run, config) if len(per_run) else pd.DataFrame(columns=GROUP + ["dataset"])
-    # the paper convention as the paper divides it (per position, / seq_len) wherever every row has a seq_len
-    per_position = bool(len(pooled)) and pooled["paper_per_position_nats_per_token"].notna().any()
-    paper_conv = "paper_per_position" if per_position else "paper"
-    measured_ds = _dataset_order(pooled["dataset"]) if len(pooled) else ([] if zero_shot else [IN_DOMAIN])
-    in_label = f"{_corpus(study)} test (in-domain)"
-    label = lambda ds: in_label if ds == IN_DOMAIN else DATASET_LABELS.get(ds, ds)   # noqa: E731
-    groups = sort_rows(runs[GROUP].drop_duplicates().reset_index(drop=True), config) if len(runs) else runs
-    seeds = runs.groupby(GROUP, sort=False)["seed"].nunique() if len(runs) else pd.Series(dtype=int)
-
-    def measured_display(conv: str, datasets: list[str]) -> list[dict]:
-        rows = []
-        for g in groups.to_dict("records"):
-            n = int(seeds.get((g["method"], g["layout"], g["size"]), 1))
-            row = {"Source": MEASURED, "Method": g["method"], "Size": str(g["size"]), "Seeds": str(n)}
-            for ds in datasets:
-                hit = pooled[(pooled["method"] == g["method"]) & (pooled["layout"] == g["layout"])
-                             & (pooled["size"] == g["size"]) & (pooled["dataset"] == ds)] if len(pooled) else pooled
-                if len(hit):
-                    h = hit.iloc[0]
-                    k = h[f"{conv}_n_seeds"]
-                    row[label(ds)] = ci_cell(h[f"{conv}_ppl"], h[f"{conv}_ppl_lo"], h[f"{conv}_ppl_hi"],
-                                             f" ({k} of {n} seeds)" if 0 < k < n else "")
-                else:
-                    row[label(ds)] = DASH
-            rows.append(row)
-        return rows
-
-    paper_ds = [k for k, _ in PAPER_DATASETS]
-    union = _dataset_order(measured_ds + paper_ds)
-    strict_rows = measured_display("strict", measured_ds)
-    paper_rows = measured_display(paper_conv, union)
-    for size, model, vals in PAPER_TABLE1:
-        row = {"Source": PUBLISHED, "Method": model, "Size": size, "Seeds": DASH}
-        row.update({label(ds): DASH for ds in union})
-        row.update({DATASET_LABELS[k]: _published(v) for k, v in zip(paper_ds, vals)})
-        paper_rows.append(row)
-    cols_strict = ["Source", "Method", "Size", "Seeds"] + [label(d) for d in measured_ds]
-    cols_paper = ["Source", "Method", "Size", "Seeds"] + [label(d) for d in union]
-    what = "zero-shot" if zero_shot else "in-domain, NOT zero-shot"
-    sec_strict = _table("table1_strict", f"Measured: strict upper bound per predicted token, PPL [95%] ({what})",
-                        pd.DataFrame(strict_rows, columns=cols_strict))
-    denom = "divided by the row length L, BOS included, as the paper" if per_position else \
-        "per predicted token (no fixed row length to divide by)"
-    sec_paper = _table("table1_paper", f"Paper convention (t >= 1e-3, prior dropped, {denom}), PPL [95%]: measured "
-                       "rows and the published rows of the paper's Table 1", pd.DataFrame(paper_rows, columns=cols_paper))
-
-    # the CSV: tidy, one row per (source, model, dataset, convention)
-    recs = []
-    for r in pooled.to_dict("records"):
-        for conv, _ in CONVENTIONS:
-            if missing(r[f"{conv}_nats_per_token"]):
-                continue
-            recs.append({"source": MEASURED, "method": r["method"], "layout": r["layout"], "size": r["size"],
-                         "dataset": r["dataset"], "dataset_label": label(r["dataset"]),
-                         "zero_shot": zero_shot, "convention": conv, "n_seeds": r[f"{conv}_n_seeds"],
-                         "nats_per_token": r[f"{conv}_nats_per_token"], "nats_lo": r[f"{conv}_nats_lo"],
-                         "nats_hi": r[f"{conv}_nats_hi"], "ppl": r[f"{conv}_ppl"], "ppl_lo": r[f"{conv}_ppl_lo"],
-                         "ppl_hi": r[f"{conv}_ppl_hi"], "interval": r[f"{conv}_interval"],
-                         "n_sequences": r["n_sequences"], "n_tokens": r["n_tokens"], "seq_len": r["seq_len"]})
-    for size, model, vals in PAPER_TABLE1:
-        for k, v in zip(paper_ds, vals):
-            recs.append({"source": PUBLISHED, "method": model, "layout": "fixed", "size": size, "dataset": k,
-                         "dataset_label": DATASET_LABELS[k], "zero_shot": True, "convention": "paper_per_position",
-                         "ppl": v, "nats_per_token": math.log(v), "seq_len": 1024})
-    data = pd.DataFrame(recs)
-
-    intro = (f"Perplexity upper bounds of the study's {LAYOUT_WORDS.get(layout, layout)} runs (lower is better), "
-             "seeds pooled"
-             + ("; columns: the zero-shot test sets of each run's eval/zeroshot.json." if zero_shot else
-                f". **No run has eval/zeroshot.json**, so the only column is the study's own held-out test split "
-                f"of `{_corpus(study)}` (eval/ppl.json): the models were trained on that corpus, so this is an "
-                f"in-domain number, not a zero-shot one, and no column is comparable with the paper's."))
-    notes = _table1_notes(study, config, layout, runs, zero_shot, gaps, about, per_run, len(fixed) == 0,
-                          zs_settings, pooled, per_position)
-    return PaperTable("table1", "Table 1: perplexity upper bounds, methods x datasets", intro,
-                      [sec_strict, sec_paper], notes, data)
-
-
-def _table1_notes(study, config, layout, runs, zero_shot, gaps, about, per_run, no_fixed, zs_settings, pooled,
-                  per_position) -> list[str]:
-    notes = []
-    if no_fixed:
-        notes.append("**Layout:** this study has no fixed-length runs, so the rows are its variable-length runs "
-                     "(bounds per document, BOS-to-end); the paper's Table 1 is fixed-length (1024-token chunks) "
-                     "only.")
-    notes.append("**Strict vs paper convention:** strict = a valid upper bound on the NLL of the model its sampler "
-                 "runs (the whole time range, the prior term included or zero by construction; exact for AR). "
-                 "Paper convention = the papers' code: t >= 1e-3 and the prior term dropped, which can fall below "
-                 "the true NLL; the published numbers are in this convention, so only the second table has them. "
-                 "For AR and ILM the paper convention truncates nothing: only its denominator can differ.")
-    sample = _first_settings(study, runs, "ppl")
-    L = _seq_len(study, config, "seq_len" if layout == "fixed" else "max_len")
-    denom = (zs_settings.get("denominator") if zero_shot else sample.get("denominator")) or "predicted tokens"
-    counting = (f"**Token counting:** PPL = exp(NLL per token) in {_tokenizer_text(study)}; "
-                f"the strict table divides by `{denom}`")
-    if per_position:
-        lens = _join(f"{v:.0f}" for v in sorted(pooled["seq_len"].dropna().unique()))
-        counting += (f". A fixed row of L = {lens} tokens has L-1 predicted tokens (BOS is given); the paper divides "
-                     "each 1024-token chunk's bound by 1024, BOS included, so the paper-convention table divides by L "
-                     "too (nats x (L-1)/L"
-                     + (f" = {(L - 1) / L:.4f} x" if L else "") + " the per-predicted-token value, which table1.csv "
-                     "keeps as convention `paper`)")
-    elif layout == "fixed":
-        counting += "; the paper divides each 1024-token chunk's bound by 1024 (BOS included): no row length is known here"
-    else:
-        counting += ("; variable-length rows have no fixed length to divide by, so the paper-convention table is per "
-                     "predicted token too; the paper divides each 1024-token chunk's bound by 1024 (BOS included)")
-    notes.append(counting + ". The paper tokenises with GPT-2 (50257 ids): perplexities over different tokenizers are "
-                 "not comparable.")
-    if zero_shot:
-        lines = []
-        for ds in _dataset_order(per_run["dataset"]):
-            a = about.get(ds) or {}
-            bits = [f"{k} {a[k]}" for k in ("source", "documents", "detokenizer") if a.get(k) not in (None, "")]
-            lines.append(f"{DATASET_LABELS.get(ds, ds)}: " + ("; ".join(bits) if bits else "no description"))
-        notes.append("**Data:** the models were trained on "
-                     f"`{_corpus(study)}` and scored on other corpora's test sets ("
-                     + " | ".join(lines) + "). The paper trains on OpenWebText and scores the test splits of "
-                     "the same seven sets, GPT-2-tokenised in 1024-token chunks with the SEDD/RADD detokenisers.")
-        if gaps:
-            scored = set(per_run["run"])
-            by: dict[tuple, list] = {}
-            for run, g in sorted(gaps.items()):
-                for d, why in g.items():
-                    by.setdefault((d, why), []).append(run)
-            order = _dataset_order(paper_keys() + [d for d, _ in by])
-            notes.append("**Missing datasets** (in zeroshot.json `missing`): " + "; ".join(
-                f"{DATASET_LABELS.get(d, d)}: {why} ("
-                + ("every run" if set(rs) >= scored else ", ".join(f"`{r}`" for r in rs)) + ")"
-                for (d, why), rs in sorted(by.items(), key=lambda kv: order.index(kv[0][0])))
-                + ".")
-        without = sorted(set(runs["run"]) - set(per_run["run"])) if len(runs) else []
-        if without:
-            notes.append("**Runs without eval/zeroshot.json** (– in every column): " + ", ".join(f"`{r}`" for r in without)
-                         + ".")
-    else:
-        n_seq = sample.get("max_sequences")
-        notes.append(f"**Data:** trained and tested on `{_corpus(study)}` ({layout} layout"
-                     + ((f", sequences of {L} tokens" if layout == "fixed" else f", documents of at most {L} tokens")
-                        if L else "")
-                     + (f"; the first {n_seq} test sequences, the same rows for every method" if n_seq else "")
-                     + "). The paper trains on OpenWebText and reports zero-shot test sets of other corpora; a zero-shot "
-                     "column here needs eval/zeroshot.json.")
-    mc = (zs_settings if zero_shot else sample).get("mc")
-    notes.append("**Monte Carlo:** "
-                 + (f"{mc} draws of (t, x_t) per sequence" if mc else "the study's draws per sequence")
-                 + (" (eval/zeroshot.json settings)" if zero_shot else " (eval/ppl.json settings)")
-                 + "; the paper's code averages 1024 Monte-Carlo draws of (t, x_t).")
-    notes.append(f"**Model size and budget:** this study: {budget_text(study, layout)}. The paper: small (162M "
-                 "parameters) and medium (405M) models, RADD and DID-S 400K steps, DID-F 800K steps (about RADD's "
-                 "FLOPs), global batch 512 x 1024 tokens. " + _alignment_text(runs)
-                 + _not_in_paper(sort_rows(runs[GROUP].drop_duplicates().reset_index(drop=True), config)))
-    notes.append("**[95%]:** one seed: exp(NLL ± 1.96 x its standard error over test sequences); several seeds: "
-                 "exp of the mean NLL over seeds with a t interval for that mean (the sequence noise is in the seed "
-                 "spread). The paper reports no uncertainty. \"(k of n seeds)\": only k seeds have that value.")
-    notes.append(f"**Published rows:** {PAPER_CITE}.")
-    return notes
-
-
-# --- gen PPL vs steps ------------------------------------------------------------------------------
 def _genppl_frame(study: Study) -> pd.DataFrame:
     """study.genppl of the varlen runs plus the mean-per-sample CI (read from each genppl.json)."""
     g = study.genppl
@@ -522,7 +61,7 @@ def _genppl_frame(study: Study) -> pd.DataFrame:
     lo, hi = [], []
     cache: dict[str, dict] = {}
     for r in g.to_dict("records"):
-        v = cache.setdefault(r["run"], _eval_values(study, r["run"], "genppl"))
+        v = cache.setdefault(r["run"], eval_values(study, r["run"], "genppl"))
         entry = next((e for e in v.get("by_steps") or [] if isinstance(e, dict) and num(e.get("steps")) == r["steps"]), {})
         a, b = ci_bounds(entry.get("gen_ppl_mean_per_sample"), entry.get("gen_ppl_mean_per_sample_ci95")) \
             if entry.get("gen_ppl_mean_per_sample_ci95") is not None else (math.nan, math.nan)
@@ -541,7 +80,7 @@ def _data_genppl(study: Study, config: dict | None) -> tuple[dict | None, bool]:
     if d.empty:
         return None, True
     first = d.iloc[0].to_dict()
-    v = _eval_values(study, first["run"], "genppl").get("data") or {}
+    v = eval_values(study, first["run"], "genppl").get("data") or {}
     a, b = ci_bounds(v.get("gen_ppl_mean_per_sample"), v.get("gen_ppl_mean_per_sample_ci95")) \
         if v.get("gen_ppl_mean_per_sample_ci95") is not None else (math.nan, math.nan)
     first.update(mps_lo=a, mps_hi=b)
@@ -566,7 +105,7 @@ def genppl_steps_table(study: Study, config: dict | None) -> PaperTable:
                          "mean_per_sample_hi": mp[2], "mean_per_sample_interval": mp[4]})
     measured = sort_rows(pd.DataFrame(recs), config) if recs else pd.DataFrame()
     data_row, same = _data_genppl(study, config)
-    seeds = _runs(study, "varlen").groupby(GROUP, sort=False)["seed"].nunique() if len(_runs(study, "varlen")) else {}
+    seeds = study_run_rows(study, "varlen").groupby(GROUP, sort=False)["seed"].nunique() if len(study_run_rows(study, "varlen")) else {}
     union = sorted(set(steps) | set(float(s) for s in PAPER_GENPPL_STEPS))
 
     def display(col: str, lo: str, hi: str, cols: list, with_paper: bool) -> pd.DataFrame:
@@ -590,12 +129,12 @@ def genppl_steps_table(study: Study, config: dict | None) -> PaperTable:
             for model, vals in PAPER_GENPPL:
                 by = dict(zip((float(s) for s in PAPER_GENPPL_STEPS), vals))
                 rows.append({"Source": PUBLISHED, "Method": model, "Size": "small", "Seeds": DASH,
-                             **{f"{fmt(s, 'int')} steps": _published(by[s]) if s in by else DASH for s in cols}})
+                             **{f"{fmt(s, 'int')} steps": published_text(by[s]) if s in by else DASH for s in cols}})
         return pd.DataFrame(rows, columns=["Source", "Method", "Size", "Seeds"] + [f"{fmt(s, 'int')} steps" for s in cols])
 
-    sec_tw = _table("genppl_tw", "Measured: gen PPL, token-weighted exp(sum NLL / sum tokens) [95%]",
+    sec_tw = paper_table("genppl_tw", "Measured: gen PPL, token-weighted exp(sum NLL / sum tokens) [95%]",
                     display("gen_ppl", "gen_ppl_lo", "gen_ppl_hi", steps, False))
-    sec_mp = _table("genppl_mps", "Paper aggregation: mean over samples of per-sample PPL [95%]: measured rows and "
+    sec_mp = paper_table("genppl_mps", "Paper aggregation: mean over samples of per-sample PPL [95%]: measured rows and "
                     "the published rows", display("mean_per_sample_ppl", "mean_per_sample_lo", "mean_per_sample_hi",
                                                   union, True))
     recs_out = list(measured.to_dict("records")) if len(measured) else []
@@ -626,17 +165,17 @@ def genppl_steps_table(study: Study, config: dict | None) -> PaperTable:
 
 
 def _genppl_notes(study: Study, config, g: pd.DataFrame, steps, same: bool) -> list[str]:
-    runs = _runs(study, "varlen")
+    runs = study_run_rows(study, "varlen")
     notes = []
     if len(g):
-        gs = _first_settings(study, runs, "genppl")
-        evs = [(_settings(study, r, "genppl").get("evaluator") or {}) for r in runs["run"]]
-        names = _join(e.get("name") for e in evs if isinstance(e, dict))
-        srcs = _join(e.get("source") for e in evs if isinstance(e, dict))
+        gs = first_settings(study, runs, "genppl")
+        evs = [(result_settings(study, r, "genppl").get("evaluator") or {}) for r in runs["run"]]
+        names = join_words(e.get("name") for e in evs if isinstance(e, dict))
+        srcs = join_words(e.get("source") for e in evs if isinstance(e, dict))
         notes.append(f"**Evaluator LM:** `{names}` ({srcs}, as genppl.json records it), offline; the paper scores with "
                      "GPT-2-large. Perplexities under different evaluators are not comparable: the held-out-text row is "
                      "the reference to read the measured rows against.")
-        notes.append(f"**Tokenizer and token counting:** samples are decoded from {_tokenizer_text(study)} and "
+        notes.append(f"**Tokenizer and token counting:** samples are decoded from {tokenizer_text(study)} and "
                      f"re-tokenised by the evaluator's tokenizer, truncated to {gs.get('max_tokens', '?')} evaluator "
                      "tokens; every token after the evaluator BOS is a target except its EOS. The paper re-tokenises "
                      "with GPT-2 and truncates to 1024 tokens.")
@@ -644,16 +183,16 @@ def _genppl_notes(study: Study, config, g: pd.DataFrame, steps, same: bool) -> l
                      "exp(sum NLL / sum tokens)); the paper reports the mean over samples of exp(mean NLL per "
                      "sample), which short samples dominate (compare the held-out-text row in the two tables), so "
                      "only the second table has the published rows.")
-        ss = _first_settings(study, runs, "samples")
-        n = _join(f"{v:.0f}" for v in sorted(g["n"].dropna().unique()))
+        ss = first_settings(study, runs, "samples")
+        n = join_words(f"{v:.0f}" for v in sorted(g["n"].dropna().unique()))
         notes.append(f"**Samples and steps:** {n} unconditional samples per method and step count (top-p "
-                     f"{ss.get('top_p', '?')}, float64 sampling) at {_join(fmt(s, 'int') for s in steps)} steps; "
+                     f"{ss.get('top_p', '?')}, float64 sampling) at {join_words(fmt(s, 'int') for s in steps)} steps; "
                      "the paper: 64 / 128 / 256 / 512 steps (64 samples per setting in the official protocol). A "
                      "column with – was not run. ILM inserts one token per network call whatever the steps.")
         if not same:
             notes.append("**Held-out text:** the runs' data rows differ; the first run's is shown.")
-    L = _seq_len(study, config, "max_len")
-    notes.append(f"**Data:** `{_corpus(study)}` documents of at most {L if L else '?'} tokens (BOS included); the "
+    L = seq_len(study, config, "max_len")
+    notes.append(f"**Data:** `{corpus_name(study)}` documents of at most {L if L else '?'} tokens (BOS included); the "
                  "paper: tiny ROC stories (bert-base-uncased tokens, about 213 on average, up to 1023). The "
                  "paper's RADD is padded to its maximum length; here the masked models sample on a canvas of the "
                  "study's max_len and cut at the first PAD.")
@@ -667,12 +206,11 @@ def _genppl_notes(study: Study, config, g: pd.DataFrame, steps, same: bool) -> l
     return notes
 
 
-# --- generated-length CDF (Figure 2) ------------------------------------------------------------------
 def length_samples(study: Study) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(generated lengths: ID + steps + length, data lengths: ID + length, what a length counts) of the
     varlen runs: lengths.json's stored lengths, else samples.jsonl / references.jsonl."""
     gen, ref, unit = [], [], ""
-    for r in _runs(study, "varlen").to_dict("records"):
+    for r in study_run_rows(study, "varlen").to_dict("records"):
         ident = {k: r[k] for k in ("run", "method", "layout", "size", "seed")}
         obj = read_json(Path(study.root) / "runs" / r["run"] / "eval" / "lengths.json", []) or {}
         v = obj.get("values") if isinstance(obj.get("values"), dict) else {}
@@ -734,15 +272,15 @@ def length_cdf(study: Study, config: dict | None, out_dir: Path) -> tuple[Path, 
     atomic_write_text(csv, table.to_csv(index=False, na_rep=""))
     title = "Generated length CDF vs the data (variable-length runs; the paper's Figure 2)"
     if gen.empty:
-        return F.placeholder(png, title, "no generated lengths (variable-length runs) in this study"), csv, table, unit
+        return plotting.placeholder(png, title, "no generated lengths (variable-length runs) in this study"), csv, table, unit
 
-    @F.styled
+    @plotting.styled
     def draw():
         import seaborn as sns
 
         shown = steps if len(steps) <= 4 else [steps[i] for i in np.linspace(0, len(steps) - 1, 4).round().astype(int)]
-        colors = F.study_colors(study)
-        fig, axes = F.new_figure(len(shown), title, width=5.4, sharey=True)
+        colors = plotting.study_colors(study)
+        fig, axes = plotting.new_figure(len(shown), title, width=5.4, sharey=True)
         pmf = np.asarray(study.length_pmf, float) if study.length_pmf else None
         for ax, s in zip(axes, shown):
             if ref_len.size:
@@ -764,12 +302,11 @@ def length_cdf(study: Study, config: dict | None, out_dir: Path) -> tuple[Path, 
             ax.set_ylabel("")
         axes[0].set_ylabel("cumulative fraction of samples")
         axes[-1].legend(fontsize=8, loc="lower right")
-        return F.save_figure(fig, png)
+        return plotting.save_figure(fig, png)
 
     return draw(), csv, table, unit
 
 
-# --- speed -------------------------------------------------------------------------------------------
 def speed_table(study: Study, config: dict | None) -> PaperTable:
     ref = reference_methods(config)
     train = cost_train_rows(study, ref)
@@ -836,7 +373,7 @@ def speed_table(study: Study, config: dict | None) -> PaperTable:
                      "train_speedup": hi})
         recs.append({"source": PUBLISHED, "layout": lay, "method": "RADD", "size": "best reported", "reference": "DID",
                      "inference_speedup": inf})
-    sec = _table("speed", "DID's speedup over each method (x: the method's time / DID's; > 1: DID is faster)",
+    sec = paper_table("speed", "DID's speedup over each method (x: the method's time / DID's; > 1: DID is faster)",
                  pd.DataFrame(rows, columns=cols))
     if len(keys):
         intro = ("DID's training and inference speedups per layout, from the study's cost job files "
@@ -882,7 +419,7 @@ def _speed_notes(study: Study, ref: dict, train: pd.DataFrame, sample: pd.DataFr
         notes.append("**Per-run (shared machine):** a layout without a cost file uses each run's speed.json, timed "
                      "while other jobs shared the machine; mean ± sd over seeds; a rough guide only.")
     measured = len(train) > 0 or len(sample) > 0
-    sizes = _join(sorted(study.runs["size"].dropna().astype(str).unique())) if len(study.runs) else "?"
+    sizes = join_words(sorted(study.runs["size"].dropna().astype(str).unique())) if len(study.runs) else "?"
     notes.append("**Model size and budget:** "
                  + (f"this study times its own trained `{sizes}` models on a batch of the study's train split; "
                     "per-step Python overheads are a large share of a small model's step, so the ratios need not carry "
@@ -899,12 +436,11 @@ def _speed_notes(study: Study, ref: dict, train: pd.DataFrame, sample: pd.DataFr
                  "methods' rows are this study's additions. A value below 1× means the method is faster than DID"
                  + (f" (here: {', '.join(slower)})." if slower else "."))
     if steps:
-        notes.append(f"**Steps:** inference at {_join(fmt(s, 'int') for s in steps)} sampling steps.")
+        notes.append(f"**Steps:** inference at {join_words(fmt(s, 'int') for s in steps)} sampling steps.")
     notes.append(f"**Published rows:** {PAPER_CITE}.")
     return notes
 
 
-# --- rendering and the entry point ----------------------------------------------------------------
 def render(pt: PaperTable, study: Study) -> str:
     lines = [f"# {pt.title}", "", f"Study `{study.name}`. {pt.intro}", ""]
     for t in pt.sections:

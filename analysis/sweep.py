@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harness.results.study import Study
-from analysis import figures as F
+from analysis import plotting
 from analysis.frames import DASH, Table, display_columns, fmt, missing
 
 
@@ -98,7 +98,7 @@ def sweep_figure(study: Study, config: dict | None, path):
     runs = study.runs
     title = "Sweep: validation bound vs training sequences (colour: learning rate; solid: batch 32, dashed: 128)"
     if h.empty or runs.empty or "valid_nats_per_token" not in h.columns or "lr" not in runs.columns:
-        return F.placeholder(path, "Sweep", "no sweep in this study")
+        return plotting.placeholder(path, "Sweep", "no sweep in this study")
     facts = runs.set_index("run")[["base_method", "lr", "batch_size"]]
     v = h.dropna(subset=["valid_nats_per_token"]).join(facts, on="run", rsuffix="_run")
     v = v.dropna(subset=["lr", "batch_size"])
@@ -110,9 +110,9 @@ def sweep_figure(study: Study, config: dict | None, path):
     color = {lr: cmap(i / max(1, len(lrs) - 1)) for i, lr in enumerate(lrs)}
     styles = ["-", "--", ":", "-."]
 
-    @F.styled
+    @plotting.styled
     def draw():
-        fig, axes = F.new_figure(len(methods), title, width=4.6, sharey=True)
+        fig, axes = plotting.new_figure(len(methods), title, width=4.6, sharey=True)
         for ax, m in zip(axes, methods):
             for (lr, b), g in v[v["base_method"] == m].groupby(["lr", "batch_size"]):
                 g = g.sort_values("sequences")
@@ -124,6 +124,6 @@ def sweep_figure(study: Study, config: dict | None, path):
         axes[-1].legend(fontsize=7, ncol=2)
         lo = float(v["valid_nats_per_token"].min())
         axes[0].set_ylim(lo - 0.02, min(float(v["valid_nats_per_token"].quantile(0.9)) + 0.1, lo + 0.8))
-        return F.save_figure(fig, path)
+        return plotting.save_figure(fig, path)
 
     return draw()

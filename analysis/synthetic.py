@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from harness.results.study import GROUP, Study
-from analysis import convergence, figures as F, stats
+from analysis import convergence, figures as F, plotting, stats
 from analysis.frames import (DASH, Table, aggregate, ci_text, data_rows, display_columns, ensure_columns, facts_of,
                              fmt, fmt_column, ident_display, missing, pm, reference_key, reference_methods, row_key,
                              runs_of, sort_rows, stack_frames, with_facts)
@@ -388,17 +388,17 @@ def gap_curve_figure(study: Study, config: dict | None, path):
              "(synthetic corpus; mean ± sd over seeds; 0 = the true law with a tight bound)")
     v = _gap_curves(study)
     if v.empty:
-        return F.placeholder(path, "Bound gap during training", "no synthetic study with validation curves")
+        return plotting.placeholder(path, "Bound gap during training", "no synthetic study with validation curves")
 
-    @F.styled
+    @plotting.styled
     def draw():
         panels = [(c, lab, log) for c, lab, log in (("step", "optimizer step", False),
                                                     ("train_flops", "training FLOPs (estimated, log scale)", True))
                   if c in v.columns and v[c].notna().any()]
-        colors = F.study_colors(study)
-        fig, axes = F.new_figure(len(panels), title)
+        colors = plotting.study_colors(study)
+        fig, axes = plotting.new_figure(len(panels), title)
         for (m, lay, size), g in sort_rows(v, config).groupby(GROUP, sort=False):
-            kw = dict(color=colors[str(m)], ls=F.LINESTYLE.get(lay, "-"), marker=F.MARKER.get(lay, "o"), ms=3.5)
+            kw = dict(color=colors[str(m)], ls=plotting.LINESTYLE.get(lay, "-"), marker=plotting.MARKER.get(lay, "o"), ms=3.5)
             for ax, (col, _, log) in zip(axes, panels):
                 a = g.groupby("step").agg(x=(col, "mean"), y=("gap", "mean"), sd=("gap", "std")).reset_index()
                 a = a[a["x"] > 0] if log else a
@@ -407,13 +407,13 @@ def gap_curve_figure(study: Study, config: dict | None, path):
                 ax.fill_between(a["x"], a["y"] - sd, a["y"] + sd, color=kw["color"], alpha=0.15, lw=0)
         for ax, (col, lab, log) in zip(axes, panels):
             if log:
-                F.log_x(ax)
+                plotting.log_x(ax)
             ax.axhline(0, color="0.3", lw=1, ls=":")
             ax.set_xlabel(lab)
             ax.set_ylabel("bound gap (nats/token)")
             ax.set_ylim(bottom=min(0, float(v["gap"].min())) - 0.05, top=float(v["gap"].quantile(0.97)) * 1.1 + 0.1)
         axes[-1].legend(fontsize=8)
-        return F.save_figure(fig, path)
+        return plotting.save_figure(fig, path)
 
     return draw()
 
@@ -434,15 +434,15 @@ def exact_steps_figure(study: Study, config: dict | None, path):
     title = "Samples scored by the source vs sampling steps (synthetic corpus; bars: sd over seeds or 95% CI)"
     frame = study.exact
     if frame.empty or frame["nats_per_token"].notna().sum() == 0:
-        return F.placeholder(path, "Exact sample NLL vs sampling steps", "no synthetic study (exact.json)")
+        return plotting.placeholder(path, "Exact sample NLL vs sampling steps", "no synthetic study (exact.json)")
 
-    @F.styled
+    @plotting.styled
     def draw():
         f = _whole_documents_for_fixed(frame)
         agg = sort_rows(aggregate(f, GROUP + ["steps"], ["nats_per_token", "invalid_fraction"],
                                   keep=("stderr", "invalid_ci95_lo", "invalid_ci95_hi")), config)
-        layouts = F.layouts_present(agg)
-        colors = F.study_colors(study)
+        layouts = plotting.layouts_present(agg)
+        colors = plotting.study_colors(study)
         untrained = convergence.untrained_labels(study)
         fig = F.Figure(figsize=(6.2 * len(layouts), 8.2), layout="constrained")
         fig.suptitle(title, fontsize=12, fontweight="bold")
@@ -451,7 +451,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
             sub = agg[agg["layout"] == layout]
             for (m, lay, size), g in sub.groupby(GROUP, sort=False):
                 g = g.sort_values("steps")
-                kw = dict(color=colors[str(m)], ls=F.LINESTYLE.get(lay, "-"), marker=F.MARKER.get(lay, "o"),
+                kw = dict(color=colors[str(m)], ls=plotting.LINESTYLE.get(lay, "-"), marker=plotting.MARKER.get(lay, "o"),
                           capsize=3, label=str(m))
                 if str(m) in untrained:   # a reference level, not a competitor
                     kw.update(color="0.6", ls=":", marker="x", label=f"{m} (untrained)")
@@ -470,7 +470,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
             if len(ref):
                 ax_n.axhline(ref["nats_per_token"].mean(), color="0.3", ls=":", lw=1.5, label="data (held out)")
             for ax in (ax_n, ax_i):
-                F.steps_axis(ax, sub["steps"])
+                plotting.steps_axis(ax, sub["steps"])
                 ax.grid(True, alpha=0.3)
             ax_n.set_title(f"{layout} layout" + (": the documents windows hold whole" if layout == "fixed" else ""),
                            fontsize=10)
@@ -478,7 +478,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
             ax_i.set_ylabel("invalid samples (%)")
             ax_i.set_xlabel("sampling steps")
             ax_n.legend(fontsize=8)
-        return F.save_figure(fig, path)
+        return plotting.save_figure(fig, path)
 
     return draw()
 
@@ -488,15 +488,15 @@ def length_cdf_figure(study: Study, config: dict | None, path):
     per = study.exact_samples
     title = "Generated length CDF vs the exact length law (synthetic corpus, variable-length runs)"
     if per.empty or "length" not in per.columns or per["length"].notna().sum() == 0 or not study.length_pmf:
-        return F.placeholder(path, "Generated length CDF", "no synthetic variable-length study (exact.json)")
+        return plotting.placeholder(path, "Generated length CDF", "no synthetic variable-length study (exact.json)")
 
-    @F.styled
+    @plotting.styled
     def draw():
         p = per.dropna(subset=["length"])
         steps = sorted(p["steps"].dropna().unique())
         shown = [steps[0], steps[-1]] if len(steps) > 1 else steps
-        colors = F.study_colors(study)
-        fig, axes = F.new_figure(len(shown), title, sharey=True)
+        colors = plotting.study_colors(study)
+        fig, axes = plotting.new_figure(len(shown), title, sharey=True)
         pmf = np.asarray(study.length_pmf, float)
         law = np.cumsum(pmf)
         for ax, k in zip(axes, shown):
@@ -512,7 +512,7 @@ def length_cdf_figure(study: Study, config: dict | None, path):
             ax.set_xlim(0, law.size)
         axes[0].set_ylabel("cumulative fraction")
         axes[-1].legend(fontsize=8, loc="lower right")
-        return F.save_figure(fig, path)
+        return plotting.save_figure(fig, path)
 
     return draw()
 

@@ -17,7 +17,7 @@ import analysis  # noqa: E402
 from analysis import cost_tables, frames, tables as T  # noqa: E402
 from analysis.__main__ import cli  # noqa: E402
 from harness.results.study import load_study  # noqa: E402
-from analysis.figures import bench_figure, bench_plot  # noqa: E402
+from analysis.cost_figures import bench_figure, bench_plot  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLE_NAMES = ["ppl", "genppl", "mauve", "diversity", "lengths", "cost_train", "cost_sample", "jobs", "bound_gap",
@@ -227,11 +227,13 @@ def test_validation_figure_three_panels_one_line_per_run(full, tmp_path, monkeyp
     """Strict bound vs step, wall-clock and training FLOPs (log x) for the runs whose history has the
     validation columns; a study whose histories have none gets a placeholder saying why."""
     from analysis import figures as F
+    from analysis import plotting
 
     study_dir, config, _, _ = full
     drawn = []
-    real_save = F.save_figure
-    monkeypatch.setattr(F, "save_figure", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
+    real_save = plotting.save_figure
+    for module in (F, plotting):   # figures draw through figures.save_figure, placeholders through plotting's
+        monkeypatch.setattr(module, "save_figure", lambda fig, path: (drawn.append(fig), real_save(fig, path))[1])
     assert_png(F.validation_figure(load_study(study_dir, config), config, tmp_path / "validation.png"))
     axes = drawn[-1].axes
     assert [ax.get_xscale() for ax in axes] == ["linear", "linear", "log"]
@@ -293,7 +295,7 @@ def with_cost(tmp_path_factory):
 
 
 def test_cost_frames(with_cost):
-    from harness.results.study import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
+    from harness.results.rows import COST_SAMPLE_COLS, COST_TRAIN_COLS, ID
 
     study_dir, config, _, cost, _ = with_cost
     study = load_study(study_dir, config)
@@ -367,11 +369,11 @@ def test_cost_tables_fall_back_per_layout(tmp_path):
 
 
 def test_cost_figure_reads_the_cost_frames(with_cost):
-    from analysis.figures import _cost_frames
+    from analysis.cost_figures import cost_frames
 
     study_dir, config, _, cost, _ = with_cost
     assert_png(study_dir / "figures" / "cost.png")
-    tr, sp, sources = _cost_frames(load_study(study_dir, config), config)
+    tr, sp, sources = cost_frames(load_study(study_dir, config), config)
     assert sources == {cost_tables.COST_SOURCE} and len(tr) == 7 and len(sp) == 14
     row = tr[(tr.method == "mdlm") & (tr.layout == "fixed")].iloc[0]
     r = cost["fixed"]["train"]["rows"][cost["fixed"]["methods"].index("mdlm")]["tokens_per_s"]
@@ -409,7 +411,7 @@ def test_bench_figure_reads_both_kinds(tmp_path):
 def test_figures_use_one_palette_and_leave_rcparams_alone():
     import matplotlib
 
-    from analysis.figures import method_colors
+    from analysis.plotting import method_colors
 
     before = dict(matplotlib.rcParams)
     a, b = method_colors(["did", "ar", "mdlm"]), method_colors(["ar", "zeta", "did-fixed"])

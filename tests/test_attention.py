@@ -100,14 +100,14 @@ def test_bench_attention_writes_rows(tmp_path):
 
 
 def test_bench_attention_figure(tmp_path):
-    from analysis.figures import bench_figure
+    from analysis.cost_figures import bench_figure
     from harness.metrics import bench
 
     out = tmp_path / "attention-cpu.json"
     assert bench.main(["attention", "--cases", "16x2", "--repeats", "1", "--out", str(out)]) == 0
     import json
 
-    from analysis.figures import bench_plot
+    from analysis.cost_figures import bench_plot
 
     assert bench_plot(json.loads(out.read_text()), "attention") is not None  # a real figure, not a placeholder
     png = bench_figure(out, tmp_path / "bench-attention-cpu.png")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from harness.metrics import bench
+from harness.metrics import bench, timing
 
 
 def test_bench_train_tiny(toy_data, tmp_path):
@@ -75,7 +75,7 @@ def test_limit_arithmetic_on_fake_times():
 
 
 def test_every_registered_method_of_a_layout_is_timed_by_default_did_first():
-    varlen, fixed = bench.default_methods("varlen"), bench.default_methods("fixed")
+    varlen, fixed = timing.default_methods("varlen"), timing.default_methods("fixed")
     assert varlen[0] == "did" and fixed[0] == "did-fixed"
     assert {"flexmdm", "ilm", "mdlm", "radd", "ar"} <= set(varlen) and "did-fixed" not in varlen
     assert "flexmdm" not in fixed and "ilm" not in fixed
@@ -112,14 +112,14 @@ def test_network_probe_counts_sizes_and_cleans_up():
     from harness.core.backbone import Backbone, backbone_config
 
     net = Backbone(backbone_config("tiny", n_layers=1, d_model=32, n_heads=2), 50)
-    with bench.NetworkProbe(net, torch.device("cpu")) as probe:
+    with timing.NetworkProbe(net, torch.device("cpu")) as probe:
         net(torch.zeros(3, 5, dtype=torch.long))                                          # dense [3, 5]
         net(torch.zeros(7, dtype=torch.long), lengths=torch.tensor([3, 4]))               # packed T = 7, 2 rows
     assert probe.calls == 2 and probe.tokens == [15, 7] and probe.rows == [3, 2]
     assert probe.tokens_per_call() == 11 and probe.row_length_per_call() == (5 + 3.5) / 2 and probe.seconds > 0
     assert not net._forward_pre_hooks and not net._forward_hooks
     fake = _FakeNet()
-    with bench.NetworkProbe(fake, torch.device("cpu")) as probe:
+    with timing.NetworkProbe(fake, torch.device("cpu")) as probe:
         fake.decode(torch.zeros(2, 1))
         fake(torch.zeros(2, 4))
     assert probe.tokens == [2, 8] and probe.rows == [2, 2] and "decode" not in vars(fake)
@@ -128,7 +128,7 @@ def test_network_probe_counts_sizes_and_cleans_up():
 def test_interleaved_sample_network_numbers(toy_data):
     samplers = {name: _tiny(name, "varlen", toy_data).eval() for name in ("did", "radd", "ar")}
     for name, m in samplers.items():                          # the probe's calls are the sampler's NFE
-        with bench.NetworkProbe(m.backbone, m.device) as probe:
+        with timing.NetworkProbe(m.backbone, m.device) as probe:
             res = m.sample(2, 3, generator=torch.Generator().manual_seed(0))
         assert probe.calls == res.nfe > 0
         if name == "did":
@@ -136,13 +136,13 @@ def test_interleaved_sample_network_numbers(toy_data):
             assert sum(probe.tokens) >= sum(probe.rows)
         if name == "radd":
             assert set(probe.tokens) <= {16, 32} and probe.row_length_per_call() == 16      # canvas of max_len
-    timing = bench.interleaved_sample(samplers, [3], n=2, warmup=0, repeats=1, seed=0)
+    timings = timing.interleaved_sample(samplers, [3], n=2, warmup=0, repeats=1, seed=0)
     for name, m in samplers.items():
-        e = timing[(name, 3)]
+        e = timings[(name, 3)]
         assert e["network_calls"] == e["nfe"] and 0 <= e["outside_fraction"][0] <= 1
         assert 0 < e["network_seconds"][0] <= e["times"][0] and e["tokens_per_call"][0] >= e["row_length_per_call"][0]
         assert not m.backbone._forward_pre_hooks and not m.backbone._forward_hooks and "decode" not in vars(m.backbone)
-    assert timing[("radd", 3)]["row_length_per_call"] == [16]
+    assert timings[("radd", 3)]["row_length_per_call"] == [16]
 
 
 # --- the study's cost job (harness/metrics/cost.py) on a micro study ------------------------------------

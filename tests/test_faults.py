@@ -34,7 +34,7 @@ import pytest
 import torch
 import yaml
 
-from harness.run.loop import EXIT_PREEMPTED, STATE_FILE, NonFiniteLoss, train
+from harness.run.loop import EXIT_PREEMPTED, NonFiniteLoss, STATE_FILE, train
 from harness.run.recipe import load_checkpoint
 
 pytestmark = pytest.mark.faults
@@ -583,7 +583,7 @@ def _active_runs(uri: str, study: str) -> dict[str, list]:
 
 def _assert_complete(study_dir: Path, uri: str, study: str) -> None:
     """One FINISHED MLflow run per trained model (plus the study run), with every metric of its results."""
-    from harness.results import tracking
+    from harness.results import payloads
 
     runs = _active_runs(uri, study)
     names = sorted(d.name for d in (study_dir / "runs").iterdir())
@@ -593,7 +593,7 @@ def _assert_complete(study_dir: Path, uri: str, study: str) -> None:
         metrics = runs[name][0].data.metrics
         for f in (study_dir / "runs" / name / "eval").glob("*.json"):
             obj = json.loads(f.read_text())
-            for key, value, step, _ in tracking.eval_metrics(obj["kind"], obj["values"]):
+            for key, value, step, _ in payloads.eval_metrics(obj["kind"], obj["values"]):
                 if "/" not in key:  # curves (steps/...) keep only their last point in `metrics`
                     assert metrics[key] == pytest.approx(value), (name, key)
 

@@ -46,7 +46,7 @@ def test_packed_backbone_bf16_matches_per_sequence(causal):
 
 @pytest.mark.parametrize("layout,name", [("fixed", m) for m in FIXED] + [("varlen", m) for m in VARLEN])
 def test_bf16_training_step_bound_and_sampling_on_cuda(layout, name, toy_data):
-    from harness.metrics.bench import train_step
+    from harness.metrics.timing import train_step
 
     model = _build(name, layout, toy_data).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -18,7 +18,7 @@ pytest.importorskip("mlflow")
 from mlflow.entities import ViewType  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from harness.results import tracking  # noqa: E402
+from harness.results import payloads, tracking  # noqa: E402
 
 MODEL_RUNS = {run_name(m, lay, s) for m, lay, s in RUNS}
 IDENT = {run_name(m, lay, s): (m, lay, str(s)) for m, lay, s in RUNS}
@@ -108,7 +108,7 @@ def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
 def test_history_metrics_log_validation_only_at_its_steps(tmp_path):
     """history.csv cells left empty (rows without validation) are skipped, never logged as NaN."""
     study_dir, _, _ = make_fake_study(tmp_path, runs=[("did", "varlen", 0), ("ilm", "varlen", 0)], missing={})
-    m = tracking.history_metrics(study_dir / "runs" / "did-varlen-tiny-s0" / "history.csv", 0)
+    m = payloads.history_metrics(study_dir / "runs" / "did-varlen-tiny-s0" / "history.csv", 0)
     by_key: dict = {}
     for key, value, step, _ in m:
         by_key.setdefault(key, []).append((step, value))
@@ -116,7 +116,7 @@ def test_history_metrics_log_validation_only_at_its_steps(tmp_path):
     assert [s for s, _ in by_key["train/valid_stderr"]] == [5, 10] == [s for s, _ in by_key["train/valid_seconds"]]
     assert [s for s, _ in by_key["train/train_flops"]] == list(range(1, 11))
     assert all(v == v for _, v, _, _ in m)                                   # no NaN anywhere
-    old = tracking.history_metrics(study_dir / "runs" / "ilm-varlen-tiny-s0" / "history.csv", 0)
+    old = payloads.history_metrics(study_dir / "runs" / "ilm-varlen-tiny-s0" / "history.csv", 0)
     assert not any(k.startswith("train/valid") for k, *_ in old)
 
 
@@ -193,7 +193,7 @@ def test_cost_results_are_logged_and_rehashed(tmp_path, monkeypatch):
 
 
 def test_exact_metrics_of_a_synthetic_run():
-    from harness.results.tracking import eval_metrics
+    from harness.results.payloads import eval_metrics
 
     values = {"bound_gap": {"strict": {"nats_per_token": 0.3, "stderr": 0.02}, "paper": {"nats_per_token": 0.1},
                             "exact": {"nats_per_token": 1.5}},

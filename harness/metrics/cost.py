@@ -49,7 +49,7 @@ from harness.core.runtime import pick_device
 from harness.data.batches import batch_indices
 from harness.data.manifest import load_manifest, load_tokenizer
 from harness.data.storage import load_split
-from harness.metrics import bench
+from harness.metrics import bench, timing
 from harness.metrics.common import settings, settings as eval_settings, steps_list
 from harness.run.recipe import TrainSettings, build_method, load_checkpoint, load_run
 
@@ -106,19 +106,19 @@ def measure_train(config: dict, chosen: list[dict], data_dir: str, layout: str, 
     batch = split.batch(idx).to(device)
     micro = [split.batch(idx[i::accumulate]).to(device) for i in range(accumulate)] if accumulate > 1 else batch
     models = _train_models(chosen, data_dir, device, ts)
-    timing = bench.interleaved_train(models, micro, device=device, use_bf16=use_bf16, warmup=int(s["warmup"]),
+    timings = timing.interleaved_train(models, micro, device=device, use_bf16=use_bf16, warmup=int(s["warmup"]),
                                      repeats=int(s["train_repeats"]), seed=int(s["seed"]), grad_clip=ts.grad_clip)
-    ref_times = timing[reference]["times"] if reference in timing else None
+    ref_times = timings[reference]["times"] if reference in timings else None
     rows = []
     for r in chosen:
         model = models[r["method"]][0]
-        t = bench.train_row(r["method"], timing[r["method"]], ref_times, batch.clean_tokens())
+        t = bench.train_row(r["method"], timings[r["method"]], ref_times, batch.clean_tokens())
         rows.append({"method": r["method"], "run": r["name"], "size": r["size"],
                      "params": sum(p.numel() for p in model.parameters()),
                      "s_per_step": t["s_per_step"], "tokens_per_s": t["tokens_per_s"], "ratio": t["ratio"],
                      "dp_seconds": t.get("dp_seconds"), "dp_fraction": t.get("dp_fraction"),
                      "flops_per_token": float(model.flops_per_token(batch)), "peak_mem_mb": t["peak_mem_mb"],
-                     "times": timing[r["method"]]["times"]})
+                     "times": timings[r["method"]]["times"]})
     del models
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -135,19 +135,19 @@ def measure_sample(config: dict, chosen: list[dict], data_dir: str, device: torc
     top_p = float(samples["top_p"])
     n = int(s["n"])
     loaded = {r["method"]: load_run(r["dir"], data_dir=data_dir, device=device, ema=True).method for r in chosen}
-    timing = bench.interleaved_sample(loaded, steps, n=n, warmup=int(s["warmup"]), repeats=int(s["repeats"]),
+    timings = timing.interleaved_sample(loaded, steps, n=n, warmup=int(s["warmup"]), repeats=int(s["repeats"]),
                                       seed=int(s["seed"]), top_p=top_p)
     rows = []
     for k in steps:
-        ref = timing.get((reference, k))
+        ref = timings.get((reference, k))
         for r in chosen:
-            t = timing[(r["method"], k)]
+            t = timings[(r["method"], k)]
             rows.append({"method": r["method"], "run": r["name"], "size": r["size"], "steps": k, "n": n,
-                         "s_per_sample": bench.summary([x / n for x in t["times"]]),
-                         "s_per_call": bench.summary(t["times"]),
-                         "gen_tokens_per_s": bench.summary([c / x for c, x in zip(t["content_tokens"], t["times"])]),
-                         "nfe": bench.summary(t["nfe"]), "mean_length": bench.summary(t["mean_length"]),
-                         "ratio": bench.ratio_summary(t["times"], ref["times"]) if ref else None,
+                         "s_per_sample": timing.summary([x / n for x in t["times"]]),
+                         "s_per_call": timing.summary(t["times"]),
+                         "gen_tokens_per_s": timing.summary([c / x for c, x in zip(t["content_tokens"], t["times"])]),
+                         "nfe": timing.summary(t["nfe"]), "mean_length": timing.summary(t["mean_length"]),
+                         "ratio": timing.ratio_summary(t["times"], ref["times"]) if ref else None,
                          "peak_mem_mb": t["peak_mem_mb"], "times": t["times"]})
     del loaded
     if device.type == "cuda":
@@ -170,7 +170,7 @@ def run(args) -> dict:
     if not os.path.exists(os.path.join(data_dir, "manifest.json")):
         raise UserError(f"no prepared data in {data_dir} (run `python -m harness prepare` first)")
     device = torch.device(pick_device(args.device))
-    reference = bench.reference_method(layout, config)
+    reference = timing.reference_method(layout, config)
     chosen, missing = chosen_runs(config, args.study_dir, layout)
     names = [r["method"] for r in chosen]
     print(f"cost {layout}: {', '.join(names)} on {bench.machine_description(device)}, {torch.get_num_threads()} threads"

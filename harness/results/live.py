@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.results import tracking
+from harness.results import payloads, tracking
 
 LIVE_ENV = "DIDBENCH_MLFLOW_LIVE"
 SYSTEM_METRICS_ENV = "DIDBENCH_MLFLOW_SYSTEM_METRICS"   # "0": no system metrics (CPU, memory, GPU)
@@ -60,11 +60,11 @@ class LiveRun:
         client = MlflowClient(tracking_uri=uri)
         artifacts = None if tracking.is_server(uri) else (study_dir / "mlartifacts").resolve().as_uri()
         exp_id = tracking.ensure_experiment(client, study, artifacts)
-        parent = _find(client, exp_id, f"{study}/{tracking.STUDY_RUN}")
+        parent = _find(client, exp_id, f"{study}/{payloads.STUDY_RUN}")
         if parent is None:
-            parent = client.create_run(exp_id, run_name=tracking.STUDY_RUN, tags={
-                tracking.KEY_TAG: f"{study}/{tracking.STUDY_RUN}", tracking.LIVE_TAG: "1",
-                "didbench.study": study, tracking.RULE_TAG: "log"})
+            parent = client.create_run(exp_id, run_name=payloads.STUDY_RUN, tags={
+                payloads.KEY_TAG: f"{study}/{payloads.STUDY_RUN}", payloads.LIVE_TAG: "1",
+                "didbench.study": study, payloads.RULE_TAG: "log"})
         key = f"{study}/{info['run']}"
         run = _find(client, exp_id, key, live_only=True)
         if run is not None and start_step > 0:                 # a resumed training: the same run
@@ -73,16 +73,16 @@ class LiveRun:
         else:
             if run is not None:                                   # a restart from scratch: a new curve
                 client.delete_run(run.info.run_id)
-            tags = {tracking.KEY_TAG: key, tracking.LIVE_TAG: "1", tracking.RULE_TAG: "train",
-                    tracking.PARENT_TAG: parent.info.run_id, "didbench.study": study,
-                    "didbench.format": tracking.TRACKING_FORMAT,
-                    **tracking.source_tags(f"python -m harness train ({info['run']})"),
+            tags = {payloads.KEY_TAG: key, payloads.LIVE_TAG: "1", payloads.RULE_TAG: "train",
+                    payloads.PARENT_TAG: parent.info.run_id, "didbench.study": study,
+                    "didbench.format": payloads.TRACKING_FORMAT,
+                    **payloads.source_tags(f"python -m harness train ({info['run']})"),
                     **{k: str(info[k]) for k in ("method", "layout", "size", "seed", "config_hash") if k in info}}
             rid = client.create_run(exp_id, run_name=info["run"], tags=tags).info.run_id
-            params = tracking.flatten(config)
+            params = payloads.flatten(config)
             from mlflow.entities import Param
 
-            items = [Param(tracking.clean_key(k), v) for k, v in params.items()]
+            items = [Param(payloads.clean_key(k), v) for k, v in params.items()]
             for chunk in tracking.chunks(items, tracking.MAX_PARAMS_PER_BATCH):
                 client.log_batch(rid, params=chunk)
         monitor = None
@@ -116,7 +116,7 @@ class LiveRun:
             except (TypeError, ValueError):
                 continue
             if v == v and abs(v) != float("inf"):
-                metrics.append(Metric(tracking.clean_key(f"train/{col}"), v, now, step))
+                metrics.append(Metric(payloads.clean_key(f"train/{col}"), v, now, step))
         self._call(self.client.log_batch, self.run_id, metrics=metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -141,9 +141,9 @@ class LiveRun:
 
 def _find(client, exp_id: str, key: str, live_only: bool = False):
     """The active run with didbench.key `key` (a live one without content hash if `live_only`)."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.KEY_TAG}` = '{key}'", max_results=50)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{payloads.KEY_TAG}` = '{key}'", max_results=50)
     if live_only:
-        runs = [r for r in runs if r.data.tags.get(tracking.LIVE_TAG) == "1" and tracking.HASH_TAG not in r.data.tags]
+        runs = [r for r in runs if r.data.tags.get(payloads.LIVE_TAG) == "1" and payloads.HASH_TAG not in r.data.tags]
     return runs[0] if runs else None
 
 
