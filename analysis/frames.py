@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.core import methods
 from harness.core.atomic import atomic_write_text
 from harness.results.study import GROUP, Study
 from analysis import convergence
@@ -21,7 +22,6 @@ DASH = "–"
 
 
 #: default reference ("DID") per layout for every ratio column; config `report.reference` overrides
-DEFAULT_REFERENCE = {"varlen": "did", "fixed": "did-fixed"}
 
 
 @dataclass
@@ -87,8 +87,9 @@ def reference_note(ref: dict) -> str:
 
 
 def reference_methods(config: dict | None) -> dict[str, str]:
-    """Which method is "DID" (the ratio denominator) for each layout."""
-    ref = dict(DEFAULT_REFERENCE)
+    """Which method is "DID" (the ratio denominator) for each layout: the registry's
+    (`Method.reference_in`), overridden by the config's `report.reference`."""
+    ref = methods.reference_methods()
     ref.update(((config or {}).get("report") or {}).get("reference") or {})
     return ref
 

@@ -273,7 +273,8 @@ def table1_notes(study, config, layout, runs, zero_shot, gaps, about, per_run, n
     notes.append(f"**Model size and budget:** this study: {budget_text(study, layout)}. The paper: small (162M "
                  "parameters) and medium (405M) models, RADD and DID-S 400K steps, DID-F 800K steps (about RADD's "
                  "FLOPs), global batch 512 x 1024 tokens. " + alignment_text(runs)
-                 + not_in_paper(sort_rows(runs[GROUP].drop_duplicates().reset_index(drop=True), config)))
+                 + not_in_paper(sort_rows(runs[GROUP + [c for c in ("base_method",) if c in runs]].drop_duplicates()
+                                           .reset_index(drop=True), config)))
     notes.append("**[95%]:** one seed: exp(NLL ± 1.96 x its standard error over test sequences); several seeds: "
                  "exp of the mean NLL over seeds with a t interval for that mean (the sequence noise is in the seed "
                  "spread). The paper reports no uncertainty. \"(k of n seeds)\": only k seeds have that value.")

@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.core.atomic import atomic_write
+from harness.core import methods as registry
 from harness.results.study import Study
 from analysis.frames import fmt
 
@@ -25,15 +26,8 @@ LINESTYLE = {"varlen": "-", "fixed": "--"}
 MARKER = {"varlen": "o", "fixed": "s"}
 
 
-#: the fixed method order of the palette: a method has the same colour in every figure and study
-METHOD_ORDER = ("did", "did-fixed", "mdlm", "radd", "ilm", "ar")
-
-
 #: seaborn palette of every figure (colour-blind safe); DID light/dark blue, then the baselines
 PALETTE = "colorblind"
-
-
-PALETTE_SLOTS = {"did": 0, "did-fixed": 9, "mdlm": 1, "radd": 2, "ilm": 3, "ar": 4}
 
 
 def figure_style() -> dict:
@@ -59,25 +53,25 @@ def styled(fn):
 def method_colors(methods) -> dict:
     """A stable colour per method: the same colour in every figure of every study.
 
-    The shipped methods have fixed slots of seaborn's colour-blind palette (METHOD_ORDER: DID
-    blue, DID-fixed light blue, MDLM orange, RADD green, ILM red, AR purple); other names take
-    the remaining slots in sorted order.
+    A method that fixes its slot of seaborn's colour-blind palette (`Method.palette_slot`: DID
+    blue, DID-fixed light blue, MDLM orange, RADD green, ILM red, AR purple) has it; other names
+    (run labels, other methods) take the remaining slots in sorted order.
     """
     import seaborn as sns
 
     pal = sns.color_palette(PALETTE, 10)
     names = {str(m) for m in methods}
-    free = [i for i in range(10) if i not in PALETTE_SLOTS.values()]
-    extra = sorted(names - set(PALETTE_SLOTS))
-    colors = {m: pal[PALETTE_SLOTS[m]] for m in names if m in PALETTE_SLOTS}
+    slots = registry.palette_slots()
+    free = [i for i in range(10) if i not in slots.values()]
+    extra = sorted(names - set(slots))
+    colors = {m: pal[slots[m]] for m in names if m in slots}
     colors.update({m: pal[free[i % len(free)]] for i, m in enumerate(extra)})
     return colors
 
 
 def ordered_methods(methods) -> list[str]:
-    """Methods in METHOD_ORDER, other names after them (sorted)."""
-    present = {str(m) for m in methods}
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    """Methods in their display order (`Method.display_order`), other names after them (sorted)."""
+    return sorted({str(m) for m in methods}, key=registry.display_rank)
 
 
 def study_colors(study: Study) -> dict:

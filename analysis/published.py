@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.core import methods
 from harness.results.rows import num
 from harness.results.study import GROUP, Study, read_json
 from analysis.frames import DASH, Table, fmt, missing
@@ -216,9 +217,21 @@ def count_text(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else f"{n:.0f}"
 
 
+#: the methods of the paper's Table 1, by the paper's own names (`Method.paper_label`)
+PAPER_TABLE1_METHODS = ("RADD", "DID")
+
+
+def paper_label_of(runs: pd.DataFrame) -> dict:
+    """{row method (a label or a method): the paper's name of its registered method, or None}."""
+    labels = methods.paper_labels()
+    base = runs["base_method"] if "base_method" in runs else runs["method"]
+    return {m: labels.get(str(b)) for m, b in zip(runs["method"], base.fillna(runs["method"]))}
+
+
 def not_in_paper(runs: pd.DataFrame) -> str:
     """Which of the rows' methods the paper's Table 1 does not have (it has RADD and DID only)."""
-    extra = [m for m in dict.fromkeys(runs["method"]) if not str(m).startswith("did") and m != "radd"] \
+    label = paper_label_of(runs) if len(runs) else {}
+    extra = [m for m in dict.fromkeys(runs["method"]) if label.get(m) not in PAPER_TABLE1_METHODS] \
         if len(runs) else []
     if not extra:
         return ""
@@ -230,7 +243,8 @@ def alignment_text(runs: pd.DataFrame) -> str:
     if runs.empty or "steps" not in runs:
         return ""
     steps = runs.assign(steps=pd.to_numeric(runs["steps"], errors="coerce")).groupby("method")["steps"].max()
-    did = [m for m in steps.index if str(m).startswith("did")]
+    label = paper_label_of(runs)
+    did = [m for m in steps.index if label.get(m) == "DID"]
     others = steps.drop(did)
     if not did or others.empty:
         return ""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from harness.results.study import GROUP, Study
-from analysis import convergence, figures as F, plotting, stats
+from analysis import convergence, plotting, stats
 from analysis.frames import (DASH, Table, aggregate, ci_text, data_rows, display_columns, ensure_columns, facts_of,
                              fmt, fmt_column, ident_display, missing, pm, reference_key, reference_methods, row_key,
                              runs_of, sort_rows, stack_frames, with_facts)
@@ -444,7 +445,7 @@ def exact_steps_figure(study: Study, config: dict | None, path):
         layouts = plotting.layouts_present(agg)
         colors = plotting.study_colors(study)
         untrained = convergence.untrained_labels(study)
-        fig = F.Figure(figsize=(6.2 * len(layouts), 8.2), layout="constrained")
+        fig = Figure(figsize=(6.2 * len(layouts), 8.2), layout="constrained")
         fig.suptitle(title, fontsize=12, fontweight="bold")
         for j, layout in enumerate(layouts):
             ax_n, ax_i = fig.add_subplot(2, len(layouts), j + 1), fig.add_subplot(2, len(layouts), len(layouts) + j + 1)
@@ -507,7 +508,7 @@ def length_cdf_figure(study: Study, config: dict | None, path):
                 x = np.sort(g["length"].to_numpy(float))
                 ax.step(np.r_[0, x], np.r_[0, np.arange(1, x.size + 1) / x.size], where="post", color=colors[str(m)],
                         lw=1.4, label=f"{m} (n={x.size})")
-            ax.set_title(f"{F.fmt(k, 'int')} sampling steps", fontsize=10)
+            ax.set_title(f"{fmt(k, 'int')} sampling steps", fontsize=10)
             ax.set_xlabel("length (symbols)")
             ax.set_xlim(0, law.size)
         axes[0].set_ylabel("cumulative fraction")

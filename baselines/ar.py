@@ -94,6 +94,7 @@ class AR(Method):
     """
 
     layouts = ("fixed", "varlen")
+    display_order, palette_slot, paper_label = 5, 4, "AR"
     time_conditioned = False
     paper_equals_strict = True  # the NLL is exact: nothing to truncate
     OPTIONS = {"temperature": 1.0, "dropout": 0.0, "kv_cache": True}

@@ -174,6 +174,7 @@ class FlexMDM(Method):
     """
 
     layouts = ("varlen",)
+    display_order = 6   # its colour: the first free palette slot
     time_conditioned = True
     # FlexMDM's code evaluates no likelihood (spec 4.4), so there is no paper convention to copy:
     # both conventions report the strict bound

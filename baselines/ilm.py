@@ -147,6 +147,7 @@ class ILM(Method):
     """
 
     layouts = ("varlen",)
+    display_order, palette_slot, paper_label = 4, 3, "ILM"
     time_conditioned = False
     paper_equals_strict = True  # no time variable to truncate, no prior term
     OPTIONS = {"slot_policy": "joint", "stop_policy": "sample", "stop_threshold": 0.5, "dropout": 0.0}

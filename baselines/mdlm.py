@@ -33,6 +33,7 @@ class MDLM(MaskedDiffusion):
     `noise_removal` ('sample' | 'argmax'), `grid` ('uniform' | 'cosine').
     """
 
+    display_order, palette_slot, paper_label = 2, 1, "MDLM"
     OPTIONS = {**MaskedDiffusion.OPTIONS, "t_min": T_MIN, "noise_removal": "sample", "grid": "uniform"}
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):

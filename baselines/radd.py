@@ -40,6 +40,7 @@ class RADD(MaskedDiffusion):
     (backbone_config overrides), `t_min` (1e-3, t_dce only), `grid` ('uniform' | 'cosine').
     """
 
+    display_order, palette_slot, paper_label = 3, 2, "RADD"
     OPTIONS = {**MaskedDiffusion.OPTIONS, "loss": "lambda_dce", "t_min": T_MIN, "grid": "uniform"}
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):

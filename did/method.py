@@ -339,6 +339,7 @@ class DID(_DIDBase):
 
     layouts = ("varlen",)
     time_conditioned = True
+    display_order, palette_slot, reference_in, paper_label = 0, 0, ("varlen",), "DID"
     head_cls = CSoftmaxHead
     loss_name = "dise"
 
@@ -349,5 +350,6 @@ class DIDFixed(_DIDBase):
 
     layouts = ("fixed",)
     time_conditioned = False
+    display_order, palette_slot, reference_in, paper_label = 1, 9, ("fixed",), "DID"
     head_cls = SeqNormHead
     loss_name = "dice"

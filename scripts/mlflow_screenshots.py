@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.results import tracking  # noqa: E402
+from harness.core import methods  # noqa: E402
+from harness.results import payloads, tracking  # noqa: E402
 from harness.core.config import load_config  # noqa: E402
 
 DRIVERS = ("/usr/bin/chromedriver", "chromedriver")
@@ -119,8 +120,9 @@ def main(argv=None) -> int:
 
     client = MlflowClient(tracking_uri=uri)
     runs = {r.info.run_name: r for r in client.search_runs([exp_id], max_results=1000)}
-    model_runs = sorted(n for n in runs if n != tracking.STUDY_RUN)
-    pick = next((n for n in model_runs if n.startswith("did-varlen")), model_runs[0])
+    model_runs = sorted(n for n in runs if n != payloads.STUDY_RUN)
+    reference = methods.reference_methods().get("varlen", "")   # the run the screenshots open: DID's
+    pick = next((n for n in model_runs if n.startswith(f"{reference}-varlen")), model_runs[0])
     rid = runs[pick].info.run_id
 
     mlflow_bin = Path(sys.executable).with_name("mlflow")

@@ -173,3 +173,24 @@ def test_harness_report_runs_the_analysis_as_its_own_process(tmp_path, toy_confi
     study.mkdir(parents=True)
     assert cli.main(["report", "--config", str(sys_path), "--study-dir", str(study)]) == 0
     assert (study / "summary.md").is_file() and (study / "tables" / "ppl.md").is_file()
+
+
+def test_no_method_name_outside_its_own_module():
+    """What the harness and the analysis need to know about a method (its layouts, dense canvas,
+    display order, colour, which method is a layout's reference, its name in the paper) is a
+    class attribute read through the registry: no string of theirs names a method. The configs,
+    the schema (its enum documents the shipped methods) and the tests may."""
+    from harness.core.plugins import checkout_methods
+
+    names = set(checkout_methods())
+    found = []
+    for pkg in ("harness", "analysis", "scripts"):
+        for p in sorted((REPO / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    found.append(f"{p.relative_to(REPO)}:{node.lineno} {node.value!r}")
+    rules = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    for p in rules:
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            found += [f"{p.relative_to(REPO)}:{i} {n!r}" for n in names if f'"{n}"' in line or f"'{n}'" in line]
+    assert names and not found

@@ -21,6 +21,7 @@ from fake_study import RUNS, make_fake_study, run_name, write_fake_cost  # noqa:
 from analysis import paper as P  # noqa: E402
 from analysis.__main__ import cli  # noqa: E402
 from analysis.frames import fmt  # noqa: E402
+from harness.core.errors import UserError  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: the fake study plus a second seed of did-fixed (seed pooling in Table 1)
@@ -336,7 +337,7 @@ def test_cli_errors_and_dispatch(tmp_path, capsys):
     assert cli(["paper", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "has no runs" in err[0]
-    with pytest.raises(P.UserError, match="has no runs"):
+    with pytest.raises(UserError, match="has no runs"):
         P.main(tmp_path / "empty")
     study_dir, _, _ = make_fake_study(tmp_path, runs=[("did", "varlen", 0), ("ar", "fixed", 0)], missing={})
     assert cli(["paper", str(study_dir), "--out", str(tmp_path / "out")]) == 0

@@ -73,6 +73,16 @@ class Method(nn.Module):
     #: True when the network runs on the dense [B, max_len] canvas (MDLM, RADD): `harness bench`
     #: then reports its ratio to DID against the bare dense network's (the zero-overhead limit)
     dense_canvas: ClassVar[bool] = False
+    #: where the method's rows and lines sit in tables and figures (lower first; ties by name)
+    display_order: ClassVar[int] = 100
+    #: its colour: a slot of seaborn's 10-colour colour-blind palette, the same in every figure and
+    #: study (None: a free slot, assigned in name order)
+    palette_slot: ClassVar[int | None] = None
+    #: the layouts in which this method is the reference the others are compared with and divided
+    #: by (the ratio-to-DID columns, the significance marks, the cost ratios); one per layout
+    reference_in: ClassVar[tuple[str, ...]] = ()
+    #: the name the DID paper gives the method in its tables (None: not in the paper)
+    paper_label: ClassVar[str | None] = None
 
     def __init__(self, vocab: Vocab, size: str, layout: str, max_len: int, **options):
         super().__init__()
@@ -279,6 +289,35 @@ def get(name: str) -> type[Method]:
         return _REGISTRY[name]
     except KeyError:
         raise UserError(f"unknown method {name!r}; available: {', '.join(available())}") from None
+
+
+# --- what the harness and the analysis need to know about the methods, from their classes ---------
+def reference_methods() -> dict[str, str]:
+    """{layout: the method every other one of that layout is compared with} (`Method.reference_in`)."""
+    out: dict[str, str] = {}
+    for name in available():
+        for layout in get(name).reference_in:
+            if layout in out and out[layout] != name:
+                raise UserError(f"methods {out[layout]!r} and {name!r} both claim to be the {layout} reference")
+            out[layout] = name
+    return out
+
+
+def display_rank(name: str) -> tuple[int, str]:
+    """The sort key of a method name in tables and figures; a name the registry does not know (a
+    run label, a method of a package not installed here) sorts after the known ones."""
+    known = name in available()
+    return (get(name).display_order if known else 10**6, name)
+
+
+def palette_slots() -> dict[str, int]:
+    """{method: palette slot} of the methods that fix their colour (`Method.palette_slot`)."""
+    return {n: get(n).palette_slot for n in available() if get(n).palette_slot is not None}
+
+
+def paper_labels() -> dict[str, str]:
+    """{method: the DID paper's name for it} of the methods the paper reports."""
+    return {n: get(n).paper_label for n in available() if get(n).paper_label}
 
 
 def build(name: str, vocab: Vocab, size: str, layout: str, max_len: int, **options) -> Method:

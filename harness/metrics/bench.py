@@ -71,7 +71,7 @@ from harness.data.batches import batch_indices
 from harness.data.manifest import load_tokenizer
 from harness.data.storage import load_split
 from harness.metrics import bench_attention
-from harness.metrics.timing import (REFERENCE, call_inputs, default_methods, interleaved_sample, interleaved_train,
+from harness.metrics.timing import (call_inputs, default_methods, interleaved_sample, interleaved_train,
                                     ratio_summary, reference_method, summary, train_step)
 from harness.run.recipe import load_run
 
@@ -193,7 +193,8 @@ def achieved_fraction(timing: dict, name: str, reference: str) -> dict | None:
     own = own_entry(name)
     if own in timing and name in timing:
         return summary([o / m for o, m in zip(timing[own]["times"], timing[name]["times"])])
-    if DENSE not in timing or KEPT not in timing or reference not in timing or reference not in REFERENCE.values():
+    if (DENSE not in timing or KEPT not in timing or reference not in timing
+            or reference not in methods.reference_methods().values()):
         return None
     dense, kept, ref = timing[DENSE]["times"], timing[KEPT]["times"], timing[reference]["times"]
     if name == reference:
@@ -277,7 +278,7 @@ def bench_train(args) -> dict:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             models[name] = (model, opt)
         # DID's network input of this case: read off the DID method's own backbone call
-        did_name = REFERENCE[layout]
+        did_name = methods.reference_methods()[layout]
         if did_name in models:
             did_model = models[did_name][0]
         else:

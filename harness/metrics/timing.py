@@ -18,14 +18,11 @@ from torch import nn
 from harness.core import methods
 
 
-REFERENCE = {"fixed": "did-fixed", "varlen": "did"}
-
-
 def default_methods(layout: str) -> list[str]:
-    """Every registered method that supports `layout`, its DID reference first: a new method (a
-    plugin's included) is timed without being named anywhere here."""
+    """Every registered method that supports `layout`, its reference (`Method.reference_in`) first:
+    a new method (a plugin's included) is timed without being named anywhere here."""
     names = [m for m in methods.available() if layout in methods.get(m).layouts]
-    ref = REFERENCE[layout]
+    ref = methods.reference_methods().get(layout)
     return ([ref] if ref in names else []) + [m for m in names if m != ref]
 
 
@@ -79,10 +76,10 @@ def ratio_summary(values, reference) -> dict | None:
 
 
 def reference_method(layout: str, config: dict | None = None) -> str:
-    """The ratio denominator of a layout: did (varlen), did-fixed (fixed), or `report.reference`
-    of the config (the same override as analysis.tables.reference_methods)."""
+    """The ratio denominator of a layout: the registry's reference (`Method.reference_in`: DID), or
+    `report.reference` of the config (the same override as analysis.frames.reference_methods)."""
     override = ((config or {}).get("report") or {}).get("reference") or {}
-    return override.get(layout, REFERENCE.get(layout, ""))
+    return override.get(layout, methods.reference_methods().get(layout, ""))
 
 
 def train_step(model, optimizer, batch, device: torch.device, use_bf16: bool, grad_clip: float = 0.0) -> dict:
