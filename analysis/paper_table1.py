@@ -106,6 +106,10 @@ def pooled_bounds(per_run: pd.DataFrame, config: dict | None) -> pd.DataFrame:
 
 
 def table1(study: Study, config: dict | None) -> PaperTable:
+    """The paper's Table 1 for this study: per method the pooled bound on every column (zero-shot
+    sets, else the in-domain test split), strict and paper convention, the published rows beside
+    the latter. (Its notes are `table1_notes`; the body stays one function because every column
+    choice, zero-shot or in-domain, fixed or varlen, decides the rows and the notes together.)"""
     fixed = study_run_rows(study, "fixed")
     layout = "fixed" if len(fixed) else "varlen"
     runs = fixed if len(fixed) else study_run_rows(study, "varlen")

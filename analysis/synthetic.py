@@ -244,7 +244,10 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
     budget, matching and plateau; the bound gap and its difference from DID-S and DID-F; and at the
     fewest and the most sampling steps the exact sample NLL and invalid fraction, each invalid
     fraction next to the method's untrained level. A difference is marked only where both rows
-    converged (and, for samples, both are clearly past their untrained levels)."""
+    converged (and, for samples, both are clearly past their untrained levels).
+
+    Long on purpose: the cells of each column share the same convergence and untrained-level
+    rules (closures over one set of facts), so the rule a mark follows is written once, here."""
     ref = reference_methods(config)
     fref = convergence.flops_reference(study, ref)
     facts = facts_of(study, config)

@@ -391,11 +391,47 @@ def summary_table(study: Study, config: dict | None) -> Table:
     mark where it differs significantly from DID. Built from the other tables' data (no metric is
     computed twice): ppl, genppl and mauve at the study's largest steps, and the interleaved cost job."""
     ref = reference_methods(config)
+    t, steps = _headline_frame(study, config, ref)
+    if t is None:
+        empty = pd.DataFrame(columns=GROUP)
+        return Table("summary", "Headline results", empty, pd.DataFrame(columns=["Method", "Layout", "Size"]))
+    facts = facts_of(study, config)
+    # untrained reference rows are levels to read the others against: never marked, never a verdict
+    reference_rows = {tuple(f[k] for k in GROUP) for f in facts.to_dict("records") if f["untrained"] is True}
+    recs = t.to_dict("records")
+    for col in ("diff_significant", "diff_flops_significant", "gen_ppl_significant", "gen_ppl_flops_significant",
+                "entropy_significant"):
+        t[col] = [None if row_key(r) in reference_rows else r[col] for r in recs]
+    disp = _headline_display(t, facts, steps)
+    data = with_facts(t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant",
+                      "diff_vs_flops_ref", "diff_flops_significant", "paper_ppl",
+                      "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "gen_ppl_flops_significant", "entropy_nats", "entropy_ci95_lo",
+                      "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats", "gen_ppl_steps", "mauve", "mauve_sd",
+                      "reason", "mauve_steps", "tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
+                      "train_source", "s_per_sample_ratio", "s_per_sample_ratio_min", "s_per_sample_ratio_max",
+                      "s_per_sample_steps"]], facts)
+    return Table("summary", "Headline results", data, disp, [
+        reference_note(ref) + " PPL bound (strict): a valid upper bound for every method (exact for AR), 95% interval "
+        "from the standard error over test sequences; paper conv.: t >= 1e-3 with the prior dropped (ppl table).",
+        "@N: at the largest number of sampling steps; [95%]: bootstrap over samples (sd over seeds with several). "
+        "Data entropy, same lengths: held-out text cut to each sample's length, the entropy to compare with.",
+        "Cost: the interleaved cost job (methods in one process, the machine to itself, same seed every repeat), "
+        "median [min–max] over repeats; tokens/s vs DID > 1: faster training than DID, s/sample vs DID > 1: "
+        "slower sampling.", MARK_NOTE]
+        + ([f"{FMARK}: differs from DID-F (the FLOPs-matched DID) the same way."]
+           if t["diff_vs_flops_ref"].notna().any() else [])
+        + (["Untrained reference rows (0 steps) are levels to read the others against, never compared."]
+           if reference_rows else []))
+
+
+def _headline_frame(study: Study, config: dict | None, ref: dict) -> tuple[pd.DataFrame | None, dict]:
+    """The headline's rows: every (method, layout, size) with the other tables' columns merged in
+    (gen PPL and MAUVE at their largest steps, sampling cost at its largest steps); None without rows.
+    Returns it with {"gen": steps, "mauve": steps, "cost": steps}."""
     groups = [df[GROUP] for df in (study.runs, study.ppl, study.genppl, study.mauve, study.cost_train,
                                    study.speed_train) if len(df)]
     if not groups:
-        empty = pd.DataFrame(columns=GROUP)
-        return Table("summary", "Headline results", empty, pd.DataFrame(columns=["Method", "Layout", "Size"]))
+        return None, {}
     t = sort_rows(pd.concat(groups).drop_duplicates().reset_index(drop=True), config)
     ppl = ppl_table(study, config).data
     gen = genppl_table(study, config).data
@@ -423,15 +459,14 @@ def summary_table(study: Study, config: dict | None) -> Table:
     for part in parts:
         t = t.merge(part.drop_duplicates(GROUP), on=GROUP, how="left")
     t = t.assign(gen_ppl_steps=s_gen, mauve_steps=s_mau, s_per_sample_steps=s_cost)
-    recs = t.to_dict("records")
+    return t, {"gen": s_gen, "mauve": s_mau, "cost": s_cost}
 
-    facts = facts_of(study, config)
-    # untrained reference rows are levels to read the others against: never marked, never a verdict
-    reference_rows = {tuple(f[k] for k in GROUP) for f in facts.to_dict("records") if f["untrained"] is True}
-    for col in ("diff_significant", "diff_flops_significant", "gen_ppl_significant", "gen_ppl_flops_significant",
-                "entropy_significant"):
-        t[col] = [None if row_key(r) in reference_rows else r[col] for r in recs]
+
+def _headline_display(t: pd.DataFrame, facts: pd.DataFrame, steps: dict) -> pd.DataFrame:
+    """The headline's display cells: each number with its interval and its significance marks,
+    each trained row's gen PPL next to its method's untrained network's (a 0-step reference run)."""
     recs = t.to_dict("records")
+    s_gen, s_mau, s_cost = steps["gen"], steps["mauve"], steps["cost"]
 
     def marks(r, flag, flops_flag=None):
         return ((f" {MARK}" if r[flag] is True else "")
@@ -452,7 +487,6 @@ def summary_table(study: Study, config: dict | None) -> Table:
         ci = "" if missing(r[lo]) or missing(r[hi]) else f" {ci_text(r[lo], r[hi])}"
         return f"{fmt(r[col])}{ci}" + marks(r, flag, flops_flag)
 
-    # each trained row's gen PPL next to its method's untrained network's (a 0-step reference run)
     init_of = {(f["base_method"], f["layout"], f["size"]): f["method"] for f in facts.to_dict("records")
                if f["untrained"] is True}
     base_of = {tuple(f[k] for k in GROUP): f["base_method"] for f in facts.to_dict("records")}
@@ -464,7 +498,7 @@ def summary_table(study: Study, config: dict | None) -> Table:
         level = gen_of.get((init, r["layout"], r["size"])) if init and init != r["method"] else None
         return text + (f" (init {fmt(level)})" if level is not None and not missing(level) and text != DASH else "")
 
-    disp = display_columns(t, {**ident_display(t, facts=facts),
+    return display_columns(t, {**ident_display(t, facts=facts),
                      "PPL bound (strict) [95%]": [bound_cell(r) for r in recs],
                      "PPL, paper conv.": fmt_column(t, "paper_ppl"),
                      f"Gen PPL @{fmt(s_gen, 'int')} [95%]": [gen_cell(r) for r in recs],
@@ -479,22 +513,5 @@ def summary_table(study: Study, config: dict | None) -> Table:
                                                                            r["s_per_sample_ratio_min"],
                                                                            r["s_per_sample_ratio_max"], "ratio")
                                                                 for r in recs]})
-    data = with_facts(t[GROUP + ["ppl", "nats_per_token", "nats_per_token_err", "diff_vs_ref", "diff_significant",
-                      "diff_vs_flops_ref", "diff_flops_significant", "paper_ppl",
-                      "gen_ppl", "ci95_lo", "ci95_hi", "gen_ppl_significant", "gen_ppl_flops_significant", "entropy_nats", "entropy_ci95_lo",
-                      "entropy_ci95_hi", "entropy_significant", "lm_entropy_nats", "gen_ppl_steps", "mauve", "mauve_sd",
-                      "reason", "mauve_steps", "tokens_per_s_ratio", "tokens_per_s_ratio_min", "tokens_per_s_ratio_max",
-                      "train_source", "s_per_sample_ratio", "s_per_sample_ratio_min", "s_per_sample_ratio_max",
-                      "s_per_sample_steps"]], facts)
-    return Table("summary", "Headline results", data, disp, [
-        reference_note(ref) + " PPL bound (strict): a valid upper bound for every method (exact for AR), 95% interval "
-        "from the standard error over test sequences; paper conv.: t >= 1e-3 with the prior dropped (ppl table).",
-        "@N: at the largest number of sampling steps; [95%]: bootstrap over samples (sd over seeds with several). "
-        "Data entropy, same lengths: held-out text cut to each sample's length, the entropy to compare with.",
-        "Cost: the interleaved cost job (methods in one process, the machine to itself, same seed every repeat), "
-        "median [min–max] over repeats; tokens/s vs DID > 1: faster training than DID, s/sample vs DID > 1: "
-        "slower sampling.", MARK_NOTE]
-        + ([f"{FMARK}: differs from DID-F (the FLOPs-matched DID) the same way."]
-           if t["diff_vs_flops_ref"].notna().any() else [])
-        + (["Untrained reference rows (0 steps) are levels to read the others against, never compared."]
-           if reference_rows else []))
+
+

@@ -254,6 +254,9 @@ class ILM(Method):
     ) -> SampleResult:
         """Ancestral insertion sampling in float64: one (slot, token) insertion per network call.
 
+        (Long on purpose: the whole ancestral loop, stop decision included, in one place to read
+        against the ILM paper's procedure.)
+
         Each call on the still-active sequences gives p_stop; with stop_policy 'sample' (the
         default) a sequence stops with probability p_stop, so the length law is the model's (given
         its trajectory x^0 = [BOS], x^1, ...):

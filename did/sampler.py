@@ -132,6 +132,10 @@ def sample(
     sigma_bar(t_k) to score_fn, otherwise None. cache: reuse the scores of sequences that did
     not change (valid only without time input). prompt: content ids kept at the start; slots
     inside the prompt are blocked. forbidden: token ids never inserted.
+
+    Longer than most functions on purpose: it is the sampling loop of the spec's algorithm
+    (grid, scores, per-slot draws, splicing, the cap) in one place, to be read against the spec
+    line by line; its pieces (`_draw`, `_splice`) are functions of their own.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")

@@ -240,7 +240,6 @@ def test_one_atomic_writer_and_no_leftovers(study, tmp_path, monkeypatch):
     """(12) the tokenizer is written through the shared atomic writer (a failed write keeps the old
     file, no fixed-name temp file); (14) a finished run keeps no resume state."""
 
-
     tok = load_tokenizer(study / "data")
     tok.save(tmp_path / "tok")
     before = (tmp_path / "tok" / "tokenizer.json").read_text()

@@ -3,6 +3,7 @@ import errno
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,22 @@ def test_jsonl_roundtrip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2"):
         results.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_compare_results_sees_numbers_and_ignores_provenance_and_timings(tmp_path):
+    """scripts/compare_results.py, the before/after check of a refactor."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_results", Path(__file__).parents[1] / "scripts" /
+                                                  "compare_results.py")
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d, created, secs, value in ((old, "t0", 1.0, 0.5), (new, "t1", 2.0, 0.5)):
+        (d / "runs" / "r" / "eval").mkdir(parents=True)
+        (d / "runs" / "r" / "eval" / "ppl.json").write_text(json.dumps(
+            {"created": created, "git_commit": created, "values": {"nats_per_token": value, "seconds": secs}}))
+    assert cr.main([str(old), str(new)]) == 0
+    (new / "runs" / "r" / "eval" / "ppl.json").write_text(json.dumps({"values": {"nats_per_token": 0.6}}))
+    (new / "extra.json").write_text("{}")
+    assert cr.compare(old, new) == ["differs: runs/r/eval/ppl.json", f"only in {new}: extra.json"]

@@ -105,8 +105,7 @@ def prepare(data_cfg: dict, out_dir, *, workers: int | None = None, progress: bo
     cfg = resolve_data_config(data_cfg)
     out = Path(out_dir)
     if cfg["storage"]["kind"] == "shards":
-        return prepare_shards(cfg, out, workers=workers, show_progress=progress,
-                                        stop_after_shards=stop_after_shards)
+        return prepare_shards(cfg, out, workers=workers, show_progress=progress, stop_after_shards=stop_after_shards)
     if workers is not None:
         raise UserError("workers apply to data.storage: shards only (storage pt tokenises in one process)")
 
@@ -127,34 +126,7 @@ def prepare(data_cfg: dict, out_dir, *, workers: int | None = None, progress: bo
     info: dict[str, dict] = {}
     payloads: dict[str, dict] = {}
     for split in SPLITS:
-        encoded = tokenizer.encode_batch([d.text for d in splits[split]])
-        fixed = build_fixed(encoded, vocab, cfg["seq_len"])
-        if fixed.shape[0] == 0:
-            raise UserError(
-                f"the {split} split has {sum(len(e) + 1 for e in encoded)} tokens, too few for one fixed "
-                f"chunk of seq_len={cfg['seq_len']}: use more documents or a shorter seq_len"
-            )
-        tokens, lengths, truncated, dropped = build_varlen(encoded, vocab, cfg["max_len"], cfg["min_tokens"])
-        if lengths.numel() == 0:
-            raise UserError(f"the {split} split has no document with at least min_tokens={cfg['min_tokens']} tokens")
-        common = {"schema": SCHEMA, "split": split, "vocab": vocab.to_dict()}
-        payloads[f"{split}.fixed.pt"] = {**common, "layout": "fixed", "seq_len": cfg["seq_len"], "tokens": fixed}
-        payloads[f"{split}.varlen.pt"] = {**common, "layout": "varlen", "max_len": cfg["max_len"], "tokens": tokens,
-                                          "lengths": lengths}
-        doc_tokens = [len(e) for e in encoded]
-        info[split] = {
-            "groups": len({d.group for d in splits[split]}),
-            "documents": len(splits[split]),
-            "content_tokens": int(sum(doc_tokens)),
-            "document_tokens": _quantiles(doc_tokens),
-            "fixed": {"sequences": int(fixed.shape[0]), "tokens": int(fixed.numel())},
-            "varlen": {
-                "sequences": int(lengths.numel()),
-                "tokens": int(tokens.numel()),
-                "truncated": truncated,
-                "dropped_short": dropped,
-            },
-        }
+        info[split] = _build_split(cfg, split, splits[split], tokenizer, payloads)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new one is written
@@ -192,3 +164,37 @@ def prepare(data_cfg: dict, out_dir, *, workers: int | None = None, progress: bo
         manifest["synthetic"] = {**source.describe(), "entropy": source.entropy()}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def _build_split(cfg: dict, split: str, docs: list, tokenizer, payloads: dict) -> dict:
+    """One split in both layouts: its two torch payloads go into `payloads`; returns its manifest
+    entry. A split too small for one fixed chunk or one varlen row is one UserError line."""
+    vocab = tokenizer.vocab
+    encoded = tokenizer.encode_batch([d.text for d in docs])
+    fixed = build_fixed(encoded, vocab, cfg["seq_len"])
+    if fixed.shape[0] == 0:
+        raise UserError(
+            f"the {split} split has {sum(len(e) + 1 for e in encoded)} tokens, too few for one fixed "
+            f"chunk of seq_len={cfg['seq_len']}: use more documents or a shorter seq_len"
+        )
+    tokens, lengths, truncated, dropped = build_varlen(encoded, vocab, cfg["max_len"], cfg["min_tokens"])
+    if lengths.numel() == 0:
+        raise UserError(f"the {split} split has no document with at least min_tokens={cfg['min_tokens']} tokens")
+    common = {"schema": SCHEMA, "split": split, "vocab": vocab.to_dict()}
+    payloads[f"{split}.fixed.pt"] = {**common, "layout": "fixed", "seq_len": cfg["seq_len"], "tokens": fixed}
+    payloads[f"{split}.varlen.pt"] = {**common, "layout": "varlen", "max_len": cfg["max_len"], "tokens": tokens,
+                                      "lengths": lengths}
+    doc_tokens = [len(e) for e in encoded]
+    return {
+        "groups": len({d.group for d in docs}),
+        "documents": len(docs),
+        "content_tokens": int(sum(doc_tokens)),
+        "document_tokens": _quantiles(doc_tokens),
+        "fixed": {"sequences": int(fixed.shape[0]), "tokens": int(fixed.numel())},
+        "varlen": {
+            "sequences": int(lengths.numel()),
+            "tokens": int(tokens.numel()),
+            "truncated": truncated,
+            "dropped_short": dropped,
+        },
+    }

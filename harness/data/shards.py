@@ -285,153 +285,165 @@ def prepare_shards(cfg: dict, out_dir, *, workers: int | None = None, show_progr
     `workers` overrides data.storage.workers. `stop_after_shards` (tests, fault injection) raises
     ShardsInterrupted after that many shards were committed by this call, as if killed.
     """
-
-
     st = cfg["storage"]
     workers = st["workers"] if workers is None else int(workers)
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    out = Path(out_dir)
-    shard_dir = out / SHARD_DIR
-    progress_path = shard_dir / PROGRESS
-    chash = config_hash(cfg)
     source = synthetic_source(cfg)
-    fractions = (cfg["valid_fraction"], cfg["test_fraction"])
-    check_fractions(*fractions)
+    check_fractions(cfg["valid_fraction"], cfg["test_fraction"])
     if cfg["max_documents"] is not None and (not isinstance(cfg["max_documents"], int) or cfg["max_documents"] < 3):
         raise UserError(f"data.max_documents must be an integer >= 3, got {cfg['max_documents']!r}")
-
-    def stream():
-        docs = iter_corpus(cfg["corpus"])
-        return docs if cfg["max_documents"] is None else islice(docs, cfg["max_documents"])
-
-    def split_for(d):
-        return split_of(d.group, cfg["seed"], *fractions)
-
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
     forget_checks(out)
+    progress, tokenizer = _open(cfg, out, source)
+    writer = _ShardWriter(cfg, out, progress, tokenizer, stop_after_shards,
+                          progress_bar(desc=f"prepare {cfg['corpus']['name']}", unit=" doc") if show_progress else None)
+    docs = iter(_stream(cfg))
+    why = writer.verify_finished(docs)
+    if why is not None:
+        writer.close_bar()
+        _note(f"{why}: starting over")
+        (out / SHARD_DIR / PROGRESS).unlink(missing_ok=True)
+        return prepare_shards(cfg, out, workers=workers, show_progress=show_progress,
+                              stop_after_shards=stop_after_shards)
+    try:
+        if not progress["done"]:
+            writer.write_rest(docs, workers)
+    finally:
+        writer.close_bar()
+    return _finish(cfg, out, progress, writer.splits, writer.chain, tokenizer, source)
+
+
+def _stream(cfg: dict):
+    """The corpus's documents in order, the first `max_documents` of them when that is set."""
+    docs = iter_corpus(cfg["corpus"])
+    return docs if cfg["max_documents"] is None else islice(docs, cfg["max_documents"])
+
+
+def _split_for(cfg: dict, d) -> str:
+    return split_of(d.group, cfg["seed"], cfg["valid_fraction"], cfg["test_fraction"])
+
+
+def _open(cfg: dict, out: Path, source) -> tuple[dict, TextTokenizer]:
+    """(progress, tokenizer): the progress of an interrupted prepare of the same config whose files
+    are intact, or a fresh start: the directory cleared, the tokenizer made (GPT-2's, or a BPE
+    fitted on the first `tokenizer_documents` train documents of the stream) and recorded."""
+    progress_path = out / SHARD_DIR / PROGRESS
+    chash = config_hash(cfg)
     progress = _read_progress(progress_path, chash)
     if progress is not None:
         bad = _files_intact(out, progress["tokenizer_files"]) or _files_intact(
             out, {n: r for s in progress["shards"] for n, r in s["files"].items()})
-        if bad is not None:
-            _note(f"{bad} is missing or does not match the progress file: starting over")
-            progress = None
-    if progress is None:
-        _clear(out)
-        # --- the tokenizer: fixed, or fitted on the first train documents of the stream ---
-        def sample():
-            train = (d.text for d in stream() if split_for(d) == "train")
-            return islice(train, st["tokenizer_documents"])
+        if bad is None:
+            return progress, TextTokenizer.load(out / TOKENIZER_DIR)
+        _note(f"{bad} is missing or does not match the progress file: starting over")
+    _clear(out)
+    sample = []   # the corpus is read for a tokenizer sample only when the tokenizer is fitted (BPE)
+    if cfg["tokenizer"].get("kind", "bpe") == "bpe":
+        train = (d.text for d in _stream(cfg) if _split_for(cfg, d) == "train")
+        sample = islice(train, cfg["storage"]["tokenizer_documents"])
+    tokenizer = build_tokenizer(cfg["tokenizer"], sample, symbols=source.symbols if source is not None else None)
+    tokenizer.save(out / TOKENIZER_DIR)
+    tok_files = {}
+    for f in sorted(os.listdir(out / TOKENIZER_DIR)):
+        p = out / TOKENIZER_DIR / f
+        if not f.endswith(".tmp"):
+            tok_files[f"{TOKENIZER_DIR}/{f}"] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    progress = {"schema": PROGRESS_SCHEMA, "config_hash": chash, "tokenizer_files": tok_files,
+                "shards": [], "state": None, "done": False}
+    atomic_write_text(progress_path, json.dumps(progress) + "\n")
+    return progress, tokenizer
 
-        tokenizer = build_tokenizer(cfg["tokenizer"], sample() if cfg["tokenizer"].get("kind", "bpe") == "bpe" else [],
-                                    symbols=source.symbols if source is not None else None)
-        tokenizer.save(out / TOKENIZER_DIR)
-        tok_files = {}
-        for f in sorted(os.listdir(out / TOKENIZER_DIR)):
-            p = out / TOKENIZER_DIR / f
-            if not f.endswith(".tmp"):
-                tok_files[f"{TOKENIZER_DIR}/{f}"] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        progress = {"schema": PROGRESS_SCHEMA, "config_hash": chash, "tokenizer_files": tok_files,
-                    "shards": [], "state": None, "done": False}
-        atomic_write_text(progress_path, json.dumps(progress) + "\n")
-    else:
-        tokenizer = TextTokenizer.load(out / TOKENIZER_DIR)
-    vocab = tokenizer.vocab
-    dtype = token_dtype(vocab.size)
-    saved = progress["state"] or {}
-    splits = {s: _SplitState(vocab, dtype, cfg, saved.get(s)) for s in SPLITS}
-    shards: list[dict] = list(progress["shards"])
 
-    bar = None
-    if show_progress:
-        bar = progress_bar(desc=f"prepare {cfg['corpus']['name']}", unit=" doc")
+class _ShardWriter:
+    """The stream of documents into shards: what is pending in the current shard, the chained
+    hash of the documents read so far, and the progress file rewritten after every shard."""
 
-    docs = iter(stream())
+    def __init__(self, cfg: dict, out: Path, progress: dict, tokenizer, stop_after: int | None, bar):
+        self.cfg, self.out, self.progress, self.tokenizer, self.stop_after, self.bar = (
+            cfg, out, progress, tokenizer, stop_after, bar)
+        self.dtype = token_dtype(tokenizer.vocab.size)
+        saved = progress["state"] or {}
+        self.splits = {s: _SplitState(tokenizer.vocab, self.dtype, cfg, saved.get(s)) for s in SPLITS}
+        self.shards: list[dict] = list(progress["shards"])
+        self.chain, self.position, self.committed = "", 0, 0
+        self.shard_hash = hashlib.sha256()
+        self.pending_docs = self.pending_tokens = 0
 
-    def start_over(why: str) -> dict:
-        if bar is not None:
-            bar.close()
-        _note(f"{why}: starting over")
-        progress_path.unlink(missing_ok=True)
-        return prepare_shards(cfg, out, workers=workers, show_progress=show_progress,
-                              stop_after_shards=stop_after_shards)
+    def verify_finished(self, docs) -> str | None:
+        """Read the finished shards' documents again (not tokenised) and check their chained hash;
+        the reason to start over, or None."""
+        for entry in self.shards:
+            start = self.position
+            h = hashlib.sha256()
+            for d in islice(docs, entry["documents_end"] - self.position):
+                h.update(_doc_bytes(d))
+                self.position += 1
+            self.chain = _chain(self.chain, h.digest())
+            if self.position != entry["documents_end"] or self.chain != entry["chain"]:
+                return f"the corpus differs from the one shard {entry['index']} was made of"
+            if self.bar is not None:
+                self.bar.update(self.position - start)
+        if self.progress["done"] and next(docs, None) is not None:
+            return "the corpus has more documents than when it was prepared"
+        if self.shards:
+            what = "complete" if self.progress["done"] else f"resuming after shard {len(self.shards) - 1}"
+            _note(f"{what}: {len(self.shards)} shard(s) of {self.position} documents verified")
+        return None
 
-    # --- resume: read the finished shards' documents again (not tokenised), check their hashes
-    chain, position = "", 0
-    for entry in shards:
-        start = position
-        h = hashlib.sha256()
-        for d in islice(docs, entry["documents_end"] - position):
-            h.update(_doc_bytes(d))
-            position += 1
-        chain = _chain(chain, h.digest())
-        if position != entry["documents_end"] or chain != entry["chain"]:
-            return start_over(f"the corpus differs from the one shard {entry['index']} was made of")
-        if bar is not None:
-            bar.update(position - start)
-    if progress["done"] and next(docs, None) is not None:
-        return start_over("the corpus has more documents than when it was prepared")
-    if shards:
-        what = "complete" if progress["done"] else f"resuming after shard {len(shards) - 1}"
-        _note(f"{what}: {len(shards)} shard(s) of {position} documents verified")
+    def write_rest(self, docs, workers: int) -> None:
+        """Tokenise the rest of the stream into shards, a shard closing at `shard_tokens`."""
+        st = self.cfg["storage"]
+        for batch, encoded in _encoded_batches(docs, self.tokenizer, self.dtype, st["batch_documents"], workers,
+                                               self.out / TOKENIZER_DIR / "tokenizer.json"):
+            for d, ids in zip(batch, encoded):
+                self.splits[_split_for(self.cfg, d)].add(d.group, ids)
+                self.shard_hash.update(_doc_bytes(d))
+                self.position += 1
+                self.pending_docs += 1
+                self.pending_tokens += int(ids.shape[0]) + 1
+                if self.pending_tokens >= st["shard_tokens"]:
+                    self.commit()
+            if self.bar is not None:
+                self.bar.update(len(batch))
+        if self.pending_docs:
+            self.commit()
+        self.progress["done"] = True
+        atomic_write_text(self.out / SHARD_DIR / PROGRESS, json.dumps(self.progress) + "\n")
 
-    committed = 0
-    shard_hash = hashlib.sha256()
-    pending_docs = pending_tokens = 0
-
-    def commit():
-        nonlocal chain, shard_hash, pending_docs, pending_tokens, committed
-        k = len(shards)
+    def commit(self) -> None:
+        """Write shard k's files (every split, both layouts), then record them in the progress file."""
+        k = len(self.shards)
         files: dict[str, dict] = {}
         table: dict[str, dict] = {}
-        for s, state in splits.items():
+        for s, state in self.splits.items():
             fixed, tokens, lengths = state.build()
             names = shard_names(s, "fixed", k)
-            files[names["file"]] = write_array(out / names["file"], fixed)
+            files[names["file"]] = write_array(self.out / names["file"], fixed)
             table[f"{s}.fixed"] = {"rows": int(fixed.shape[0]), "tokens": int(fixed.size)}
             names = shard_names(s, "varlen", k)
-            files[names["file"]] = write_array(out / names["file"], tokens)
-            files[names["lengths_file"]] = write_array(out / names["lengths_file"], lengths)
+            files[names["file"]] = write_array(self.out / names["file"], tokens)
+            files[names["lengths_file"]] = write_array(self.out / names["lengths_file"], lengths)
             table[f"{s}.varlen"] = {"rows": int(lengths.shape[0]), "tokens": int(tokens.shape[0])}
-        chain = _chain(chain, shard_hash.digest())
-        shards.append({"index": k, "documents_end": position, "chain": chain, "files": files, "table": table})
-        progress.update(shards=shards, state={s: state.saved() for s, state in splits.items()})
-        atomic_write_text(progress_path, json.dumps(progress) + "\n")
-        shard_hash = hashlib.sha256()
-        pending_docs = pending_tokens = 0
-        committed += 1
-        if bar is not None:
-            bar.set_postfix(shards=len(shards), refresh=False)
-        if stop_after_shards is not None and committed >= stop_after_shards:
-            raise ShardsInterrupted(f"stopped after {committed} shard(s), as asked")
+        self.chain = _chain(self.chain, self.shard_hash.digest())
+        self.shards.append({"index": k, "documents_end": self.position, "chain": self.chain, "files": files,
+                            "table": table})
+        self.progress.update(shards=self.shards, state={s: state.saved() for s, state in self.splits.items()})
+        atomic_write_text(self.out / SHARD_DIR / PROGRESS, json.dumps(self.progress) + "\n")
+        self.shard_hash = hashlib.sha256()
+        self.pending_docs = self.pending_tokens = 0
+        self.committed += 1
+        if self.bar is not None:
+            self.bar.set_postfix(shards=len(self.shards), refresh=False)
+        if self.stop_after is not None and self.committed >= self.stop_after:
+            raise ShardsInterrupted(f"stopped after {self.committed} shard(s), as asked")
 
-    if not progress["done"]:
-        try:
-            for batch, encoded in _encoded_batches(docs, tokenizer, dtype, st["batch_documents"], workers,
-                                                   out / TOKENIZER_DIR / "tokenizer.json"):
-                for d, ids in zip(batch, encoded):
-                    splits[split_for(d)].add(d.group, ids)
-                    shard_hash.update(_doc_bytes(d))
-                    position += 1
-                    pending_docs += 1
-                    pending_tokens += int(ids.shape[0]) + 1
-                    if pending_tokens >= st["shard_tokens"]:
-                        commit()
-                if bar is not None:
-                    bar.update(len(batch))
-            if pending_docs:
-                commit()
-        finally:
-            if bar is not None:
-                bar.close()
-        progress["done"] = True
-        atomic_write_text(progress_path, json.dumps(progress) + "\n")
-    elif bar is not None:
-        bar.close()
-
-    return _finish(cfg, out, progress, splits, chain, tokenizer, source)
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _more_groups(corpus: dict) -> str:
@@ -447,7 +459,6 @@ def _more_groups(corpus: dict) -> str:
 
 def _finish(cfg, out: Path, progress: dict, splits: dict, chain: str, tokenizer, source) -> dict:
     """Checks the pt path makes up front, then stale files out, then the manifest (last)."""
-
 
     if position_total(progress) == 0:
         raise UserError(f"corpus {cfg['corpus']['name']!r} has no documents")

@@ -254,6 +254,8 @@ def _case_seed(did_model, batch: Batch, args) -> tuple[int, torch.Tensor, torch.
 
 
 def bench_train(args) -> dict:
+    """`bench train`: every case (size x layout x length) timed in one process, methods interleaved,
+    with the zero-overhead limits beside them (see the module docs); returns the bench-train result."""
     device = torch.device(args.device)
     use_bf16 = device.type == "cuda" and not args.fp32
     tokenizer = load_tokenizer(args.data)
@@ -297,24 +299,8 @@ def bench_train(args) -> dict:
         timed = dict(models)
         own_tokens: dict[str, int] = {}
         if args.limit:
-            masked = batch.clean_tokens() - kept_tokens.numel()  # what RADD/MDLM score, in expectation
-            for entry, (tokens, lengths, head_rows) in ((DENSE, (dense, None, masked)),
-                                                        (KEPT, (kept_tokens, kept_lengths, None))):
-                torch.manual_seed(0)
-                bare = BareBackbone(vocab.size, size, max_len, tokens, lengths, head_rows).to(device).train()
-                timed[entry] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
-            # a packed-input method other than DID (ILM, FlexMDM) gets its own zero-overhead limit
-            for name in names:
-                model = models[name][0]
-                if name == did_name or model.dense_canvas or getattr(model.backbone.cfg, "causal", False):
-                    continue  # DID has backbone@kept; dense canvases have backbone@L; the bare network is bidirectional
-                tokens, lengths = network_input(model, batch, seed)
-                if lengths is None:  # a dense input: backbone@L already is its limit
-                    continue
-                torch.manual_seed(0)
-                bare = BareBackbone(vocab.size, size, max_len, tokens, lengths).to(device).train()
-                timed[own_entry(name)] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
-                own_tokens[own_entry(name)] = int(tokens.numel())
+            own_tokens = _add_limits(timed, models, did_name, batch, seed, (dense, kept_tokens, kept_lengths),
+                                     vocab.size, size, max_len, device)
         timing = interleaved_train(timed, batch, device=device, use_bf16=use_bf16, warmup=args.warmup,
                                    repeats=args.repeats, seed=seed)
         ref = reference_method(layout) if reference_method(layout) in models else names[0]
@@ -323,28 +309,14 @@ def bench_train(args) -> dict:
         for n in names:
             t = train_row(n, timing[n], timing[ref]["times"], batch.clean_tokens())
             row = {
-                "method": n,
-                "layout": layout,
-                "size": size,
-                "seq_len": max_len,
-                "batch_size": B,
-                "clean_tokens": batch.clean_tokens(),
-                "s_per_step": t["s_per_step"],
-                "tokens_per_s": t["tokens_per_s"],
-                "ratio_to_did": t["ratio"],
-                "reference": ref,
-                "peak_mem_mb": t["peak_mem_mb"],
-                "params": sum(p.numel() for p in models[n][0].parameters()),
-                "seed": seed,
-                "kept_fraction": kept,
-                "kept_tokens": int(kept_tokens.numel()),
-                "dense_tokens": int(dense.numel()),
-                "backbone_dense_s_per_step": bare_s[DENSE],
-                "backbone_kept_s_per_step": bare_s[KEPT],
-                "backbone_own_s_per_step": bare_s.get(own_entry(n)),
-                "own_tokens": own_tokens.get(own_entry(n)),
-                "limit_ratio": limit,
-                "achieved_fraction": achieved_fraction(timing, n, ref),
+                "method": n, "layout": layout, "size": size, "seq_len": max_len, "batch_size": B,
+                "clean_tokens": batch.clean_tokens(), "s_per_step": t["s_per_step"], "tokens_per_s": t["tokens_per_s"],
+                "ratio_to_did": t["ratio"], "reference": ref, "peak_mem_mb": t["peak_mem_mb"],
+                "params": sum(p.numel() for p in models[n][0].parameters()), "seed": seed, "kept_fraction": kept,
+                "kept_tokens": int(kept_tokens.numel()), "dense_tokens": int(dense.numel()),
+                "backbone_dense_s_per_step": bare_s[DENSE], "backbone_kept_s_per_step": bare_s[KEPT],
+                "backbone_own_s_per_step": bare_s.get(own_entry(n)), "own_tokens": own_tokens.get(own_entry(n)),
+                "limit_ratio": limit, "achieved_fraction": achieved_fraction(timing, n, ref),
             }
             if "dp_seconds" in t:
                 row["dp_seconds"] = t["dp_seconds"]
@@ -357,6 +329,32 @@ def bench_train(args) -> dict:
     return {"kind": "bench-train", "device": machine_description(device), "precision": "bf16" if use_bf16 else "float32",
             "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "balanced_seed": args.balanced_seed,
             "limit": args.limit, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _add_limits(timed: dict, models: dict, did_name: str, batch: Batch, seed: int, inputs: tuple,
+                vocab_size: int, size: str, max_len: int, device: torch.device) -> dict[str, int]:
+    """Add the zero-overhead limits of a case to `timed`: the bare network on the dense input and on
+    DID's kept input, and, for a packed-input method other than DID (ILM, FlexMDM), on its own
+    input. Returns {own entry: its tokens}."""
+    dense, kept_tokens, kept_lengths = inputs
+    masked = batch.clean_tokens() - kept_tokens.numel()  # what RADD/MDLM score, in expectation
+    for entry, (tokens, lengths, head_rows) in ((DENSE, (dense, None, masked)),
+                                                (KEPT, (kept_tokens, kept_lengths, None))):
+        torch.manual_seed(0)
+        bare = BareBackbone(vocab_size, size, max_len, tokens, lengths, head_rows).to(device).train()
+        timed[entry] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
+    own_tokens: dict[str, int] = {}
+    for name, (model, _) in models.items():
+        if name == did_name or model.dense_canvas or getattr(model.backbone.cfg, "causal", False):
+            continue  # DID has backbone@kept; dense canvases have backbone@L; the bare network is bidirectional
+        tokens, lengths = network_input(model, batch, seed)
+        if lengths is None:  # a dense input: backbone@L already is its limit
+            continue
+        torch.manual_seed(0)
+        bare = BareBackbone(vocab_size, size, max_len, tokens, lengths).to(device).train()
+        timed[own_entry(name)] = (bare, torch.optim.AdamW(bare.parameters(), lr=1e-4))
+        own_tokens[own_entry(name)] = int(tokens.numel())
+    return own_tokens
 
 
 def _batch_size(args, size: str, layout: str, L: int | None) -> int:

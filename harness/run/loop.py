@@ -20,20 +20,18 @@ next step boundary and exit with EXIT_PREEMPTED, which the workflow retries; the
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import csv
-import json
-
 import io
+import json
 import os
-import signal
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+import yaml
 
-import torch.distributed as dist
 from harness.core.atomic import atomic_write_text
 from harness.core.batch import Batch
 from harness.core.config import config_hash, run_name, run_settings_hash
@@ -43,11 +41,11 @@ from harness.data.batches import batch_indices
 from harness.data.manifest import load_manifest, load_tokenizer
 from harness.data.storage import load_split
 from harness.run.flops import estimate_flops_per_step, matched_steps
+from harness.run.process import Distributed, SignalFlag
 from harness.run.recipe import (EMA, MAX_STEPS, atomic_torch_save, build_method, check_data_fits, check_matches,
                                 is_stale, load_checkpoint, lr_at, recipe_extra, recipe_hash, resolve_run,
                                 settings_for, step_seed)
 from harness.run.validation import ema_validation, valid_summary, validation_bound
-
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; Snakemake retries the job, which resumes
 
@@ -120,83 +118,6 @@ class Clipping:
                 "grad_norm_median": norms[len(norms) // 2] if norms else None}
 
 
-class _Distributed:
-    """DDP context from torchrun's environment (RANK/WORLD_SIZE/LOCAL_RANK); trivial otherwise."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """All-reduce gradients (mean over ranks) through one flat buffer.
-
-        Done by hand instead of wrapping in DistributedDataParallel because methods train
-        through `loss()`, not `forward()`; unused parameters simply contribute zeros.
-        """
-        if not self.enabled:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
-
-    def all_sum(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return float(t.item())
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class _SignalFlag:
-    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (tests)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def train(
     config: dict,
     method_name: str,
@@ -217,290 +138,355 @@ def train(
     gets every history row as it is made; its run ends FINISHED, KILLED (preempted: a resume
     reopens it) or FAILED. The loop itself never imports a tracking library.
     """
-    holder: dict = {}
-    try:
-        summary = _train(config, method_name, layout, seed, data_dir, out_dir, steps, progress, stop_after, holder,
-                         reporter)
-    except BaseException as err:
-        if holder.get("live") is not None:
-            holder["live"].finish("KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED")
-        raise
-    if holder.get("live") is not None:
-        holder["live"].finish()
-    return summary
-
-
-def _train(config: dict, method_name: str, layout: str, seed: int, data_dir: str, out_dir: str,
-           steps: int | None, progress: bool, stop_after: int | None, holder: dict,
-           reporter: Reporter | None = None) -> dict:
-
     if steps is not None:
         check_int("--steps", steps, 1, MAX_STEPS)
     check_int("--seed", seed, 0, SEED_MAX)
-    entry = resolve_run(config, method_name, layout)
-    method_name, label = entry["method"], entry["label"]
-    settings = settings_for(config, entry, steps)
-    ctx = _Distributed()
-    device = ctx.device
-
-    manifest = load_manifest(data_dir)
-    check_data_fits(config, layout, manifest, data_dir)
-    tokenizer = load_tokenizer(data_dir)
-    train_data = load_split(data_dir, "train", layout)
-    if len(train_data) < settings.batch_size:
-        raise UserError(
-            f"the train split has {len(train_data)} {layout} sequences, fewer than batch_size={settings.batch_size}"
-        )
-    if settings.batch_size % (ctx.world * settings.accumulate):
-        raise UserError(
-            f"train.batch_size={settings.batch_size} must be divisible by world size x accumulate = "
-            f"{ctx.world} x {settings.accumulate}"
-        )
-    if settings.valid_every < 0:
-        raise UserError(f"train.valid_every={settings.valid_every} must be >= 0 (0: only the final point)")
-    valid_data = load_split(data_dir, "valid", layout) if ctx.main else None
-
-    torch.manual_seed(seed)
-    model = build_method(config, method_name, layout, manifest, tokenizer.vocab, settings.dropout,
-                         entry["options"]).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        betas=settings.betas,
-        eps=1e-8,
-    )
-    ema = EMA(model, settings.ema)
-    use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
-    extra = recipe_extra(config, entry, manifest, tokenizer.vocab, settings, layout)
-    matching: dict = {}
-    if entry["match"] == "flops" and steps is None:
-        settings.steps = 0   # the recipe names the matched runs, not the steps they give
-        recipe = recipe_hash(settings, seed, extra)
-        settings.steps, matching = matched_steps(config, entry, model, train_data, settings, seed, ctx.world, device,
-                                                 manifest, tokenizer.vocab)
-        if ctx.main:   # the job log says what the run was matched to
-            print(f"{label}: match flops: {settings.steps} steps to reach the {matching['matched_flops']:.4g} estimated "
-                  f"training FLOPs of {matching['matched_to']}", flush=True)
-    else:
-        recipe = recipe_hash(settings, seed, extra)
-    total_steps = settings.steps
-
-    info = {
-        "run": run_name(label, layout, config.get("size", "tiny"), seed),
-        "study": config.get("study"),
-        "label": label,
-        "method": method_name,
-        "layout": layout,
-        "size": config.get("size", "tiny"),
-        "seed": seed,
-        "steps": total_steps,
-        "batch_size": settings.batch_size,
-        "lr": settings.lr,
-        "cosine": settings.cosine,
-        **matching,
-        "max_len": model.max_len,
-        "vocab": tokenizer.vocab.to_dict(),
-        "options": model.options,
-        "params": sum(p.numel() for p in model.parameters()),
-        "config_hash": config_hash(config),
-        # what the workflow and the study loader compare (a --steps override is part of it)
-        "settings_hash": run_settings_hash(config, entry if steps is None else
-                                           {**entry, "match": "steps", "train": {**entry["train"], "steps": steps}}),
-        "world_size": ctx.world,
-        "precision": "bf16" if use_bf16 else "float32",
-        "data_hash": manifest.get("config_hash"),
-    }
-    info["recipe"] = recipe
-
-    state_path = os.path.join(out_dir, STATE_FILE)
-    start_step, history, wall_offset = 0, [], 0.0
-    clip = Clipping(settings.grad_clip)
-    state = load_checkpoint(state_path) if os.path.exists(state_path) else None
-    if state is not None and is_stale(state["info"], info):
-        if ctx.main:
-            print(f"{info['run']}: {state_path} was saved under another training recipe (config edited); "
-                  "starting over", file=sys.stderr, flush=True)
-        state = None
-    if state is not None:
-        check_matches(state["info"], info, state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        start_step, history, wall_offset = state["step"], state["history"], state["wall_time"]
-        clip.load_state_dict(state.get("clipping", {}))
-        if ctx.main:  # also with progress=False (the workflow's --quiet): the job log says it resumed
-            print(f"{info['run']}: resuming from step {start_step}", flush=True)
-
-    def save_state(step: int, wall: float) -> None:
-        if ctx.main:
-            atomic_torch_save(
-                {
-                    "kind": "didbench.state/1",
-                    "info": info,
-                    "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "ema": ema.state_dict(),
-                    "history": history,
-                    "wall_time": wall,
-                    "clipping": clip.state_dict(),
-                },
-                state_path,
-            )
-            atomic_write_text(os.path.join(out_dir, "history.csv"), history_csv(history))
-        ctx.barrier()
-
-    def _nonfinite(what: str, value: torch.Tensor, step: int, batch: Batch, lr: float) -> str:
-        """The one-line error of a NaN/inf step: where, on what batch, and what survives."""
-        kept = (f"last good checkpoint kept at {state_path} (step {load_checkpoint(state_path)['step']})"
-                if os.path.exists(state_path) else "no checkpoint was saved yet")
-        return (f"{info['run']}: non-finite {what} ({float(value.detach())}) at step {step}; batch of {batch.size} "
-                f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
-                f"{int(batch.lengths.max())}, lr {lr:.3g}; {kept}")
-
-    flops_per_step = estimate_flops_per_step(model, train_data, settings, seed, ctx.world, device)
-
-    def validate() -> dict:
-        """The strict validation columns of a history row (rank 0; the others wait), with its seconds."""
-        v0 = time.perf_counter()
-        cols = ema_validation(model, ema, valid_data, settings, seed, device) if ctx.main else {}
-        ctx.barrier()
-        return {**cols, "valid_seconds": round(time.perf_counter() - v0, 3)} if cols else {}
+    run = Training(config, method_name, layout, seed, data_dir, out_dir, steps)
+    live = reporter(config, run.info, out_dir, run.start_step) if run.ctx.main and reporter else None
+    try:
+        summary = _loop(run, progress, stop_after, live)
+    except BaseException as err:
+        if live is not None:
+            live.finish("KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED")
+        raise
+    if live is not None:
+        live.finish()
+    return summary
 
 
-    live = holder["live"] = reporter(config, info, out_dir, start_step) if ctx.main and reporter else None
-
+def _loop(run: "Training", progress: bool, stop_after: int | None, live) -> dict:
+    """The training loop: a step, a history row every `log_every` steps (the validation point in
+    it when due, its time taken off the training clock), a checkpoint every `checkpoint_every`
+    steps and when a warning signal arrives; then the final state and the run's files."""
+    s, total = run.settings, run.settings.steps
     bar = None
-    if ctx.main and progress:
-        from tqdm import tqdm
+    if run.ctx.main and progress:
+        from tqdm import tqdm   # deferred: only a training with a progress bar needs it
 
-        bar = tqdm(total=total_steps, initial=start_step, desc=info["run"], unit="step", dynamic_ncols=True)
-    t0 = time.perf_counter() - wall_offset
-    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-    model.train()
-    with _SignalFlag() as flag:
-        for step in range(start_step, total_steps):
-            if stop_after is not None and step - start_step >= stop_after:
+        bar = tqdm(total=total, initial=run.start_step, desc=run.info["run"], unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter() - run.wall_offset
+    window = _Window()
+    run.model.train()
+    with SignalFlag() as flag:
+        for step in range(run.start_step, total):
+            if stop_after is not None and step - run.start_step >= stop_after:
                 raise Preempted(f"stopped after {stop_after} steps (test hook)")
-            torch.manual_seed(step_seed(seed, step, ctx.rank))
-            idx = batch_indices(len(train_data), settings.batch_size, seed, step, ctx.rank, ctx.world)
-            lr = lr_at(step, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            micro = [idx[i :: settings.accumulate] for i in range(settings.accumulate)]
-            loss_sum, stats_sum, tokens = 0.0, {}, 0
-            for part in micro:
-                batch = train_data.batch(part).to(device)
-                tokens += batch.clean_tokens()
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, stats = model.loss(batch)
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLoss(_nonfinite("loss", loss, step, batch, lr))
-                (loss / settings.accumulate).backward()
-                loss_sum += float(loss.detach()) / settings.accumulate
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / settings.accumulate
-            ctx.average_gradients(params)
-            grad_norm = clip(params)
-            if not torch.isfinite(grad_norm):  # a step would poison the weights (and the next checkpoint)
-                raise NonFiniteLoss(_nonfinite("gradient norm", grad_norm, step, batch, lr))
-            optimizer.step()
-            ema.update(model)
-
-            tokens = int(ctx.all_sum(tokens))
-            loss_avg = ctx.all_sum(loss_sum) / ctx.world
-            window_tokens += tokens
-            window_steps += 1
+            out = run.step(step)
+            window.tokens += out.tokens
+            window.steps += 1
             done = step + 1
-            validate_now = done == total_steps or (settings.valid_every > 0 and done % settings.valid_every == 0)
-            if done % settings.log_every == 0 or done == total_steps or validate_now:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                elapsed = now - window_start
-                row = {
-                    "step": done,
-                    "loss": round(loss_avg, 6),
-                    "lr": lr,
-                    "grad_norm": round(float(grad_norm), 6),  # before clipping (this step's)
-                    "clipped_fraction": round(clip.window_fraction(), 6),
-                    "tokens": tokens,
-                    "tokens_per_s": round(window_tokens / elapsed, 3),
-                    "s_per_step": round(elapsed / window_steps, 6),
-                    "wall_time": round(now - t0, 3),
-                }
-                if flops_per_step is not None:
-                    row["train_flops"] = float(f"{flops_per_step * done:.9g}")
-                row.update({k: round(v, 6) for k, v in stats_sum.items()})
+            validate_now = done == total or (s.valid_every > 0 and done % s.valid_every == 0)
+            if done % s.log_every == 0 or done == total or validate_now:
+                row = run.history_row(done, out, window, t0)
                 if validate_now:  # after the timings, and its time is taken off the training clock
-                    cols = validate()
+                    cols = run.validate()
                     row.update(cols)
                     t0 += cols.get("valid_seconds", 0.0)
-                history.append(row)
+                run.history.append(row)
                 if live is not None:
                     live.log_row(row)
-                window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-                clip.new_window()
+                window = _Window()
+                run.clip.new_window()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if done % settings.checkpoint_every == 0 and done < total_steps:
-                save_state(done, time.perf_counter() - t0)
+            if done % s.checkpoint_every == 0 and done < total:
+                run.save_state(done, time.perf_counter() - t0)
             if flag.received:
-                save_state(done, time.perf_counter() - t0)
-                raise Preempted(f"{info['run']}: received {flag.received} at step {done}; checkpoint saved")
+                run.save_state(done, time.perf_counter() - t0)
+                raise Preempted(f"{run.info['run']}: received {flag.received} at step {done}; checkpoint saved")
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
-    save_state(total_steps, wall)
+    run.save_state(total, wall)
+    return run.finish(wall)
 
-    # final artefacts: EMA weights for evaluation, a quick validation bound, the summary
-    summary = dict(info)
-    summary.update(provenance(config, info))
-    summary.update(
-        {
-            "final_loss": history[-1]["loss"] if history else None,
-            "wall_seconds": round(wall, 3),
-            "tokens_per_s": _steady_tokens_per_s(history),
-            "flops_per_step": None if flops_per_step is None else float(f"{flops_per_step:.6g}"),
-            **clip.summary(history, total_steps),
-        }
-    )
-    if ctx.main:
-        model.eval()
-        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        ema.copy_to(model)
-        # the last curve point is the final validation (same rows, seed, convention); recomputed
-        # only for a state saved at the last step by a version that did not record it
-        last = history[-1] if history and history[-1].get("step") == total_steps else {}
-        if "valid_nats_per_token" in last:
-            n_valid = min(len(valid_data), settings.valid_sequences)
-            summary.update(valid_summary(last["valid_nats_per_token"], last.get("valid_stderr"), settings, n_valid))
-        else:
-            summary.update(validation_bound(model, data_dir, layout, settings, seed, device, valid=valid_data))
-        atomic_torch_save(
-            {"kind": "didbench.checkpoint/1", "info": info, "model": raw, "ema": model.state_dict(), "config": config},
-            os.path.join(out_dir, "checkpoint.pt"),
+
+@dataclass
+class _Window:
+    """The steps and tokens since the last history row, and when that row was made."""
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: the loss (mean over ranks), the method's stats, the clean tokens of
+    the global batch, the pre-clip gradient norm and the learning rate."""
+    loss: float
+    stats: dict
+    tokens: int
+    grad_norm: torch.Tensor
+    lr: float
+
+
+class Training:
+    """One run being trained: its settings, data, model, optimizer, EMA, history and resume state.
+
+    Built in a fixed order (the model is initialised right after seeding with the run's seed,
+    before anything else draws), so a run is a pure function of its recipe; `step`, `save_state`
+    and `finish` are the pieces the loop calls.
+    """
+
+    def __init__(self, config: dict, method_name: str, layout: str, seed: int, data_dir: str, out_dir: str,
+                 steps: int | None):
+        self.config, self.layout, self.seed, self.data_dir, self.out_dir = config, layout, seed, data_dir, out_dir
+        self.entry = resolve_run(config, method_name, layout)
+        self.settings = settings_for(config, self.entry, steps)
+        self.ctx = Distributed()
+        self.device = self.ctx.device
+        self._load_data()
+        self._build_model()
+        recipe, matching = self._recipe(steps)
+        self.info = self._info(steps, matching)
+        self.info["recipe"] = recipe
+        self.state_path = os.path.join(out_dir, STATE_FILE)
+        self.clip = Clipping(self.settings.grad_clip)
+        self.start_step, self.history, self.wall_offset = self._resume()
+        self.flops_per_step = estimate_flops_per_step(self.model, self.train_data, self.settings, seed, self.ctx.world,
+                                                      self.device)
+
+    # --- construction ------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        s, layout, data_dir = self.settings, self.layout, self.data_dir
+        self.manifest = load_manifest(data_dir)
+        check_data_fits(self.config, layout, self.manifest, data_dir)
+        self.tokenizer = load_tokenizer(data_dir)
+        self.train_data = load_split(data_dir, "train", layout)
+        if len(self.train_data) < s.batch_size:
+            raise UserError(
+                f"the train split has {len(self.train_data)} {layout} sequences, fewer than batch_size={s.batch_size}"
+            )
+        if s.batch_size % (self.ctx.world * s.accumulate):
+            raise UserError(
+                f"train.batch_size={s.batch_size} must be divisible by world size x accumulate = "
+                f"{self.ctx.world} x {s.accumulate}"
+            )
+        if s.valid_every < 0:
+            raise UserError(f"train.valid_every={s.valid_every} must be >= 0 (0: only the final point)")
+        self.valid_data = load_split(data_dir, "valid", layout) if self.ctx.main else None
+
+    def _build_model(self) -> None:
+        """The method (initialised from the run's seed), AdamW (no decay on vectors) and the EMA."""
+        s = self.settings
+        torch.manual_seed(self.seed)
+        self.model = build_method(self.config, self.entry["method"], self.layout, self.manifest, self.tokenizer.vocab,
+                                  s.dropout, self.entry["options"]).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=s.lr,
+            betas=s.betas,
+            eps=1e-8,
         )
+        self.ema = EMA(self.model, s.ema)
+        self.use_bf16 = s.precision == "bf16" or (s.precision == "auto" and self.device.type == "cuda")
 
-        atomic_write_text(os.path.join(out_dir, "train.json"), json.dumps(summary, indent=2, default=str))
-        import yaml
+    def _recipe(self, steps: int | None) -> tuple[str, dict]:
+        """The recipe hash and, for a FLOPs-matched run, its steps (set on the settings) and what it
+        was matched to. The recipe names the matched runs, not the steps they give."""
+        s, entry = self.settings, self.entry
+        extra = recipe_extra(self.config, entry, self.manifest, self.tokenizer.vocab, s, self.layout)
+        if entry["match"] != "flops" or steps is not None:
+            return recipe_hash(s, self.seed, extra), {}
+        s.steps = 0
+        recipe = recipe_hash(s, self.seed, extra)
+        s.steps, matching = matched_steps(self.config, entry, self.model, self.train_data, s, self.seed, self.ctx.world,
+                                          self.device, self.manifest, self.tokenizer.vocab)
+        if self.ctx.main:   # the job log says what the run was matched to
+            print(f"{entry['label']}: match flops: {s.steps} steps to reach the {matching['matched_flops']:.4g} "
+                  f"estimated training FLOPs of {matching['matched_to']}", flush=True)
+        return recipe, matching
 
-        atomic_write_text(os.path.join(out_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
-        # the run is final: its resumable state (optimizer moments, a second copy of the weights) has
-        # served its purpose, and a later re-run of the job is a new training anyway
-        for leftover in (state_path, os.path.dirname(state_path)):
-            try:
-                os.remove(leftover) if leftover == state_path else os.rmdir(leftover)
-            except OSError:
-                pass
-    ctx.close()
-    return summary
+    def _info(self, steps: int | None, matching: dict) -> dict:
+        """The run's identity and recipe as train.json, the checkpoint and the resume state record it."""
+        config, entry, s, size = self.config, self.entry, self.settings, self.config.get("size", "tiny")
+        return {
+            "run": run_name(entry["label"], self.layout, size, self.seed),
+            "study": config.get("study"),
+            "label": entry["label"],
+            "method": entry["method"],
+            "layout": self.layout,
+            "size": size,
+            "seed": self.seed,
+            "steps": s.steps,
+            "batch_size": s.batch_size,
+            "lr": s.lr,
+            "cosine": s.cosine,
+            **matching,
+            "max_len": self.model.max_len,
+            "vocab": self.tokenizer.vocab.to_dict(),
+            "options": self.model.options,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "config_hash": config_hash(config),
+            # what the workflow and the study loader compare (a --steps override is part of it)
+            "settings_hash": run_settings_hash(config, entry if steps is None else
+                                               {**entry, "match": "steps", "train": {**entry["train"], "steps": steps}}),
+            "world_size": self.ctx.world,
+            "precision": "bf16" if self.use_bf16 else "float32",
+            "data_hash": self.manifest.get("config_hash"),
+        }
+
+    def _resume(self) -> tuple[int, list[dict], float]:
+        """(start step, history, wall time so far) from the resume state of the same recipe; a state
+        saved under another recipe (the config was edited) is ignored and the run starts over."""
+        state = load_checkpoint(self.state_path) if os.path.exists(self.state_path) else None
+        if state is not None and is_stale(state["info"], self.info):
+            if self.ctx.main:
+                print(f"{self.info['run']}: {self.state_path} was saved under another training recipe (config edited); "
+                      "starting over", file=sys.stderr, flush=True)
+            state = None
+        if state is None:
+            return 0, [], 0.0
+        check_matches(state["info"], self.info, self.state_path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.clip.load_state_dict(state.get("clipping", {}))
+        if self.ctx.main:  # also with progress=False (the workflow's --quiet): the job log says it resumed
+            print(f"{self.info['run']}: resuming from step {state['step']}", flush=True)
+        return state["step"], state["history"], state["wall_time"]
+
+    # --- the pieces of the loop --------------------------------------------------------------
+    def step(self, step: int) -> StepResult:
+        """One optimizer step: the batch of (seed, step), `accumulate` micro-batches of loss and
+        backward (bf16 autocast as the settings say), gradients averaged over ranks, clipped, AdamW,
+        EMA. The global RNG is reseeded from (seed, step, rank) first: a resumed run draws the same."""
+        s, ctx = self.settings, self.ctx
+        torch.manual_seed(step_seed(self.seed, step, ctx.rank))
+        idx = batch_indices(len(self.train_data), s.batch_size, self.seed, step, ctx.rank, ctx.world)
+        lr = lr_at(step, s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, stats_sum, tokens = 0.0, {}, 0
+        for part in [idx[i :: s.accumulate] for i in range(s.accumulate)]:
+            batch = self.train_data.batch(part).to(self.device)
+            tokens += batch.clean_tokens()
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                loss, stats = self.model.loss(batch)
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLoss(self._nonfinite("loss", loss, step, batch, lr))
+            (loss / s.accumulate).backward()
+            loss_sum += float(loss.detach()) / s.accumulate
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / s.accumulate
+        ctx.average_gradients(self.params)
+        grad_norm = self.clip(self.params)
+        if not torch.isfinite(grad_norm):  # a step would poison the weights (and the next checkpoint)
+            raise NonFiniteLoss(self._nonfinite("gradient norm", grad_norm, step, batch, lr))
+        self.optimizer.step()
+        self.ema.update(self.model)
+        return StepResult(loss=ctx.all_sum(loss_sum) / ctx.world, stats=stats_sum, tokens=int(ctx.all_sum(tokens)),
+                          grad_norm=grad_norm, lr=lr)
+
+    def _nonfinite(self, what: str, value: torch.Tensor, step: int, batch: Batch, lr: float) -> str:
+        """The one-line error of a NaN/inf step: where, on what batch, and what survives."""
+        kept = (f"last good checkpoint kept at {self.state_path} (step {load_checkpoint(self.state_path)['step']})"
+                if os.path.exists(self.state_path) else "no checkpoint was saved yet")
+        return (f"{self.info['run']}: non-finite {what} ({float(value.detach())}) at step {step}; batch of {batch.size} "
+                f"sequences, {batch.clean_tokens()} tokens, lengths {int(batch.lengths.min())}-"
+                f"{int(batch.lengths.max())}, lr {lr:.3g}; {kept}")
+
+    def history_row(self, done: int, out: StepResult, window: _Window, t0: float) -> dict:
+        """The history row after step `done`: this step's loss and stats, the window's throughput."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed = now - window.start
+        row = {
+            "step": done,
+            "loss": round(out.loss, 6),
+            "lr": out.lr,
+            "grad_norm": round(float(out.grad_norm), 6),  # before clipping (this step's)
+            "clipped_fraction": round(self.clip.window_fraction(), 6),
+            "tokens": out.tokens,
+            "tokens_per_s": round(window.tokens / elapsed, 3),
+            "s_per_step": round(elapsed / window.steps, 6),
+            "wall_time": round(now - t0, 3),
+        }
+        if self.flops_per_step is not None:
+            row["train_flops"] = float(f"{self.flops_per_step * done:.9g}")
+        row.update({k: round(v, 6) for k, v in out.stats.items()})
+        return row
+
+    def validate(self) -> dict:
+        """The strict validation columns of a history row (rank 0; the others wait), with its seconds."""
+        v0 = time.perf_counter()
+        cols = (ema_validation(self.model, self.ema, self.valid_data, self.settings, self.seed, self.device)
+                if self.ctx.main else {})
+        self.ctx.barrier()
+        return {**cols, "valid_seconds": round(time.perf_counter() - v0, 3)} if cols else {}
+
+    def save_state(self, step: int, wall: float) -> None:
+        """The resume state and history.csv, written atomically by rank 0 (the others wait)."""
+        if self.ctx.main:
+            atomic_torch_save(
+                {
+                    "kind": "didbench.state/1",
+                    "info": self.info,
+                    "step": step,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "ema": self.ema.state_dict(),
+                    "history": self.history,
+                    "wall_time": wall,
+                    "clipping": self.clip.state_dict(),
+                },
+                self.state_path,
+            )
+            atomic_write_text(os.path.join(self.out_dir, "history.csv"), history_csv(self.history))
+        self.ctx.barrier()
+
+    def finish(self, wall: float) -> dict:
+        """The run's files: checkpoint.pt (raw and EMA weights), train.json (the summary, with the
+        final validation bound), config.yaml; the resume state is removed. Returns the summary."""
+        s, total, history = self.settings, self.settings.steps, self.history
+        summary = dict(self.info)
+        summary.update(provenance(self.config, self.info))
+        summary.update(
+            {
+                "final_loss": history[-1]["loss"] if history else None,
+                "wall_seconds": round(wall, 3),
+                "tokens_per_s": _steady_tokens_per_s(history),
+                "flops_per_step": None if self.flops_per_step is None else float(f"{self.flops_per_step:.6g}"),
+                **self.clip.summary(history, total),
+            }
+        )
+        if self.ctx.main:
+            model = self.model
+            model.eval()
+            raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.ema.copy_to(model)
+            # the last curve point is the final validation (same rows, seed, convention); recomputed
+            # only for a state saved at the last step by a version that did not record it
+            last = history[-1] if history and history[-1].get("step") == total else {}
+            if "valid_nats_per_token" in last:
+                n_valid = min(len(self.valid_data), s.valid_sequences)
+                summary.update(valid_summary(last["valid_nats_per_token"], last.get("valid_stderr"), s, n_valid))
+            else:
+                summary.update(validation_bound(model, self.data_dir, self.layout, s, self.seed, self.device,
+                                                valid=self.valid_data))
+            atomic_torch_save(
+                {"kind": "didbench.checkpoint/1", "info": self.info, "model": raw, "ema": model.state_dict(),
+                 "config": self.config},
+                os.path.join(self.out_dir, "checkpoint.pt"),
+            )
+            atomic_write_text(os.path.join(self.out_dir, "train.json"), json.dumps(summary, indent=2, default=str))
+            atomic_write_text(os.path.join(self.out_dir, "config.yaml"), yaml.safe_dump(self.config, sort_keys=False))
+            # the run is final: its resumable state (optimizer moments, a second copy of the weights) has
+            # served its purpose, and a later re-run of the job is a new training anyway
+            for leftover in (self.state_path, os.path.dirname(self.state_path)):
+                try:
+                    os.remove(leftover) if leftover == self.state_path else os.rmdir(leftover)
+                except OSError:
+                    pass
+        self.ctx.close()
+        return summary
 
 
 def _steady_tokens_per_s(history: list[dict]) -> float | None:
