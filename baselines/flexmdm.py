@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from harness.core.backbone import Backbone, backbone_config
 from harness.core.batch import Batch, Vocab, predicted_tokens
 from harness.core.methods import Method, SampleResult, UserError, check_convention, register
-from harness.core.sampling import sample_categorical
+from harness.core.sampling import sample_categorical, uniform
 from harness.core.schedule import stratified_uniform
 from baselines.ar import on_generator_device, suppress
 from baselines.ilm import drop_plan
@@ -347,7 +347,7 @@ class FlexMDM(Method):
                     probs = torch.softmax(m_rows.double(), -1)
                     new = sample_categorical(on_generator_device(probs, generator), generator, top_p).to(dev)
                     p = unmask_probability(t, dt, self.unmask)
-                    reveal = _uniform(len(new), generator, dev) < p
+                    reveal = uniform(len(new), generator, dev) < p
                 filled = rows[masked]
                 rows[masked] = torch.where(reveal, new, filled)
             if not last:
@@ -372,11 +372,6 @@ class FlexMDM(Method):
         d = self.backbone.cfg.d_model
         heads = (2.0 * d * self.vocab.size + 2.0 * d * d + 2.0 * d) * float(present.sum())
         return 3.0 * (self.backbone.forward_flops(present.cpu()) + heads) / float(batch.lengths.sum())
-
-
-def _uniform(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    where = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=where).to(device)
 
 
 # --- the oracle of an enumerable source (spec 4.4: the alignment slack) -------------------------

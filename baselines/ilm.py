@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from harness.core.backbone import Backbone, backbone_config
 from harness.core.batch import Batch, Vocab, predicted_tokens
 from harness.core.methods import Method, SampleResult, UserError, check_convention, register
-from harness.core.sampling import exp_race, sample_categorical
+from harness.core.sampling import exp_race, sample_categorical, uniform
 from harness.core.schedule import stratified_uniform
 from baselines.ar import on_generator_device, row_logsumexp, suppress
 
@@ -67,17 +67,12 @@ def drop_plan(x0: torch.Tensor, lengths: torch.Tensor, drop: torch.Tensor) -> Dr
     )
 
 
-def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    gen_dev = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_dev, dtype=torch.float64).to(device)
-
-
 def random_drop(lengths: torch.Tensor, lmax: int, k: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniformly random k_b-subset of the content positions 1..len_b-1 of each row [B, Lmax]."""
     dev = lengths.device
     pos = torch.arange(lmax, device=dev)
     content = (pos[None, :] >= 1) & (pos[None, :] < lengths[:, None])
-    scores = _rand((len(lengths), lmax), generator, dev).masked_fill(~content, 2.0)
+    scores = uniform((len(lengths), lmax), generator, dev).masked_fill(~content, 2.0)
     rank = scores.argsort(1).argsort(1)  # content positions take ranks 0..L-1 in random order
     return rank < k[:, None]
 
@@ -201,7 +196,7 @@ class ILM(Method):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         self._check(batch)
         content = batch.lengths - 1
-        k = uniform_k(content, _rand(content.shape, None, content.device))
+        k = uniform_k(content, uniform(content.shape, None, content.device))
         ce, bce, plan = self._terms(batch, k, None, torch.float32)
         # this draw's bound (L+1)(CE+BCE) - log L! per predicted token N(x), as every method's objective
         # (the constant log L! has no gradient; the (L+1) weight makes it the NELBO, not a mean per slot)
@@ -291,7 +286,7 @@ class ILM(Method):
             if self.stop_policy == "threshold":
                 halt = p_stop >= self.stop_threshold
             else:
-                halt = _rand(p_stop.shape, generator, dev) < p_stop
+                halt = uniform(p_stop.shape, generator, dev) < p_stop
             rows = active.nonzero().squeeze(-1)
             for i in halt.nonzero().squeeze(-1).tolist():
                 final[int(rows[i])] = x[i, 1:].clone()

@@ -26,7 +26,7 @@ from harness.core import sampling
 from harness.core.backbone import Backbone, backbone_config
 from harness.core.batch import Batch, Vocab, predicted_tokens
 from harness.core.methods import Method, SampleResult, UserError, check_convention
-from harness.core.sampling import bernoulli_at_least_one, sample_categorical, top_p_filter
+from harness.core.sampling import bernoulli_at_least_one, sample_categorical, top_p_filter, uniform
 from harness.core.schedule import T_MIN, alpha, elbo_weight, sigma_bar
 
 #: Logit given to impossible tokens (MDLM's SUBS constant). Log-softmax runs in float32, where
@@ -145,21 +145,15 @@ def build_canvas(batch: Batch, canvas_len: int, pad: int) -> tuple[torch.Tensor,
     return canvas, predictable
 
 
-def _rand(shape, generator: torch.Generator | None, device, dtype=torch.float64) -> torch.Tensor:
-    """Uniform [0, 1) draws made on the generator's device and moved to `device`."""
-    gdev = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, dtype=dtype, device=gdev).to(device)
-
-
 def bernoulli_mask(predictable: torch.Tensor, rate: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask each predictable position independently with its row's probability rate [B]."""
-    u = _rand(predictable.shape, generator, predictable.device)
+    u = uniform(predictable.shape, generator, predictable.device)
     return predictable & (u < rate.to(predictable.device, torch.float64)[:, None])
 
 
 def exact_k_mask(predictable: torch.Tensor, k: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask exactly k[b] uniformly chosen predictable positions of each row b."""
-    u = _rand(predictable.shape, generator, predictable.device)
+    u = uniform(predictable.shape, generator, predictable.device)
     u = torch.where(predictable, u, torch.full_like(u, 2.0))  # non-predictable positions rank last
     rank = u.argsort(dim=1).argsort(dim=1)
     return predictable & (rank < k.to(predictable.device)[:, None])
@@ -167,7 +161,7 @@ def exact_k_mask(predictable: torch.Tensor, k: torch.Tensor, generator: torch.Ge
 
 def stratified_levels(b: int, k: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """[b, k] float64 mask rates lambda_{i,j} = (j + u_{i,j}) / k: stratified per sequence (spec 6.2)."""
-    u = _rand((b, k), generator, device)
+    u = uniform((b, k), generator, device)
     return (torch.arange(k, dtype=torch.float64, device=device)[None, :] + u) / k
 
 
@@ -421,7 +415,7 @@ def ancestral_unmask(
             cache[need] = h
             fresh |= need
             nfe += 1
-        pick = masked if rate >= 1 else masked & (_rand(masked.shape, generator, x.device) < rate)
+        pick = masked if rate >= 1 else masked & (uniform(masked.shape, generator, x.device) < rate)
         if not pick.any():
             continue
         probs = torch.softmax(restrict_logits(head(cache[pick]), forbidden).double(), dim=-1)

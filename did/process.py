@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.core import schedule
+from harness.core.sampling import uniform
 
 
 @dataclass
@@ -32,12 +33,6 @@ class Deleted:
     def row_sequence(self) -> torch.LongTensor:
         """[T] index of the sequence each packed row belongs to."""
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths)
-
-
-def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Uniforms drawn on the generator's device (a CPU generator works for any target device)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device).to(device)
 
 
 def delete(
@@ -63,7 +58,7 @@ def delete(
     delete_prob = (1 - eps) * t  # = 1 - alpha(t)
     pos = torch.arange(L, device=device)
     valid = pos[None, :] < lengths.to(device)[:, None]
-    keep = _rand((B, L), generator, device) >= delete_prob[:, None]
+    keep = uniform((B, L), generator, device) >= delete_prob[:, None]
     if protect is None:
         protect = 1
     protect_t = torch.as_tensor(protect, device=device).clamp_min(1)

@@ -52,7 +52,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return exp_race(top_p_filter(probs, top_p) if top_p < 1.0 else probs, generator)
 
 
-def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+def uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Uniform [0, 1) float64 draws made on the generator's device and moved to `device` (the same
+    numbers whichever device runs the method, for a given generator)."""
     where = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=where).to(device)
 
@@ -75,11 +77,11 @@ def bernoulli_at_least_one(eligible: torch.Tensor, rate: torch.Tensor,
     n_eligible = eligible.sum(1).to(torch.float64)
     log_keep = torch.log1p(-q.clamp_max(1 - 1e-16))
     p_any = -torch.expm1(n_eligible * log_keep)
-    u = _uniform(q.shape, generator, eligible.device)
+    u = uniform(q.shape, generator, eligible.device)
     first = torch.floor(torch.log1p(-u * p_any) / log_keep)
     first = torch.minimum(first, (n_eligible - 1).clamp_min(0)).nan_to_num(0.0).long()
     rank = torch.cumsum(eligible.long(), 1) - 1
-    later = _uniform(eligible.shape, generator, eligible.device) < q[:, None]
+    later = uniform(eligible.shape, generator, eligible.device) < q[:, None]
     hit = eligible & ((rank == first[:, None]) | ((rank > first[:, None]) & later))
     hit &= (n_eligible > 0)[:, None]
     return hit, p_any
