@@ -264,3 +264,20 @@ def test_sample_cost_counts_calls_and_reports_memory():
     assert [e["steps"] for e in out] == [3, 4] and [e["nfe"] for e in out] == [3, 4]
     assert all(e["s_per_sample"] >= 0 and e["peak_mem_mb"] > 0 and len(e["times"]) == 2 for e in out)
     assert "ru_maxrss" in out[0]["peak_mem_kind"]
+
+
+def test_the_metric_registry_agrees_with_the_schema_and_the_implementations():
+    """One source of what each evaluation is: the schema's metric names and default come from the
+    same list, and every registered implementation exists."""
+    import importlib
+
+    from harness.core.config import schema
+    from harness.core.metric_registry import METRICS, SYNTHETIC_DEFAULT
+
+    spec = schema()["properties"]["evaluate"]["properties"]["metrics"]
+    selectable = [m.name for m in METRICS.values() if m.name != "zeroshot"]   # zeroshot: evaluate.zeroshot.datasets
+    assert sorted(spec["items"]["enum"]) == sorted(selectable)
+    assert spec["default"] == [m.name for m in METRICS.values() if m.default]
+    assert set(SYNTHETIC_DEFAULT) <= set(METRICS)
+    for m in METRICS.values():
+        assert callable(getattr(importlib.import_module(m.module), m.function)), m.name

@@ -187,10 +187,11 @@ def test_prepare_refuses_to_cut_or_drop_documents(tmp_path):
 
 
 def test_config_synthetic_defaults_and_checks(toy_config):
-    from harness.core.config import SYNTHETIC_METRICS, load_config
+    from harness.core.config import load_config
+    from harness.core.metric_registry import SYNTHETIC_DEFAULT
 
     cfg = {"data": synthetic_data_cfg()}
-    assert load_config(cfg)["evaluate"]["metrics"] == list(SYNTHETIC_METRICS)
+    assert load_config(cfg)["evaluate"]["metrics"] == list(SYNTHETIC_DEFAULT)
     given = {"data": synthetic_data_cfg(), "evaluate": {"metrics": ["ppl", "samples", "genppl"]}}
     assert load_config(given)["evaluate"]["metrics"] == ["ppl", "samples", "genppl"]
     with pytest.raises(UserError, match="exact needs a synthetic corpus"):

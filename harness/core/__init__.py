@@ -2,7 +2,8 @@
 
 Owns the batch and vocabulary types, the noise schedules, categorical sampling, attention, the
 shared transformer backbone, the Method interface and its registry (with the shipped-method list
-read from pyproject without torch), the NLL-bound aggregation every method's perplexity goes
+read from pyproject without torch), the metric registry (what the workflow, the evaluate CLI and
+the study loader know of each evaluation), the NLL-bound aggregation every method's perplexity goes
 through, and the utilities every job uses: config loading and validation (the study plan: run
 names, runs, FLOPs-matching targets), atomic writes, the result-file schema, errors, the device
 and progress bars.

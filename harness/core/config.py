@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from harness.core.errors import UserError
+from harness.core.metric_registry import SYNTHETIC_DEFAULT
 from harness.core.plugins import METHODS_GROUP, checkout_methods
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -124,6 +125,18 @@ def fill_defaults(instance, sch: dict, validator=None):
     return instance
 
 
+def section_defaults(*path: str) -> dict:
+    """The schema's defaults of one section of a study config (e.g. `("evaluate", "ppl")`): the
+    one source the code's own fallbacks are read from, so they cannot drift from the schema."""
+    sch, out = schema(), fill_defaults({}, schema())
+    for key in path:
+        sch = sch["properties"][key]
+        out = out.get(key, {}) if isinstance(out, dict) else {}
+        if not isinstance(out, dict):
+            raise KeyError(f"{'.'.join(path)} is not a section")
+    return fill_defaults(copy.deepcopy(out), sch)
+
+
 # --- errors -----------------------------------------------------------------------------------
 def _where(path) -> str:
     out = ""
@@ -166,11 +179,6 @@ def _first_error(instance):
         return None
     # best_match prefers the deepest, most specific error; ties broken by path for determinism.
     return jsonschema.exceptions.best_match(sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]))
-
-
-#: the evaluations of a study on a synthetic corpus unless it lists its own: the exact metrics
-#: replace the evaluator-LM ones (genppl, mauve), which say nothing about a symbol source
-SYNTHETIC_METRICS = ("ppl", "samples", "exact", "diversity", "lengths", "cost")
 
 
 def is_synthetic_study(cfg: dict) -> bool:
@@ -345,7 +353,7 @@ def load_config(path_or_dict, source: str | None = None) -> dict:
         metrics_given = "metrics" in (raw.get("evaluate") or {}) if isinstance(raw.get("evaluate"), dict) else False
         cfg = fill_defaults(raw, schema())
         if not metrics_given and is_synthetic_study(cfg):
-            cfg["evaluate"]["metrics"] = list(SYNTHETIC_METRICS)
+            cfg["evaluate"]["metrics"] = list(SYNTHETIC_DEFAULT)
         check_config(cfg)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.core.atomic import atomic_write, atomic_write_text
+from harness.core.config import section_defaults
 from harness.core.errors import UserError
 from harness.data.corpora import read_utf8
 from harness.data.prepare import build_fixed
@@ -57,8 +58,8 @@ from harness.data.prepare import build_fixed
 #: the file written by `evaluate zeroshot-data`: the tokenised rows of every set
 SCHEMA = "didbench.zeroshot/1"
 #: defaults of evaluate.zeroshot (the schema's; tests check they agree)
-DEFAULTS = {"datasets": [], "files": {}, "hub": {}, "mc": 8, "max_sequences": 128, "batch_size": 32, "seed": 0,
-            "required": False}
+#: `evaluate.zeroshot`'s defaults, from the config schema (the one source)
+DEFAULTS = section_defaults("evaluate", "zeroshot")
 #: keys a hub source may set (evaluate.zeroshot.hub.<name> overrides the built-in one key by key)
 HUB_KEYS = ("dataset", "config", "split", "field", "revision", "data_files")
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"

@@ -34,22 +34,16 @@ import argparse
 import importlib
 from pathlib import Path
 
+from harness.core.metric_registry import run_metrics
+
+#: `evaluate <what>`: every per-run metric of the registry, and the helper commands beside them
 COMMANDS = {
-    "ppl": ("harness.metrics.ppl", "run", "NLL bound / perplexity on the test split"),
-    "samples": ("harness.metrics.samples", "run", "unconditional samples per steps (+ the reference texts)"),
+    **{m.name: (m.module, m.function, m.help) for m in run_metrics()},
     "references": ("harness.metrics.samples", "run_references", "held-out reference texts only"),
     "evaluator": ("harness.metrics.evaluator", "run", "build the offline evaluator LM cache"),
-    "genppl": ("harness.metrics.genppl", "run", "generative perplexity + entropy + MAUVE features"),
-    "mauve": ("harness.metrics.mauve", "run", "MAUVE from the genppl features"),
-    "diversity": ("harness.metrics.diversity", "run", "entropy, distinct-n, self-BLEU"),
-    "lengths": ("harness.metrics.lengths", "run", "length distribution vs held-out data"),
-    "speed": ("harness.metrics.speed", "run", "training throughput, sampling time/memory, FLOPs"),
-    "exact": ("harness.metrics.exact", "run", "synthetic corpora: bound gap, exact sample NLL, invalid fraction, "
-              "length law"),
     "zeroshot-data": ("harness.metrics.zeroshot", "run_data", "tokenise and chunk the zero-shot test sets once"),
-    "zeroshot": ("harness.metrics.zeroshot", "run", "NLL bounds on the zero-shot test sets (Table 1)"),
 }
-NEEDS_RUN = {"ppl", "samples", "speed", "zeroshot"}
+NEEDS_RUN = {m.name for m in run_metrics() if m.needs_run}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,31 +11,14 @@ import copy
 import numpy as np
 
 
+from harness.core.config import section_defaults
 from harness.core.errors import UserError
 
 
-DEFAULTS: dict[str, dict] = {
-    "ppl": {"mc": 8, "max_sequences": 128, "batch_size": 32, "seed": 0, "split": "test"},
-    "samples": {"n": 16, "steps": [16, 64], "top_p": 1.0, "seed": 0, "batch_size": 16, "trajectory": True},
-    # n: None -> enough for the samples and for every MAUVE human subset
-    "references": {"n": None, "split": "test", "seed": 0},
-    "genppl": {
-        "evaluator": "smollm2", "batch_size": 8, "max_tokens": 160, "bootstrap": 1000, "seed": 0,
-        "entropy_prefix": 128,
-    },
-    # baselines spec 6.5: 5 disjoint human subsets; issue 11: no MAUVE value below 256 / 256
-    "mauve": {
-        "max_text_length": 128, "human_samples": 32, "subsets": 1, "min_samples": 256, "seed": 25,
-        "num_buckets": "auto", "pca_max_data": -1, "kmeans_explained_var": 0.9, "kmeans_num_redo": 5,
-        "kmeans_max_iter": 500, "divergence_curve_discretization_size": 25, "mauve_scaling_factor": 5,
-    },
-    "diversity": {"self_bleu_samples": 128, "bleu_order": 4},
-    "lengths": {"bins": 32},
-    "speed": {"warmup": 1, "repeats": 2, "n": 4, "skip_rows": 1},
-    # the study-level cost job (harness.metrics.cost, one per layout): n samples per call, sampling repeats,
-    # warm-up calls/steps, training-step repeats, the seed reused for every repeat and method
-    "cost": {"n": 8, "repeats": 3, "warmup": 1, "train_repeats": 5, "seed": 0},
-}
+#: the defaults of every `evaluate.<section>` a metric reads, taken from the config schema (each
+#: key is documented there), so the code's fallbacks and the schema are one source
+DEFAULTS: dict[str, dict] = {section: section_defaults("evaluate", section) for section in
+                             ("ppl", "samples", "references", "genppl", "mauve", "diversity", "lengths", "speed", "cost")}
 
 
 def settings(config: dict, section: str) -> dict:

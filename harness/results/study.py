@@ -24,6 +24,7 @@ import pandas as pd
 
 from harness.core.config import load_config, parse_run_name, run_entries, run_settings_hash, study_runs
 from harness.core.errors import UserError
+from harness.core.metric_registry import default_run_kinds, result_kinds
 from harness.core.records import read_history as read_history_rows, read_json_object, read_result
 from harness.results.rows import (COST_SAMPLE_COLS, COST_TRAIN_COLS, ID, cost_files, load_cost, load_eval, num,
                                   result_values)
@@ -35,17 +36,14 @@ from harness.results.rows import (COST_SAMPLE_COLS, COST_TRAIN_COLS, ID, cost_fi
 GROUP = ["method", "layout", "size"]
 
 
-#: evaluation files every run of a default study has, in the order a study produces them
-EVAL_FILES = ("ppl", "samples", "genppl", "mauve", "diversity", "lengths")
+#: evaluation files every run of a default study has, in the order a study produces them (the
+#: metric registry's defaults; the opt-in ones, speed, exact and zeroshot, are read when present
+#: and never reported as missing)
+EVAL_FILES = default_run_kinds()
 
 
-#: opt-in per-run evaluations (evaluate.metrics; zeroshot: evaluate.zeroshot.datasets, fixed-length
-#: runs): read when present, never reported as missing
-OPTIONAL_EVAL_FILES = ("speed", "exact", "zeroshot")
-
-
-#: every per-run evaluation file the loaders read
-ALL_EVAL_FILES = EVAL_FILES + OPTIONAL_EVAL_FILES
+#: every per-run evaluation file the loaders read (harness.core.metric_registry)
+ALL_EVAL_FILES = result_kinds()
 
 
 

@@ -44,6 +44,7 @@ shell.prefix(
 )
 
 from harness.core.config import config_hash, load_config, read_yaml, run_entry, run_settings_hash, schema, study_runs
+from harness.core import metric_registry
 from harness.core.errors import UserError
 
 
@@ -288,18 +289,8 @@ def launcher(wildcards, resources):
 
 
 # --- targets ------------------------------------------------------------------------------
-EVAL_FILES = {
-    "ppl": ["ppl.json"],
-    "samples": ["samples.json", "samples.jsonl", "references.jsonl"],
-    "genppl": ["genppl.json"],
-    "mauve": ["mauve.json"],
-    "diversity": ["diversity.json"],
-    "lengths": ["lengths.json"],
-    "speed": ["speed.json"],
-    "exact": ["exact.json"],
-}
-#: evaluations of the whole study rather than of one run (see study_metric_files)
-STUDY_METRICS = ("cost",)
+#: what the workflow knows of each evaluation: the metric registry (harness.core.metric_registry)
+METRIC_REGISTRY = metric_registry.METRICS
 
 
 #: the zero-shot test sets of evaluate.zeroshot (empty: no zero-shot job is planned)
@@ -307,15 +298,14 @@ ZEROSHOT_DATASETS = CFG["evaluate"]["zeroshot"]["datasets"]
 
 
 def run_eval_files(name):
-    """The evaluation outputs of one run, as selected by evaluate.metrics (lengths: varlen only),
-    and zeroshot.json for a fixed-length run when evaluate.zeroshot.datasets names any set."""
+    """The evaluation outputs of one run, as selected by evaluate.metrics (each metric's own layouts:
+    lengths is varlen only), and zeroshot.json for a fixed-length run when
+    evaluate.zeroshot.datasets names any set."""
     out = []
-    for metric in METRICS:
-        if metric in STUDY_METRICS:
+    for metric in (METRIC_REGISTRY[m] for m in METRICS):
+        if metric.scope != "run" or RUNS[name]["layout"] not in metric.layouts:
             continue
-        if metric == "lengths" and RUNS[name]["layout"] != "varlen":
-            continue
-        out += [f"{RUNS_DIR}/{name}/eval/{f}" for f in EVAL_FILES[metric]]
+        out += [f"{RUNS_DIR}/{name}/eval/{f}" for f in metric.files]
     if ZEROSHOT_DATASETS and RUNS[name]["layout"] == "fixed":
         out.append(f"{RUNS_DIR}/{name}/eval/zeroshot.json")
     return out
