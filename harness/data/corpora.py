@@ -42,8 +42,8 @@ def corpus(name: str):
     return deco
 
 
-def load_corpus(spec) -> list[Document]:
-    """Documents of the corpus named by `spec` (a name, or {name, **options})."""
+def corpus_options(spec) -> tuple[str, dict]:
+    """(name, options) of a `data.corpus` spec (a name, or {name, **options}) naming a known corpus."""
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict) or "name" not in spec:
@@ -52,6 +52,12 @@ def load_corpus(spec) -> list[Document]:
     name = options.pop("name")
     if name not in CORPORA:
         raise UserError(f"unknown corpus {name!r} (known: {', '.join(sorted(CORPORA))})")
+    return name, options
+
+
+def load_corpus(spec) -> list[Document]:
+    """Documents of the corpus named by `spec` (a name, or {name, **options})."""
+    name, options = corpus_options(spec)
     loader = CORPORA[name]
     try:
         inspect.signature(loader).bind(**options)
@@ -352,14 +358,7 @@ STREAMS: dict[str, Callable[..., Iterator[Document]]] = {"text-files": iter_text
 
 def iter_corpus(spec) -> Iterator[Document]:
     """The documents of `load_corpus(spec)`, one at a time, in the same order."""
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise UserError(f"data.corpus must be a name or a mapping with a 'name' key, got {spec!r}")
-    options = dict(spec)
-    name = options.pop("name")
-    if name not in CORPORA:
-        raise UserError(f"unknown corpus {name!r} (known: {', '.join(sorted(CORPORA))})")
+    name, options = corpus_options(spec)
     try:
         inspect.signature(CORPORA[name]).bind(**options)
     except TypeError as e:  # an unknown or a missing option
