@@ -10,7 +10,7 @@ from pathlib import Path
 from harness.core.atomic import atomic_write_text
 from harness.core.config import load_config
 from harness.core.methods import UserError
-from harness.results.study import ALL_EVAL_FILES, EVAL_FILES, Study, load_study, run_dirs
+from harness.results.study import EVAL_FILES, all_eval_files, Study, load_study, run_dirs
 from analysis.cost_figures import bench_figure
 from analysis.figures import all_figures
 from analysis.frames import Table, to_markdown, write_table
@@ -116,7 +116,7 @@ def _missing_evaluations(study: Study, config: dict | None = None) -> dict[str, 
             asked = load_config(config)["evaluate"]["metrics"]
         except Exception:   # noqa: BLE001 (a partial config: every per-run metric is expected)
             asked = None
-    expected = [k for k in ALL_EVAL_FILES if k in asked] if isinstance(asked, list) else list(EVAL_FILES)
+    expected = [k for k in all_eval_files() if k in asked] if isinstance(asked, list) else list(EVAL_FILES)
     gaps = {}
     kept = set(study.runs["run"]) if len(study.runs) else set()   # runs left out are listed as problems
     for d in run_dirs(study.root):

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from harness.core.metric_registry import plugin_metrics
 from harness.results.study import GROUP, Study
 from analysis import convergence, stats
 from analysis.cost_tables import (cost_sample_rows, cost_sample_table, cost_train_rows, cost_train_table, jobs_table,
@@ -365,12 +366,36 @@ def lengths_table(study: Study, config: dict | None) -> Table:
         "samples with tokens after their first PAD, which the cut at the first PAD drops."])
 
 
+def plugin_table(study: Study, config: dict | None, metric) -> Table:
+    """The table of a plugin metric (harness.core.metric_registry): its numbers per run, averaged
+    over seeds per method (and sampling steps, when its values have them), each with its 95% CI
+    (one seed) or ± sd over seeds, and each row's budget, matching and plateau."""
+    frame = study.extra.get(metric.name, pd.DataFrame(columns=GROUP + ["seed"]))
+    cols = [c for c in frame.columns if c not in GROUP + ["run", "seed", "base_method", "steps", "nonfinite"]
+            and not c.endswith(("_ci95_lo", "_ci95_hi"))]
+    keep = tuple(x for x in _ci_keep(cols) if x in frame.columns)
+    per_steps = "steps" in frame.columns
+    rows = sort_rows(aggregate(frame, GROUP + (["steps"] if per_steps else []), cols, keep=keep), config)
+    facts = facts_of(study, config)
+    disp = display_columns(rows, {**ident_display(rows, steps=per_steps, facts=facts),
+                                  **{c: _with_ci(rows, c) for c in cols}})
+    data = rows[(steps_columns(cols) if per_steps else [x for x in steps_columns(cols) if x != "steps"]) + list(keep)]
+    return Table(metric.name, metric.title or metric.help, with_facts(data, facts), disp, [
+        f"Plugin metric {metric.name!r} ({metric.module}); columns are its result keys. [95% CI]: the metric's own "
+        "interval for one seed; ± sd over seeds when there are several."])
+
+
+def plugin_tables(study: Study, config: dict | None) -> list[Table]:
+    """One table per plugin metric the study has results of."""
+    return [plugin_table(study, config, m) for m in plugin_metrics() if m.name in study.extra]
+
+
 TABLES = (ppl_table, genppl_table, mauve_table, diversity_table, lengths_table, cost_train_table,
           cost_sample_table, jobs_table)
 
 
 def all_tables(study: Study, config: dict | None) -> list[Table]:
-    return [f(study, config) for f in TABLES]
+    return [f(study, config) for f in TABLES] + plugin_tables(study, config)
 
 
 def _at_max_steps(frame: pd.DataFrame, col: str) -> tuple[pd.DataFrame, float]:

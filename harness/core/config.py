@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from harness.core.errors import UserError
-from harness.core.metric_registry import SYNTHETIC_DEFAULT
+from harness.core.metric_registry import BROKEN as BROKEN_METRICS, SYNTHETIC_DEFAULT, metrics as metric_names, plugin_metrics, plugin_settings, settings_schema
 from harness.core.plugins import METHODS_GROUP, checkout_methods
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -72,7 +72,10 @@ def method_names() -> list[str]:
 
 
 def validation_schema() -> dict:
-    """schema() with the method-name enums (METHOD_ENUMS) set to the registry's `method_names()`."""
+    """schema() with the method-name enums (METHOD_ENUMS) set to the registry's `method_names()`,
+    and the plugin metrics (harness.core.metric_registry) added: their names to evaluate.metrics,
+    their settings as `evaluate.<name>` sections (no default: a study that does not list one has
+    no section, so installing a plugin changes no other study's hash)."""
     sch = copy.deepcopy(schema())
     names = method_names()
     for path in METHOD_ENUMS:
@@ -80,6 +83,14 @@ def validation_schema() -> dict:
         for key in path:
             node = node[key]
         node["enum"] = names
+    evaluate = sch["properties"]["evaluate"]
+    enum = evaluate["properties"]["metrics"]["items"]["enum"]
+    for metric in plugin_metrics():
+        if metric.name in evaluate["properties"]:    # a name the schema already uses: never a plugin's
+            continue
+        enum.append(metric.name)
+        evaluate["properties"][metric.name] = settings_schema(metric)
+    enum += [name for name in BROKEN_METRICS if name not in enum]   # listed: check_config says why it is broken
     return sch
 
 
@@ -310,6 +321,9 @@ def check_config(cfg: dict) -> None:
     synthetic = is_synthetic_study(cfg)
     if synthetic != (cfg["data"]["tokenizer"]["kind"] == "symbols"):
         raise UserError("data.tokenizer.kind: a synthetic corpus needs kind symbols, and kind symbols a synthetic corpus")
+    for name in cfg["evaluate"]["metrics"]:
+        if name in BROKEN_METRICS and name not in metric_names():   # a built-in's name stays the built-in
+            raise UserError(f"evaluate.metrics: {BROKEN_METRICS[name]}")
     if "exact" in cfg["evaluate"]["metrics"] and not synthetic:
         raise UserError("evaluate.metrics: exact needs a synthetic corpus (data.corpus.name: synthetic), "
                         "whose law is known")
@@ -318,6 +332,14 @@ def check_config(cfg: dict) -> None:
                         "symbol tokenizer cannot read them")
     if cfg["data"]["valid_fraction"] + cfg["data"]["test_fraction"] >= 1:
         raise UserError("data.valid_fraction + data.test_fraction must be below 1")
+
+
+def _fill_plugin_settings(cfg: dict) -> None:
+    """Give each plugin metric the study lists its `evaluate.<name>` section, default-filled from
+    its settings dataclass (the resolved config then records every setting its job used)."""
+    for metric in plugin_metrics():
+        if metric.name in cfg["evaluate"]["metrics"]:
+            cfg["evaluate"][metric.name] = plugin_settings(metric, cfg["evaluate"].get(metric.name))
 
 
 def _check_plugin_run(i: int, run: dict) -> None:
@@ -355,6 +377,7 @@ def load_config(path_or_dict, source: str | None = None) -> dict:
         if not metrics_given and is_synthetic_study(cfg):
             cfg["evaluate"]["metrics"] = list(SYNTHETIC_DEFAULT)
         check_config(cfg)
+        _fill_plugin_settings(cfg)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     return cfg

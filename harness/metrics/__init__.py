@@ -21,6 +21,8 @@ harness.core, harness.data and harness.run.
                (the test sets of evaluate.zeroshot.datasets, tokenised and chunked once per study)
     zeroshot   --config C --run RUN --data DATA --out EVAL/zeroshot.json [--sets sets.pt]
                (both bounds on every zero-shot set: the DID paper's Table 1; fixed-length runs)
+    <plugin>   --config C --run RUN --data DATA --out EVAL/<plugin>.json
+               (a metric of the `didbench.metrics` entry points: harness.core.metric_registry)
 
 Inputs left out default to the files next to --out (EVAL/samples.json, EVAL/references.jsonl,
 EVAL/features.npz), which is where `samples` and `genppl` write them; --run and --data are
@@ -36,20 +38,29 @@ from pathlib import Path
 
 from harness.core.metric_registry import run_metrics
 
-#: `evaluate <what>`: every per-run metric of the registry, and the helper commands beside them
-COMMANDS = {
-    **{m.name: (m.module, m.function, m.help) for m in run_metrics()},
+#: the helper commands beside the metrics
+HELPERS = {
     "references": ("harness.metrics.samples", "run_references", "held-out reference texts only"),
     "evaluator": ("harness.metrics.evaluator", "run", "build the offline evaluator LM cache"),
     "zeroshot-data": ("harness.metrics.zeroshot", "run_data", "tokenise and chunk the zero-shot test sets once"),
 }
-NEEDS_RUN = {m.name for m in run_metrics() if m.needs_run}
+
+
+def commands() -> dict[str, tuple[str, str, str]]:
+    """`evaluate <what>`: every per-run metric of the registry (the plugin metrics' included),
+    then the helper commands: {what: (module, function, help)}."""
+    return {**{m.name: (m.module, m.function, m.help) for m in run_metrics()}, **HELPERS}
+
+
+def needs_run() -> set[str]:
+    return {m.name for m in run_metrics() if m.needs_run}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    cmds = commands()
+    p.add_argument("what", choices=sorted(cmds), help="; ".join(f"{k}: {v[2]}" for k, v in cmds.items()))
     p.add_argument("--config", help="study config (YAML); required except for `evaluator`")
     p.add_argument("--run", help="run directory (checkpoint.pt, history.csv)")
     p.add_argument("--data", help="prepared data directory")
@@ -89,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     elif args.what != "evaluator":
         raise UserError(f"evaluate {args.what} needs --config")
-    if args.what in NEEDS_RUN and not (args.run and args.data):
+    if args.what in needs_run() and not (args.run and args.data):
         raise UserError(f"evaluate {args.what} needs --run RUN_DIR and --data DATA_DIR")
     if args.what in ("references", "exact", "zeroshot-data") and not args.data:
         raise UserError(f"evaluate {args.what} needs --data DATA_DIR")
     _fill_defaults(args)
-    module, func, _ = COMMANDS[args.what]
+    module, func, _ = commands()[args.what]
     getattr(importlib.import_module(module), func)(args, config)
     return 0

@@ -10,9 +10,9 @@ import copy
 
 import numpy as np
 
-
 from harness.core.config import section_defaults
 from harness.core.errors import UserError
+from harness.core.metric_registry import metrics, plugin_settings
 
 
 #: the defaults of every `evaluate.<section>` a metric reads, taken from the config schema (each
@@ -22,15 +22,17 @@ DEFAULTS: dict[str, dict] = {section: section_defaults("evaluate", section) for 
 
 
 def settings(config: dict, section: str) -> dict:
-    """`config["evaluate"][section]` over the defaults.
+    """`config["evaluate"][section]` over the defaults (a plugin metric's: its settings dataclass).
 
     Keys are checked by the config schema (workflow/schemas/config.schema.yaml); keys unknown
     here are kept, so they still show up in the logged settings.
     """
-    base = copy.deepcopy(DEFAULTS[section])
     given = ((config or {}).get("evaluate") or {}).get(section) or {}
     if not isinstance(given, dict):
         raise UserError(f"evaluate.{section} must be a mapping, got {type(given).__name__}")
+    if section not in DEFAULTS and section in metrics():   # a plugin metric: its settings dataclass
+        return plugin_settings(metrics()[section], copy.deepcopy(given))
+    base = copy.deepcopy(DEFAULTS[section])
     base.update(copy.deepcopy(given))
     return base
 

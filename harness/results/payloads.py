@@ -20,7 +20,9 @@ import yaml
 from harness.core.config import parse_run_name
 from harness.core.records import read_history, read_json_object, read_result
 from harness.results.rows import COST_DIR, ci_bounds, num
-from harness.results.study import ALL_EVAL_FILES, benchmark_files, benchmark_rule, identity_of
+from harness.core.metric_registry import metrics as registered_metrics
+from harness.results.rows import registered_rows
+from harness.results.study import all_eval_files, benchmark_files, benchmark_rule, identity_of
 
 
 #: bump when what a run records changes, so existing runs are logged again
@@ -125,8 +127,24 @@ def _add(metrics: list, key: str, value, step: int = 0, ts: int | None = None) -
         metrics.append((key, v, int(step), ts))
 
 
+def plugin_metric_keys(kind: str, values: dict, columns: tuple[str, ...] = ()) -> list:
+    """A plugin metric's MLflow metrics: `<kind>/<key>` (flat values) or `<kind>/<key>_<k>steps`
+    (per steps), with `_ci95_lo/_hi`: the numbers its table shows (rows.registered_rows)."""
+    m: list = []
+    for row in registered_rows({}, values, columns):
+        steps = row.pop("steps", None)
+        suffix = f"_{int(steps)}steps" if steps is not None and math.isfinite(steps) else ""
+        for key, value in row.items():
+            _add(m, f"{kind}/{key}{suffix}", value)
+    return m
+
+
 def eval_metrics(kind: str, values: dict) -> list:
-    """Readable final metrics from one result file's `values` (see module constants)."""
+    """Readable final metrics from one result file's `values` (see module constants; a plugin
+    metric's: `plugin_metric_keys`)."""
+    metric = registered_metrics().get(kind)
+    if metric is not None and metric.plugin:
+        return plugin_metric_keys(kind, values, metric.columns)
     m: list = []
     if kind == "ppl":
         for src, dst in _PPL.items():
@@ -275,7 +293,7 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     if checkpoints:
         files.append((run_dir / "checkpoint.pt", "checkpoint"))
     eval_dir = run_dir / "eval"
-    for kind in ALL_EVAL_FILES:
+    for kind in all_eval_files():
         path = eval_dir / f"{kind}.json"
         result = read_result(path, kind) if path.is_file() else None   # a bad file stops the logger
         if result is not None:

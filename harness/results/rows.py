@@ -1,7 +1,8 @@
 """One result file -> rows of the study's tables.
 
 Each loader reads one kind of result (`values` of genppl, lengths, speed, exact, zero-shot and the
-per-kind keys of the others; the study's cost files) and appends tidy rows, identity columns
+per-kind keys of the others; a plugin metric's numbers, `registered_rows`; the study's cost
+files) and appends tidy rows, identity columns
 first, to the frames `harness.results.study.load_study` assembles. Missing keys give no row,
 never a made-up number.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-
 from harness.core.config import parse_run_name
+from harness.core.metric_registry import metrics
 
 
 #: identity columns every per-run frame starts with
@@ -289,8 +290,33 @@ def _load_zeroshot(ident: dict, values: dict, out: dict) -> None:
         out["zeroshot"].append({**ident, "dataset": name, "reason": str(reason)})
 
 
+def _numbers(entry: dict, columns: tuple[str, ...]) -> dict:
+    """The numbers of one values entry: `columns` (every number but steps and the _ci95 keys
+    when empty), each with its `<key>_ci95` as `<key>_ci95_lo/_hi` where the entry has one."""
+    keys = columns or tuple(k for k, v in entry.items() if k != "steps" and not k.endswith("_ci95")
+                            and isinstance(v, (int, float)) and not isinstance(v, bool))
+    row = {k: num(entry.get(k)) for k in keys}
+    for k in keys:
+        if entry.get(f"{k}_ci95") is not None:
+            lo, hi = ci_bounds(entry.get(k), entry.get(f"{k}_ci95"))
+            row.update({f"{k}_ci95_lo": lo, f"{k}_ci95_hi": hi})
+    return row
+
+
+def registered_rows(ident: dict, values: dict, columns: tuple[str, ...] = ()) -> list[dict]:
+    """A plugin metric's rows (harness.core.metric_registry): one per `by_steps` entry (with its
+    steps) when its values have by_steps, else one, each with the numbers `_numbers` picks."""
+    if isinstance(values.get("by_steps"), list):
+        return [{**ident, "steps": num(e.get("steps")), **_numbers(e, columns)}
+                for e in values["by_steps"] if isinstance(e, dict)]
+    return [{**ident, **_numbers(values, columns)}]
+
+
 def load_eval(kind: str, ident: dict, values: dict, out: dict) -> None:
-    if kind == "ppl":
+    metric = metrics().get(kind)
+    if metric is not None and metric.plugin:
+        out["extra"].setdefault(kind, []).extend(registered_rows(ident, values, metric.columns))
+    elif kind == "ppl":
         paper = values.get("paper_convention") if isinstance(values.get("paper_convention"), dict) else {}
         out["ppl"].append({**ident, **{k: num(values.get(k)) for k in _PPL_KEYS},
                            **{f"paper_{k}": num(paper.get(k)) for k in ("nats_per_token", "ppl", "stderr")},

@@ -42,9 +42,10 @@ GROUP = ["method", "layout", "size"]
 EVAL_FILES = default_run_kinds()
 
 
-#: every per-run evaluation file the loaders read (harness.core.metric_registry)
-ALL_EVAL_FILES = result_kinds()
-
+def all_eval_files() -> tuple[str, ...]:
+    """Every per-run evaluation file the loaders read (harness.core.metric_registry), the plugin
+    metrics' included (read when the loader runs: a plugin registered later is seen)."""
+    return result_kinds()
 
 
 
@@ -88,6 +89,8 @@ class Study:
     #: zero-shot bounds (zeroshot.json), one row per (run, dataset): ID + dataset, the ppl columns,
     #: paper_*, paper_seq_len_ppl, documents, source, detokenizer; a missing set has its `reason`
     zeroshot: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the plugin metrics' rows (harness.core.metric_registry), by metric: ID (+ steps) and their numbers
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     #: runs the study's config lists that have no training summary (not trained, or deleted)
     missing_runs: list[str] = field(default_factory=list)
@@ -234,7 +237,7 @@ def check_results(study_dir) -> int:
         if (run_dir / "history.csv").is_file():
             read_history_rows(run_dir / "history.csv")
             n += 1
-        for kind in ALL_EVAL_FILES:
+        for kind in all_eval_files():
             if (run_dir / "eval" / f"{kind}.json").is_file():
                 read_result(run_dir / "eval" / f"{kind}.json", kind)
                 n += 1
@@ -265,6 +268,7 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     out: dict[str, list] = {k: [] for k in names}
     out["problems"] = problems
     out["length_pmf"] = []
+    out["extra"] = {}
     histories = []
     expected = _expected_runs(config)
     for run_dir in run_dirs(study_dir):
@@ -277,7 +281,7 @@ def load_study(study_dir, config: dict | None = None) -> Study:
             "steps", "batch_size", "lr", "match", "matched_to", "params", "final_loss", "wall_seconds",
             "tokens_per_s", "flops_per_step", "valid_nats_per_token", "valid_stderr", "clipped_fraction",
             "grad_norm_median", "device", "git_commit", "config_hash")}})
-        for kind in ALL_EVAL_FILES:
+        for kind in all_eval_files():
             result = read_json(run_dir / "eval" / f"{kind}.json", problems)
             if result is not None:
                 ident = _identity(run_dir, train, result)
@@ -306,8 +310,9 @@ def load_study(study_dir, config: dict | None = None) -> Study:
     frames["history"] = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=ID)
     trained = set(frames["runs"]["run"]) if len(frames["runs"]) and "run" in frames["runs"] else set()
     missing = [n for n in (expected or {}) if n not in trained or not (study_dir / "runs" / n / "train.json").is_file()]
+    extra = {kind: _frame(rows) for kind, rows in out["extra"].items()}
     return Study(root=study_dir, name=str(name), corpus=_corpus_name(study_dir, config, problems),
-                 problems=problems, length_pmf=out["length_pmf"], missing_runs=missing, **frames)
+                 problems=problems, length_pmf=out["length_pmf"], missing_runs=missing, extra=extra, **frames)
 
 
 def _expected_runs(config: dict | None) -> dict | None:

@@ -290,7 +290,7 @@ def launcher(wildcards, resources):
 
 # --- targets ------------------------------------------------------------------------------
 #: what the workflow knows of each evaluation: the metric registry (harness.core.metric_registry)
-METRIC_REGISTRY = metric_registry.METRICS
+METRIC_REGISTRY = metric_registry.metrics()
 
 
 #: the zero-shot test sets of evaluate.zeroshot (empty: no zero-shot job is planned)
@@ -309,6 +309,22 @@ def run_eval_files(name):
     if ZEROSHOT_DATASETS and RUNS[name]["layout"] == "fixed":
         out.append(f"{RUNS_DIR}/{name}/eval/zeroshot.json")
     return out
+
+
+# plugin metrics (rules eval_registered / eval_registered_cpu, workflow/rules/evaluate.smk)
+def registered_inputs(wildcards):
+    metric = METRIC_REGISTRY[wildcards.metric]
+    out = {"data": DATA_MARKER}
+    if metric.needs_run:
+        out["checkpoint"] = f"{RUNS_DIR}/{wildcards.run}/checkpoint.pt"
+    for need in metric.needs:
+        for f in METRIC_REGISTRY[need].files:
+            out[f"{need}_{f.replace('.', '_')}"] = f"{RUNS_DIR}/{wildcards.run}/eval/{f}"
+    return out
+
+
+def registered_settings(wildcards):
+    return config_hash(CFG["evaluate"].get(wildcards.metric))
 
 
 def study_metric_files():

@@ -11,6 +11,8 @@ cost    -> results/<study>/cost/<layout>.json: one study-level job per layout, a
 zeroshot -> RUN/eval/zeroshot.json (fixed-length runs, when evaluate.zeroshot.datasets names a set):
            both bounds on the DID paper's Table 1 test sets, read from results/<study>/zeroshot/
            sets.pt, which one local job per study prepares (it may download: see zeroshot_data)
+<plugin> -> RUN/eval/<plugin>.json: a metric of the `didbench.metrics` entry points, planned from its
+           declaration alone (rules eval_registered / eval_registered_cpu, at the end)
 """
 
 #: the zero-shot test sets of the study, tokenised and chunked (harness.data.zeroshot), and their summary
@@ -311,3 +313,43 @@ rule eval_zeroshot:
     shell:
         "python -m harness evaluate zeroshot --config {params.cfg:q} --run {params.run:q} --data {params.data:q}"
         " --sets {input.sets:q} --out {output.result:q} > {log:q} 2>&1"
+
+
+# Plugin metrics (the `didbench.metrics` entry points, harness.core.metric_registry): one generic
+# job per (run, metric), from the metric's declaration alone. Its inputs are the prepared data,
+# the run's checkpoint when it reads one (needs_run), and the files of the metrics it needs
+# (needs): common.smk's registered_inputs; its settings param hashes evaluate.<name>. Two rules,
+# so a metric that reads a checkpoint asks for the evaluation GPU and the others run as CPU jobs.
+for _rule, _resources, _metrics in (
+    ("eval_registered", GPU_EVAL_RESOURCES, [m.name for m in metric_registry.plugin_metrics() if m.needs_run]),
+    ("eval_registered_cpu", CPU_RESOURCES, [m.name for m in metric_registry.plugin_metrics() if not m.needs_run]),
+):
+    if not _metrics:
+        continue
+
+    rule:
+        name:
+            _rule
+        input:
+            unpack(registered_inputs),
+        output:
+            result=f"{RUNS_DIR}/{{run}}/eval/{{metric}}.json",
+        wildcard_constraints:
+            metric="|".join(re.escape(m) for m in _metrics),
+        params:
+            cfg=study_config,
+            run=eval_run_dir,
+            data=input_data_dir,
+            settings=registered_settings,
+        log:
+            f"{LOGS}/eval_{{metric}}/{{run}}.log",
+        benchmark:
+            f"{BENCH}/eval_{{metric}}/{{run}}.tsv"
+        threads: 1
+        resources:
+            **_resources,
+        conda:
+            CONDA_ENV
+        shell:
+            "python -m harness evaluate {wildcards.metric} --config {params.cfg:q} --run {params.run:q}"
+            " --data {params.data:q} --out {output.result:q} > {log:q} 2>&1"
