@@ -104,7 +104,7 @@ def ratio_label(v, what: str = "DID") -> str | None:
 
 def cost_frames(study: Study, config: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, set]:
     """(train rows, sample rows, sources): the interleaved cost job per layout, speed.json otherwise."""
-    ref = reference_methods(config)
+    ref = reference_methods()
     tr = cost_train_rows(study, ref)
     sp = cost_sample_rows(study, ref)
     tr = sort_rows(tr[pd.to_numeric(tr.get("tokens_per_s"), errors="coerce").notna()], config) if len(tr) else tr
@@ -123,7 +123,7 @@ def cost_frames(study: Study, config: dict | None) -> tuple[pd.DataFrame, pd.Dat
 def cost_figure(study: Study, config: dict | None, path) -> Path:
     """Training throughput and inference time per sample at every steps value, a bar per method,
     with the ratio to DID written on each bar; the interleaved cost job where the study has one."""
-    ref = reference_methods(config)
+    ref = reference_methods()
     tr, sp, sources = cost_frames(study, config)
     if tr.empty and sp.empty:
         return placeholder(path, "Cost", "no cost or speed measurements in this study")

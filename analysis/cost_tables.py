@@ -103,7 +103,7 @@ _COST_TRAIN_DATA = ["method", "layout", "size", "source", "n_seeds", "repeats", 
 
 
 def cost_train_table(study: Study, config: dict | None) -> Table:
-    ref = reference_methods(config)
+    ref = reference_methods()
     measured = cost_train_rows(study, ref)
     loop = aggregate(study.runs, GROUP, ["tokens_per_s", "params"])[GROUP + ["tokens_per_s", "params"]]
     loop = loop.rename(columns={"tokens_per_s": "loop_tokens_per_s", "params": "loop_params"})
@@ -179,7 +179,7 @@ _COST_SAMPLE_DATA = ["method", "layout", "size", "steps", "source", "n_seeds", "
 
 
 def cost_sample_table(study: Study, config: dict | None) -> Table:
-    ref = reference_methods(config)
+    ref = reference_methods()
     keys = GROUP + ["steps"]
     measured = ensure_columns(cost_sample_rows(study, ref), _COST_SAMPLE_DATA)
     gen = aggregate(study.samples, keys, ["nfe", "mean_length"])[keys + ["nfe", "mean_length"]]

@@ -86,12 +86,10 @@ def reference_note(ref: dict) -> str:
     return "Reference (\"DID\") per layout: " + ", ".join(f"{m} for {lay}" for lay, m in sorted(ref.items())) + "."
 
 
-def reference_methods(config: dict | None) -> dict[str, str]:
+def reference_methods() -> dict[str, str]:
     """Which method is "DID" (the ratio denominator) for each layout: the registry's
-    (`Method.reference_in`), overridden by the config's `report.reference`."""
-    ref = methods.reference_methods()
-    ref.update(((config or {}).get("report") or {}).get("reference") or {})
-    return ref
+    (`Method.reference_in`)."""
+    return methods.reference_methods()
 
 
 def aggregate(df: pd.DataFrame, keys: list[str], cols: list[str], keep: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -203,7 +201,7 @@ def ident_display(df: pd.DataFrame, steps: bool = False, facts: pd.DataFrame | N
 
 def facts_of(study: Study, config: dict | None) -> pd.DataFrame:
     """analysis.convergence.run_facts with this study's references."""
-    return convergence.run_facts(study, reference_methods(config))
+    return convergence.run_facts(study, reference_methods())
 
 
 def with_facts(data: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:

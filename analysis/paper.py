@@ -308,7 +308,7 @@ def length_cdf(study: Study, config: dict | None, out_dir: Path) -> tuple[Path, 
 
 
 def speed_table(study: Study, config: dict | None) -> PaperTable:
-    ref = reference_methods(config)
+    ref = reference_methods()
     train = cost_train_rows(study, ref)
     sample = cost_sample_rows(study, ref)
     steps = sorted(sample["steps"].dropna().unique()) if len(sample) and "steps" in sample else []

@@ -29,7 +29,7 @@ def _gap_err(r: dict, col: str) -> float:
 
 def bound_gap_table(study: Study, config: dict | None) -> Table:
     """Per method: strict and paper-convention bound minus the exact NLL of the same test rows."""
-    ref = reference_methods(config)
+    ref = reference_methods()
     frame = ensure_columns(study.bound_gap, GAP_COLS + ["strict_stderr", "paper_stderr"])
     agg = sort_rows(aggregate(frame, GROUP, GAP_COLS, keep=("strict_stderr", "paper_stderr")), config)
     recs = agg.to_dict("records")
@@ -126,7 +126,7 @@ def sample_differences(study: Study, key: tuple, ref_key: tuple, steps) -> dict[
 
 def exact_samples_table(study: Study, config: dict | None) -> Table:
     """Per method and sampling steps: the samples scored by the source itself, next to the data."""
-    ref = reference_methods(config)
+    ref = reference_methods()
     frame = ensure_columns(study.exact, _SAMPLE_COLS + list(_SAMPLE_KEEP))
     agg = aggregate(frame, GROUP + ["steps"], _SAMPLE_COLS, keep=_SAMPLE_KEEP)
     data = data_rows(ensure_columns(study.exact_data, _SAMPLE_COLS + list(_SAMPLE_KEEP)),
@@ -248,7 +248,7 @@ def synthetic_summary(study: Study, config: dict | None) -> Table:
 
     Long on purpose: the cells of each column share the same convergence and untrained-level
     rules (closures over one set of facts), so the rule a mark follows is written once, here."""
-    ref = reference_methods(config)
+    ref = reference_methods()
     fref = convergence.flops_reference(study, ref)
     facts = facts_of(study, config)
     conv = {tuple(r[k] for k in GROUP): bool(r["converged"]) for r in facts.to_dict("records")}

@@ -87,7 +87,7 @@ def _diff_text(d: stats.Diff | None, kind: str = "auto") -> str:
 
 
 def ppl_table(study: Study, config: dict | None) -> Table:
-    ref = reference_methods(config)
+    ref = reference_methods()
     cols = ["nats_per_token", "ppl", "paper_nats_per_token", "paper_ppl", "low_slice_nats_per_token",
             "insertion_mass_at_t0_mean", "n_sequences", "n_tokens"]
     agg = aggregate(ensure_columns(study.ppl, cols), GROUP, cols, keep=("stderr", "paper_stderr"))
@@ -192,7 +192,7 @@ def _marked(text: str, d: stats.Diff | None) -> str:
 
 
 def genppl_table(study: Study, config: dict | None) -> Table:
-    ref = reference_methods(config)
+    ref = reference_methods()
     cols = ["gen_ppl", "gen_ppl_mean_per_sample", "entropy_nats", "entropy_bits", "n", "lm_gen_ppl",
             "lm_entropy_nats", "lm_n_short"]
     keep = ("ci95_lo", "ci95_hi", "entropy_ci95_lo", "entropy_ci95_hi", "lm_ci95_lo", "lm_ci95_hi")
@@ -415,7 +415,7 @@ def summary_table(study: Study, config: dict | None) -> Table:
     """The headline: one row per (method, layout, size), every number with its uncertainty and a
     mark where it differs significantly from DID. Built from the other tables' data (no metric is
     computed twice): ppl, genppl and mauve at the study's largest steps, and the interleaved cost job."""
-    ref = reference_methods(config)
+    ref = reference_methods()
     t, steps = _headline_frame(study, config, ref)
     if t is None:
         empty = pd.DataFrame(columns=GROUP)

@@ -10,7 +10,7 @@ from harness.core.batch import Batch, Vocab, predicted_tokens
 from harness.core.bounds import nll_statistics
 from harness.metrics import diversity, lengths, mauve, ppl, samples, speed
 from harness.data.tokenizer import render
-from harness.metrics.common import settings
+from harness.core.settings import MauveSettings
 from harness.core.methods import SampleResult
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
@@ -143,15 +143,15 @@ def test_length_stats_and_histogram():
 
 
 # --- MAUVE -------------------------------------------------------------------------------------
-def _mauve_settings():
-    return settings({}, "mauve")
+def _mauve_settings(**given) -> MauveSettings:
+    return MauveSettings(**given)
 
 
 def test_mauve_identical_near_one_disjoint_near_zero():
     rng = np.random.default_rng(0)
     p = rng.normal(size=(120, 16)).astype(np.float32)
     s = _mauve_settings()
-    kw = {k: s[k] for k in mauve.MAUVE_KEYS}
+    kw = {k: getattr(s, k) for k in mauve.MAUVE_KEYS}
     assert mauve.mauve_score(p, p.copy(), seed=25, **kw) > 0.99
     far = rng.normal(size=(120, 16)).astype(np.float32) + 50.0
     assert mauve.mauve_score(p, far, seed=25, **kw) < 0.05
@@ -164,7 +164,7 @@ def test_mauve_subsets_are_disjoint_and_reported():
     assert len(mauve.human_subsets(50, 30, 3, seed=1)) == 1  # only one full subset fits
     rng = np.random.default_rng(1)
     p = rng.normal(size=(60, 8))
-    s = {**_mauve_settings(), "human_samples": 20, "subsets": 3, "min_samples": 20}
+    s = _mauve_settings(human_samples=20, subsets=3, min_samples=20)
     out = mauve.evaluate_mauve(p, {16: p[:20] + 0.01}, s)
     assert out[0]["steps"] == 16 and len(out[0]["mauve_subsets"]) == 3 and out[0]["mauve_sd"] is not None
     assert out[0]["n_p"] == 20 and out[0]["n_q"] == 20 and out[0]["n_subsets"] == 3 and out[0]["reason"] is None

@@ -11,7 +11,8 @@ from scipy.stats import ks_2samp, wasserstein_distance
 from harness.core.batch import Vocab
 from harness.core.config import load_config
 from harness.metrics import diversity, genppl, lengths, mauve, samples
-from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci, reference_count, settings
+from harness.core.settings import EvaluateSettings, MauveSettings
+from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci
 from harness.core.methods import SampleResult
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +36,8 @@ def no_mauve(monkeypatch):
 
 def test_mauve_below_min_samples_is_null_with_reason_and_not_run(no_mauve):
     rng = np.random.default_rng(0)
-    s = {**settings({}, "mauve"), "human_samples": 256, "subsets": 5}   # spec 6.5 sizes
-    assert s["min_samples"] == 256
+    s = MauveSettings(human_samples=256, subsets=5)   # spec 6.5 sizes
+    assert s.min_samples == 256
     (e,) = mauve.evaluate_mauve(rng.normal(size=(40, 8)), {16: rng.normal(size=(16, 8))}, s)
     assert e["mauve"] is None and e["mauve_sd"] is None and e["mauve_subsets"] == [] and e["uncertainty"] is None
     assert e["reason"] == "n too small (n_p=40, n_q=16, need >= 256 each)"
@@ -49,19 +50,22 @@ def test_mauve_below_min_samples_is_null_with_reason_and_not_run(no_mauve):
 def test_mauve_with_one_subset_has_no_sd():
     rng = np.random.default_rng(1)
     p = rng.normal(size=(60, 8))
-    s = {**settings({}, "mauve"), "human_samples": 20, "subsets": 1, "min_samples": 20}
+    s = MauveSettings(human_samples=20, subsets=1, min_samples=20)
     (e,) = mauve.evaluate_mauve(p, {16: p[:20] + 0.01}, s)
     assert 0 < e["mauve"] <= 1 + 1e-9 and e["mauve_sd"] is None and e["reason"] is None
     assert e["uncertainty"] == "none (one human subset)" and len(e["mauve_subsets"]) == 1
 
 
 def test_reference_count_covers_the_mauve_subsets_and_default_study_is_n_too_small():
+    def reference_count(config):
+        return EvaluateSettings.of(config).reference_count()
+
     assert reference_count({"evaluate": {"mauve": {"human_samples": 256, "subsets": 5}}}) == 256 * 5
-    cfg = load_config(REPO / "config/default.yaml")
-    mv = settings(cfg, "mauve")
-    assert reference_count(cfg) == max(16, 32) and mv["subsets"] == 1
-    assert min(mv["human_samples"], settings(cfg, "samples")["n"]) < mv["min_samples"]  # MAUVE null: honest
+    ev = EvaluateSettings.of(load_config(REPO / "config/default.yaml"))
+    assert reference_count(load_config(REPO / "config/default.yaml")) == max(16, 32) and ev.mauve.subsets == 1
+    assert min(ev.mauve.human_samples, ev.samples.n) < ev.mauve.min_samples  # MAUVE null: honest
     assert reference_count({"evaluate": {"samples": {"n": 2000}}}) == 2000  # a length-matched reference per sample
+    assert reference_count({"evaluate": {"references": {"n": 7}}}) == 7
 
 
 # --- bootstrap CIs ------------------------------------------------------------------------------

@@ -178,22 +178,45 @@ def test_every_key_documented_with_default():
     walk(schema(), "")
 
 
-def test_schema_defaults_match_the_code_defaults():
-    """The evaluation and training code keep fallbacks of their own; they must agree."""
-    cfg = load_config({})
-    common = pytest.importorskip("harness.metrics.common")
-    for section, values in common.DEFAULTS.items():
-        for key, value in values.items():
-            assert cfg["evaluate"][section][key] == value, f"evaluate.{section}.{key}"
-        assert set(cfg["evaluate"][section]) == set(values), f"evaluate.{section}"
-    from harness.run.recipe import TrainSettings
+def test_every_typed_settings_class_is_its_schema_section():
+    """harness.core.settings: the fields and defaults of each class are its schema section's (the
+    one test that keeps the two in step), and a validated config reads back into it unchanged."""
+    from dataclasses import fields
 
-    code = TrainSettings()
-    for key, value in cfg["train"].items():
-        if hasattr(code, key):
-            expect = list(value) if isinstance(value, list) else value
-            got = list(getattr(code, key)) if isinstance(getattr(code, key), tuple) else getattr(code, key)
-            assert got == expect, f"train.{key}"
+    from harness.core.config import section_defaults
+    from harness.core.settings import SECTIONS, EvaluateSettings, TrainSettings
+
+    cfg = load_config(REPO / "config/shakespeare-long.yaml")
+    for path, cls in SECTIONS.items():
+        node = schema()
+        for key in path:
+            node = node["properties"][key]
+        names = [f.name for f in fields(cls)]
+        if cls is TrainSettings:   # a run's settings: the plan's step_multiplier is not one; `extra` is no key
+            assert names[-1] == "extra" and set(node["properties"]) - set(names) == {"step_multiplier"}
+            names = names[:-1]
+            got = {k: list(v) if isinstance(v, tuple) else v for k, v in cls().as_dict().items() if k != "extra"}
+            assert got == {k: v for k, v in section_defaults(*path).items() if k in names}, path
+        else:
+            assert names == list(node["properties"]), path                       # the same keys, in order
+            assert cls().as_dict() == section_defaults(*path), path               # the same defaults
+            section = cfg
+            for key in path:
+                section = section.get(key, {})
+            if section:
+                assert cls.of(cfg).as_dict() == section, path                     # a config reads back whole
+    assert [f.name for f in fields(EvaluateSettings)] == list(schema()["properties"]["evaluate"]["properties"])
+    assert EvaluateSettings.of(load_config({})) == EvaluateSettings()
+    # the data stage's own fallbacks (for a data section read without the schema, e.g. a manifest's)
+    from harness.data.settings import DATA_DEFAULTS
+    from harness.data.storage import SHARD_DEFAULTS
+
+    data = section_defaults("data")
+    assert list(DATA_DEFAULTS) == list(data)
+    assert {k: v for k, v in DATA_DEFAULTS.items() if k != "corpus"} == {k: v for k, v in data.items() if k != "corpus"}
+    assert DATA_DEFAULTS["corpus"] == {"name": data["corpus"]["name"]}   # its options: the corpus reader's defaults
+    shards = schema()["properties"]["data"]["properties"]["storage"]["anyOf"][1]["properties"]
+    assert SHARD_DEFAULTS == {k: v["default"] for k, v in shards.items() if k != "kind"}
 
 
 def test_schema_method_layouts_match_the_registry():

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import yaml
 from harness.data import zeroshot as zs
 from harness.core.config import config_hash, load_config, schema
 from harness.core.errors import UserError
+from harness.core.settings import ZeroshotSettings
 
 
 # --- detokenisers ---------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def test_offline_hub_set_is_one_line_in_missing(monkeypatch, toy_data):
     from harness.data.manifest import load_tokenizer
 
     lines = []
-    settings = {**zs.DEFAULTS, "datasets": ["wikitext103", "ptb"], "files": {"ptb": "/no/such/ptb.test.txt"}}
+    settings = ZeroshotSettings(datasets=["wikitext103", "ptb"], files={"ptb": "/no/such/ptb.test.txt"})
     out = zs.prepare_sets(settings, load_tokenizer(toy_data), 32, log=lines.append)
     assert out["datasets"] == {} and set(out["missing"]) == {"wikitext103", "ptb"}
     assert out["missing"]["wikitext103"].startswith("Salesforce/wikitext/wikitext-103-raw-v1:test is not available "
@@ -188,7 +190,7 @@ def test_offline_hub_set_is_one_line_in_missing(monkeypatch, toy_data):
     assert out["missing"]["ptb"] == "no such file or directory: /no/such/ptb.test.txt"
     assert len(lines) == 2 and all("\n" not in line and line.startswith("zeroshot: ") for line in lines)
     with pytest.raises(UserError, match=r"zero-shot set wikitext103 is required .* not available offline"):
-        zs.prepare_sets({**settings, "required": True}, load_tokenizer(toy_data), 32, log=lines.append)
+        zs.prepare_sets(replace(settings, required=True), load_tokenizer(toy_data), 32, log=lines.append)
 
 
 # --- chunking ----------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_chunking_is_the_study_fixed_layout(toy_data, tmp_path):
     assert rows[:, 1:].reshape(-1).tolist() == stream[: rows.shape[0] * 15]
     # a set too short for one row is missing, with the reason
     (tmp_path / "ptb.test.txt").write_text("a b\n")
-    out = zs.prepare_sets({**zs.DEFAULTS, "datasets": ["ptb"], "files": {"ptb": str(tmp_path / "ptb.test.txt")}},
+    out = zs.prepare_sets(ZeroshotSettings(datasets=["ptb"], files={"ptb": str(tmp_path / "ptb.test.txt")}),
                           tok, 512, log=lambda line: None)
     assert "too few for one row of seq_len=512" in out["missing"]["ptb"]
 
@@ -216,7 +218,7 @@ def test_chunking_is_the_study_fixed_layout(toy_data, tmp_path):
 def test_config_section_defaults_and_hash():
     cfg = load_config({})
     section = schema()["properties"]["evaluate"]["properties"]["zeroshot"]
-    assert cfg["evaluate"]["zeroshot"] == zs.DEFAULTS == zs.settings_of({})
+    assert cfg["evaluate"]["zeroshot"] == ZeroshotSettings().as_dict() == zs.settings_of({}).as_dict()
     assert section["properties"]["datasets"]["items"]["enum"] == list(zs.SETS)
     # at its defaults the section is out of the hash: every existing study keeps its hash
     without = json.loads(json.dumps(cfg))
@@ -249,7 +251,7 @@ def fixed_run(toy_config, toy_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("zs")
     cfg = json.loads(json.dumps(toy_config))
     cfg["train"].update(steps=1, valid_sequences=4, valid_mc=1)
-    cfg["evaluate"]["zeroshot"] = {**zs.DEFAULTS, "datasets": ["wikitext103", "ptb", "lambada"],
+    cfg["evaluate"]["zeroshot"] = {**ZeroshotSettings().as_dict(), "datasets": ["wikitext103", "ptb", "lambada"],
                                    "files": _write_sets(root), "mc": 2, "max_sequences": 3, "batch_size": 2}
     cfg_path = root / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

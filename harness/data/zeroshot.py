@@ -50,16 +50,13 @@ from pathlib import Path
 from typing import Callable
 
 from harness.core.atomic import atomic_write, atomic_write_text
-from harness.core.config import section_defaults
+from harness.core.settings import ZeroshotSettings
 from harness.core.errors import UserError
 from harness.data.corpora import read_utf8
 from harness.data.prepare import build_fixed
 
 #: the file written by `evaluate zeroshot-data`: the tokenised rows of every set
 SCHEMA = "didbench.zeroshot/1"
-#: defaults of evaluate.zeroshot (the schema's; tests check they agree)
-#: `evaluate.zeroshot`'s defaults, from the config schema (the one source)
-DEFAULTS = section_defaults("evaluate", "zeroshot")
 #: keys a hub source may set (evaluate.zeroshot.hub.<name> overrides the built-in one key by key)
 HUB_KEYS = ("dataset", "config", "split", "field", "revision", "data_files")
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -389,41 +386,37 @@ def chunk(documents: list[str], tokenizer, seq_len: int, detokenizer: str | None
     return build_fixed(encoded, tokenizer.vocab, int(seq_len)), sum(len(e) for e in encoded)
 
 
-def settings_of(config: dict) -> dict:
-    """evaluate.zeroshot over DEFAULTS (a loaded config has them filled already)."""
-    given = ((config or {}).get("evaluate") or {}).get("zeroshot") or {}
-    if not isinstance(given, dict):
-        raise UserError(f"evaluate.zeroshot must be a mapping, got {type(given).__name__}")
-    out = json.loads(json.dumps(DEFAULTS))
-    out.update(json.loads(json.dumps(given)))
-    for name in out["datasets"]:
+def settings_of(config: dict) -> ZeroshotSettings:
+    """The study's evaluate.zeroshot, each of its datasets a known set (else a UserError)."""
+    s = ZeroshotSettings.of(config)
+    for name in s.datasets:
         get_set(name)
-    return out
+    return s
 
 
-def prepare_sets(settings: dict, tokenizer, seq_len: int, log=print) -> dict:
+def prepare_sets(settings: ZeroshotSettings, tokenizer, seq_len: int, log=print) -> dict:
     """Every requested set loaded, detokenised, tokenised and chunked.
 
     Returns {"schema", "tokenizer", "vocab", "seq_len", "requested", "datasets": {name: {tokens
     (int32 [N, seq_len]), rows, documents, content_tokens, source, detokenizer}}, "missing":
     {name: reason}}. A set that cannot be loaded, or is too short for one row, is one line in
-    `log` and in `missing`; with settings["required"] it is a UserError instead.
+    `log` and in `missing`; with settings.required it is a UserError instead.
     """
     import torch
 
     out = {"schema": SCHEMA, "tokenizer": tokenizer.name, "vocab": tokenizer.vocab.to_dict(), "seq_len": int(seq_len),
-           "requested": list(settings["datasets"]), "datasets": {}, "missing": {}}
-    files = settings.get("files") or {}
-    for name in settings["datasets"]:
+           "requested": list(settings.datasets), "datasets": {}, "missing": {}}
+    files = settings.files or {}
+    for name in settings.datasets:
         spec = get_set(name)
         try:
-            docs, source = load_documents(name, files.get(name), (settings.get("hub") or {}).get(name))
+            docs, source = load_documents(name, files.get(name), (settings.hub or {}).get(name))
             rows, content = chunk(docs, tokenizer, seq_len, spec.detokenizer)
             if rows.shape[0] == 0:
                 raise UserError(f"{content + len(docs)} tokens from {source}, too few for one row of seq_len={seq_len}")
         except UserError as err:
             reason = str(err)
-            if settings.get("required"):
+            if settings.required:
                 raise UserError(f"zero-shot set {name} is required (evaluate.zeroshot.required) but missing: {reason}") from None
             out["missing"][name] = reason
             log(f"zeroshot: {name} missing: {reason}")

@@ -1,8 +1,8 @@
-"""Helpers every evaluation shares: settings with defaults, bootstrap intervals, step lists.
+"""Helpers every evaluation shares: a plugin metric's settings, bootstrap intervals, step lists.
 
-Settings live under `evaluate.<section>` in the study config. The defaults below apply when a
-key is absent, and the merged dict is what each result logs under "settings", so a result
-always names every setting that produced it.
+Settings live under `evaluate.<section>` in the study config; the shipped metrics read them
+typed (harness.core.settings), and each result logs the whole section under "settings"
+(`as_dict()`), so a result always names every setting that produced it.
 """
 from __future__ import annotations
 
@@ -10,50 +10,28 @@ import copy
 
 import numpy as np
 
-from harness.core.config import section_defaults
 from harness.core.errors import UserError
 from harness.core.metric_registry import metrics, plugin_settings
-
-
-#: the defaults of every `evaluate.<section>` a metric reads, taken from the config schema (each
-#: key is documented there), so the code's fallbacks and the schema are one source
-DEFAULTS: dict[str, dict] = {section: section_defaults("evaluate", section) for section in
-                             ("ppl", "samples", "references", "genppl", "mauve", "diversity", "lengths", "speed", "cost")}
+from harness.core.settings import GenpplSettings
 
 
 def settings(config: dict, section: str) -> dict:
-    """`config["evaluate"][section]` over the defaults (a plugin metric's: its settings dataclass).
-
-    Keys are checked by the config schema (workflow/schemas/config.schema.yaml); keys unknown
-    here are kept, so they still show up in the logged settings.
-    """
+    """A plugin metric's settings: `config["evaluate"][section]` over its settings dataclass's
+    defaults (harness.core.metric_registry). The shipped metrics read their typed section
+    instead (harness.core.settings, e.g. `PplSettings.of(config)`)."""
     given = ((config or {}).get("evaluate") or {}).get(section) or {}
     if not isinstance(given, dict):
         raise UserError(f"evaluate.{section} must be a mapping, got {type(given).__name__}")
-    if section not in DEFAULTS and section in metrics():   # a plugin metric: its settings dataclass
-        return plugin_settings(metrics()[section], copy.deepcopy(given))
-    base = copy.deepcopy(DEFAULTS[section])
-    base.update(copy.deepcopy(given))
-    return base
+    metric = metrics().get(section)
+    if metric is None or not metric.plugin:
+        raise UserError(f"evaluate.{section} is not a plugin metric's section (known: "
+                        f"{', '.join(m.name for m in metrics().values() if m.plugin) or 'none'})")
+    return plugin_settings(metric, copy.deepcopy(given))
 
 
-def reference_count(config: dict) -> int:
-    """How many held-out texts the reference set needs: max(samples.n, human_samples x subsets).
-
-    samples.n references let genppl give every sample of a steps setting its own length-matched
-    reference text; human_samples x subsets fill the disjoint MAUVE human subsets.
-    """
-    ref = settings(config, "references")
-    if ref["n"] is not None:
-        return int(ref["n"])
-    mv = settings(config, "mauve")
-    return max(int(settings(config, "samples")["n"]), int(mv["human_samples"]) * int(mv["subsets"]))
-
-
-def bootstrap_spec(config: dict) -> dict:
+def bootstrap_spec(genppl: GenpplSettings) -> dict:
     """Resamples and seed of every within-run bootstrap CI (`evaluate.genppl.bootstrap` / `seed`)."""
-    g = settings(config, "genppl")
-    return {"reps": int(g["bootstrap"]), "seed": int(g["seed"])}
+    return {"reps": int(genppl.bootstrap), "seed": int(genppl.seed)}
 
 
 def percentile_ci(values, level: float = 0.95) -> list[float] | None:

@@ -46,12 +46,13 @@ from harness.core.config import load_config, study_runs
 from harness.core.methods import UserError
 from harness.core.records import provenance, write_result
 from harness.core.runtime import pick_device
+from harness.core.settings import CostSettings, EvaluateSettings, SamplesSettings, TrainSettings
 from harness.data.batches import batch_indices
 from harness.data.manifest import load_manifest, load_tokenizer
 from harness.data.storage import load_split
 from harness.metrics import bench, timing
-from harness.metrics.common import settings, settings as eval_settings, steps_list
-from harness.run.recipe import TrainSettings, build_method, load_checkpoint, load_run
+from harness.metrics.common import steps_list
+from harness.run.recipe import build_method, load_checkpoint, load_run
 
 
 def chosen_runs(config: dict, study_dir: str, layout: str) -> tuple[list[dict], list[str]]:
@@ -92,22 +93,20 @@ def _train_models(chosen: list[dict], data_dir: str, device: torch.device, setti
     return models
 
 
-def measure_train(config: dict, chosen: list[dict], data_dir: str, layout: str, device: torch.device, s: dict,
-                  reference: str) -> dict:
-
-
-    ts = TrainSettings.from_config(config.get("train", {}))
+def measure_train(ts: TrainSettings, chosen: list[dict], data_dir: str, layout: str, device: torch.device,
+                  s: CostSettings, reference: str) -> dict:
+    """Every chosen run's training step timed interleaved on one batch, under the study's `train:`."""
     use_bf16 = ts.precision == "bf16" or (ts.precision == "auto" and device.type == "cuda")
     split = load_split(data_dir, "train", layout)
     if len(split) < ts.batch_size:
         raise UserError(f"the {layout} train split has {len(split)} sequences, fewer than train.batch_size={ts.batch_size}")
-    idx = batch_indices(len(split), ts.batch_size, int(s["seed"]), 0)
+    idx = batch_indices(len(split), ts.batch_size, s.seed, 0)
     accumulate = max(1, int(ts.accumulate))
     batch = split.batch(idx).to(device)
     micro = [split.batch(idx[i::accumulate]).to(device) for i in range(accumulate)] if accumulate > 1 else batch
     models = _train_models(chosen, data_dir, device, ts)
-    timings = timing.interleaved_train(models, micro, device=device, use_bf16=use_bf16, warmup=int(s["warmup"]),
-                                     repeats=int(s["train_repeats"]), seed=int(s["seed"]), grad_clip=ts.grad_clip)
+    timings = timing.interleaved_train(models, micro, device=device, use_bf16=use_bf16, warmup=s.warmup,
+                                     repeats=s.train_repeats, seed=s.seed, grad_clip=ts.grad_clip)
     ref_times = timings[reference]["times"] if reference in timings else None
     rows = []
     for r in chosen:
@@ -124,19 +123,18 @@ def measure_train(config: dict, chosen: list[dict], data_dir: str, layout: str, 
         torch.cuda.empty_cache()
     return {"batch_size": ts.batch_size, "accumulate": accumulate, "clean_tokens": batch.clean_tokens(),
             "max_len": int(batch.x0.shape[1]), "precision": "bf16" if use_bf16 else "float32",
-            "grad_clip": ts.grad_clip, "repeats": int(s["train_repeats"]), "warmup": int(s["warmup"]), "rows": rows}
+            "grad_clip": ts.grad_clip, "repeats": s.train_repeats, "warmup": s.warmup, "rows": rows}
 
 
-def measure_sample(config: dict, chosen: list[dict], data_dir: str, device: torch.device, s: dict,
-                   reference: str) -> dict:
-
-    samples = eval_settings(config, "samples")
-    steps = steps_list(samples["steps"])
-    top_p = float(samples["top_p"])
-    n = int(s["n"])
+def measure_sample(samples: SamplesSettings, chosen: list[dict], data_dir: str, device: torch.device,
+                   s: CostSettings, reference: str) -> dict:
+    """Every chosen run's sampler timed interleaved, at each of the study's sampling steps."""
+    steps = steps_list(samples.steps)
+    top_p = float(samples.top_p)
+    n = s.n
     loaded = {r["method"]: load_run(r["dir"], data_dir=data_dir, device=device, ema=True).method for r in chosen}
-    timings = timing.interleaved_sample(loaded, steps, n=n, warmup=int(s["warmup"]), repeats=int(s["repeats"]),
-                                      seed=int(s["seed"]), top_p=top_p)
+    timings = timing.interleaved_sample(loaded, steps, n=n, warmup=s.warmup, repeats=s.repeats, seed=s.seed,
+                                      top_p=top_p)
     rows = []
     for k in steps:
         ref = timings.get((reference, k))
@@ -152,8 +150,7 @@ def measure_sample(config: dict, chosen: list[dict], data_dir: str, device: torc
     del loaded
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"n": n, "steps": steps, "top_p": top_p, "repeats": int(s["repeats"]), "warmup": int(s["warmup"]),
-            "rows": rows}
+    return {"n": n, "steps": steps, "top_p": top_p, "repeats": s.repeats, "warmup": s.warmup, "rows": rows}
 
 
 def run(args) -> dict:
@@ -162,26 +159,27 @@ def run(args) -> dict:
     config = load_config(args.config)
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    s = settings(config, "cost")
-    if int(s["repeats"]) < 1 or int(s["train_repeats"]) < 1:
+    ev = EvaluateSettings.of(config)
+    s = ev.cost
+    if s.repeats < 1 or s.train_repeats < 1:
         raise UserError("evaluate.cost.repeats and train_repeats must be >= 1")
     layout = args.layout
     data_dir = args.data or os.path.join(args.study_dir, "data")
     if not os.path.exists(os.path.join(data_dir, "manifest.json")):
         raise UserError(f"no prepared data in {data_dir} (run `python -m harness prepare` first)")
     device = torch.device(pick_device(args.device))
-    reference = timing.reference_method(layout, config)
+    reference = timing.reference_method(layout)
     chosen, missing = chosen_runs(config, args.study_dir, layout)
     names = [r["method"] for r in chosen]
     print(f"cost {layout}: {', '.join(names)} on {bench.machine_description(device)}, {torch.get_num_threads()} threads"
           + (f"; no checkpoint for {', '.join(missing)}" if missing else ""), flush=True)
-    train = measure_train(config, chosen, data_dir, layout, device, s, reference)
-    sample = measure_sample(config, chosen, data_dir, device, s, reference)
+    train = measure_train(TrainSettings.of(config), chosen, data_dir, layout, device, s, reference)
+    sample = measure_sample(ev.samples, chosen, data_dir, device, s, reference)
     values = {"layout": layout, "size": config.get("size"), "reference": reference if reference in names else None,
               "methods": names, "missing": missing, "device": bench.machine_description(device),
               "threads": torch.get_num_threads(), "train": train, "sample": sample,
               "wall_seconds": round(time.perf_counter() - t_start, 3)}
-    settings_out = {**s, "device": str(device), "threads": torch.get_num_threads(),
+    settings_out = {**s.as_dict(), "device": str(device), "threads": torch.get_num_threads(),
                     "train_batch_size": train["batch_size"], "accumulate": train["accumulate"],
                     "precision": train["precision"], "grad_clip": train["grad_clip"],
                     "steps": sample["steps"], "top_p": sample["top_p"]}

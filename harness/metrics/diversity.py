@@ -27,7 +27,8 @@ import math
 import numpy as np
 from harness.core.records import header_of, read_jsonl, write_result
 from harness.core.runtime import progress
-from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci, bootstrap_spec, settings
+from harness.core.settings import EvaluateSettings
+from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci, bootstrap_spec
 from harness.metrics.samples import load_samples
 
 LN2 = math.log(2.0)
@@ -135,17 +136,17 @@ def _content_ids(rows, specials) -> list[dict]:
 def run(args, config: dict) -> dict:
     """`evaluate diversity --config C --samples samples.json --references references.jsonl --out diversity.json`."""
 
-    s = settings(config, "diversity")
-    boot = bootstrap_spec(config)
+    ev = EvaluateSettings.of(config)
+    s, boot = ev.diversity, bootstrap_spec(ev.genppl)
     summary, groups = load_samples(args.samples)
     refs = read_jsonl(args.references)
     specials = set(summary["settings"].get("specials") or [])
-    kw = dict(self_bleu_samples=int(s["self_bleu_samples"]), bleu_order=int(s["bleu_order"]),
+    kw = dict(self_bleu_samples=s.self_bleu_samples, bleu_order=s.bleu_order,
               bootstrap=boot["reps"], seed=boot["seed"])
     by_steps = [{"steps": k, **diversity_values(_content_ids(rows, specials), **kw)} for k, rows in groups.items()]
     n_match = max(len(rows) for rows in groups.values())
     data = diversity_values(_content_ids(refs[:n_match], specials), **kw)
-    settings_out = {**s, "entropy": "per-sample unigram entropy of model content ids, mean over non-empty samples; "
+    settings_out = {**s.as_dict(), "entropy": "per-sample unigram entropy of model content ids, mean over non-empty samples; "
                     "nats (bits = nats / ln 2)", "words": "nltk wordpunct_tokenize",
                     "distinct": "corpus-level distinct n-grams / n-grams on words",
                     "self_bleu": "nltk sentence_bleu vs all other samples, uniform weights, smoothing method1",

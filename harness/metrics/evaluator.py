@@ -33,7 +33,7 @@ from typing import Callable
 from harness.core.atomic import atomic_directory
 from harness.core.methods import UserError
 from harness.core.records import versions
-from harness.metrics.common import settings
+from harness.core.settings import GenpplSettings
 
 MARKER = "didbench_evaluator.json"
 
@@ -224,8 +224,7 @@ def run(args, config: dict) -> Path:
     """CLI: `evaluate evaluator --name smollm2 --out DIR` builds the offline cache once."""
     import time
 
-
-    name = args.name or (settings(config, "genppl")["evaluator"] if config else None)
+    name = args.name or (GenpplSettings.of(config).evaluator if config else None)
     if not name:
         raise UserError("evaluate evaluator needs --name (or a config with evaluate.genppl.evaluator)")
     # the one place a hub download may happen: building the cache, and only when asked for explicitly

@@ -34,7 +34,7 @@ from harness.core.records import header_of, read_jsonl, read_result, write_resul
 from harness.data.manifest import load_manifest, load_tokenizer
 from harness.data.storage import load_split
 from harness.data.synthetic import is_synthetic, source_from_spec
-from harness.metrics.common import settings
+from harness.core.settings import SamplesSettings
 from harness.metrics.samples import load_samples
 
 #: simulated null draws of the length distances
@@ -217,7 +217,7 @@ def run(args, config: dict) -> dict:
     layout = ppl.get("layout") or summary.get("layout")
     if layout not in ("fixed", "varlen"):
         raise UserError(f"{args.ppl}: no layout in its provenance")
-    seed = int(settings(config, "samples")["seed"])
+    seed = SamplesSettings.of(config).seed
 
     # bound gap on the rows of ppl.json, and the exact NLL of the training curves' rows
     pv = ppl["values"]

@@ -43,7 +43,8 @@ import torch
 from harness.core.methods import UserError
 from harness.core.records import atomic_write_bytes, header_of, read_jsonl, write_result
 from harness.core.runtime import pick_device, progress
-from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci, settings
+from harness.core.settings import EvaluateSettings
+from harness.metrics.common import bootstrap_mean_ci, bootstrap_ratio_ci
 from harness.metrics.diversity import LN2, unigram_entropy
 from harness.metrics.evaluator import load_evaluator
 from harness.metrics.samples import load_samples
@@ -271,17 +272,17 @@ def run(args, config: dict) -> dict:
     """`evaluate genppl --config C --evaluator-dir DIR --out EVAL/genppl.json [--samples EVAL/samples.json]
     [--references EVAL/references.jsonl] [--features EVAL/features.npz]` (defaults: next to --out)."""
 
-    s = settings(config, "genppl")
-    feature_tokens = int(settings(config, "mauve")["max_text_length"])
-    max_tokens = int(s["max_tokens"])
+    evaluate = EvaluateSettings.of(config)
+    s = evaluate.genppl
+    feature_tokens, max_tokens = evaluate.mauve.max_text_length, s.max_tokens
     device = pick_device(args.device)
     summary, groups = load_samples(args.samples)
     refs = read_jsonl(args.references)
     t0 = time.perf_counter()
-    ev = load_evaluator(s["evaluator"], args.evaluator_dir, device=device)
+    ev = load_evaluator(s.evaluator, args.evaluator_dir, device=device)
     t_load = time.perf_counter() - t0
-    common = dict(max_tokens=max_tokens, batch_size=int(s["batch_size"]), feature_tokens=feature_tokens)
-    agg = dict(bootstrap=int(s["bootstrap"]), seed=int(s["seed"]), prefix=int(s["entropy_prefix"]))
+    common = dict(max_tokens=max_tokens, batch_size=s.batch_size, feature_tokens=feature_tokens)
+    agg = dict(bootstrap=s.bootstrap, seed=s.seed, prefix=s.entropy_prefix)
     scored_ref = score(ev, texts_of(refs), desc="genppl data", **common)
     data = summarize(scored_ref, **agg)
     by_steps, q = [], {}
@@ -291,7 +292,7 @@ def run(args, config: dict) -> dict:
         by_steps.append({"steps": k, **summarize(scored, **agg), "length_matched_data": matched})
         q[k] = np.stack([x.feature for x in scored])
     save_features(features_path(args.out, args.features), np.stack([x.feature for x in scored_ref]), q)
-    settings_out = {**s, "evaluator": ev.describe(), "feature_tokens": min(feature_tokens, max_tokens - 1),
+    settings_out = {**s.as_dict(), "evaluator": ev.describe(), "feature_tokens": min(feature_tokens, max_tokens - 1),
                     "aggregation": "token-weighted exp(sum nll / sum targets); secondary mean of per-sample PPL",
                     "targets": "all retokenized tokens after the prepended BOS except evaluator EOS",
                     "entropy": "unigram entropy of scored evaluator ids per sample, mean over samples; nats (bits = /ln 2)",

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 from harness.core.records import header_of, read_jsonl, write_result
-from harness.metrics.common import bootstrap_mean_ci, bootstrap_spec, percentile_ci, settings
+from harness.core.settings import EvaluateSettings
+from harness.metrics.common import bootstrap_mean_ci, bootstrap_spec, percentile_ci
 from harness.metrics.samples import content_after_pad_summary, load_samples
 
 
@@ -98,19 +99,19 @@ def lengths_values(groups: dict[int, list[int]], ref: list[int], max_length: int
 def run(args, config: dict) -> dict:
     """`evaluate lengths --config C --samples samples.json --references references.jsonl --out lengths.json`."""
 
-    s = settings(config, "lengths")
-    boot = bootstrap_spec(config)
+    ev = EvaluateSettings.of(config)
+    s, boot = ev.lengths, bootstrap_spec(ev.genppl)
     summary, groups = load_samples(args.samples)
     refs = read_jsonl(args.references)
     max_length = summary["settings"].get("max_length")
     if max_length is None:
         max_length = max([r["length"] for r in refs] + [r["length"] for g in groups.values() for r in g])
     values = lengths_values({k: [r["length"] for r in g] for k, g in groups.items()},
-                            [r["length"] for r in refs], int(max_length), int(s["bins"]),
+                            [r["length"] for r in refs], int(max_length), s.bins,
                             bootstrap=boot["reps"], seed=boot["seed"])
     for e in values["by_steps"]:
         e.update(content_after_pad_summary([r.get("content_after_pad") for r in groups[e["steps"]]]))
-    settings_out = {**s, "length": "model-tokenizer content tokens after the method's end cut", "max_length": max_length,
+    settings_out = {**s.as_dict(), "length": "model-tokenizer content tokens after the method's end cut", "max_length": max_length,
                     "sd": "ddof=1", "quantiles": "numpy linear", "w1": "scipy.stats.wasserstein_distance (tokens)",
                     "ks": "scipy.stats.ks_2samp statistic", "bootstrap": boot["reps"], "bootstrap_seed": boot["seed"],
                     "ci": "95% percentile bootstrap (evaluate.genppl.bootstrap / seed); w1/ks: generated and "

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from harness.core.records import header_of, read_result, write_result
 from harness.core.runtime import progress
-from harness.metrics.common import settings
+from harness.core.settings import MauveSettings
 from harness.metrics.genppl import load_features
 
 MAUVE_KEYS = ("num_buckets", "pca_max_data", "kmeans_explained_var", "kmeans_num_redo", "kmeans_max_iter",
@@ -55,8 +55,8 @@ def too_small(n_p: int, n_q: int, need: int) -> str | None:
     return f"n too small (n_p={n_p}, n_q={n_q}, need >= {need} each)"
 
 
-def evaluate_mauve(p: np.ndarray, q_by_steps: dict[int, np.ndarray], s: dict) -> list[dict]:
-    """MAUVE per steps; `s` is the merged `evaluate.mauve` settings.
+def evaluate_mauve(p: np.ndarray, q_by_steps: dict[int, np.ndarray], s: MauveSettings) -> list[dict]:
+    """MAUVE per steps; `s` is the study's `evaluate.mauve`.
 
     Entry: steps, mauve (mean over human subsets, or null), mauve_sd (ddof=1; null with one
     subset or no value), mauve_subsets (one score per subset; [] when not computed), n_p (texts
@@ -64,16 +64,16 @@ def evaluate_mauve(p: np.ndarray, q_by_steps: dict[int, np.ndarray], s: dict) ->
     references run out), reason (null, or why there is no value) and uncertainty (what mauve_sd
     measures; null when there is no value).
     """
-    subsets = human_subsets(len(p), int(s["human_samples"]), int(s["subsets"]), int(s["seed"]))
-    params = {k: s[k] for k in MAUVE_KEYS}
-    need = int(s.get("min_samples", 256))
+    subsets = human_subsets(len(p), s.human_samples, s.subsets, s.seed)
+    params = {k: getattr(s, k) for k in MAUVE_KEYS}
+    need = s.min_samples
     out = []
     for k in progress(sorted(q_by_steps), desc="mauve", unit="steps"):
         n_p, n_q = int(len(subsets[0])), int(len(q_by_steps[k]))
         entry = {"steps": k, "mauve": None, "mauve_sd": None, "mauve_subsets": [], "n_p": n_p, "n_q": n_q,
                  "n_subsets": len(subsets), "reason": too_small(n_p, n_q, need), "uncertainty": None}
         if entry["reason"] is None:
-            scores = [mauve_score(p[idx], q_by_steps[k], seed=int(s["seed"]), **params) for idx in subsets]
+            scores = [mauve_score(p[idx], q_by_steps[k], seed=s.seed, **params) for idx in subsets]
             entry.update(mauve=float(np.mean(scores)), mauve_subsets=scores)
             if len(scores) > 1:
                 entry.update(mauve_sd=float(np.std(scores, ddof=1)),
@@ -88,13 +88,12 @@ def run(args, config: dict) -> dict:
     """`evaluate mauve --config C --samples samples.json --features genppl_features.npz --out mauve.json`."""
     import time
 
-
-    s = settings(config, "mauve")
+    s = MauveSettings.of(config)
     header = header_of(read_result(args.samples, kind="samples"))
     p, q = load_features(args.features)
     t0 = time.perf_counter()
     by_steps = evaluate_mauve(p, q, s)
-    settings_out = {**s, "features": str(args.features), "featurizer": "evaluator final hidden state (genppl pass)",
+    settings_out = {**s.as_dict(), "features": str(args.features), "featurizer": "evaluator final hidden state (genppl pass)",
                     "p": "references (human)", "q": "samples", "seconds": time.perf_counter() - t0,
                     "n_references": int(len(p))}
     write_result(args.out, "mauve", header, settings_out, {"by_steps": by_steps})

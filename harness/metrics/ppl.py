@@ -20,26 +20,26 @@ import math
 from harness.core.bounds import evaluate_ppl
 from harness.core.records import provenance, write_result
 from harness.core.runtime import pick_device
+from harness.core.settings import PplSettings
 from harness.data.batches import eval_batches
 from harness.data.storage import load_split
-from harness.metrics.common import settings
 from harness.run.recipe import load_run
 
 
 def run(args, config: dict) -> dict:
     """CLI: `evaluate ppl --config C --run RUN --data DATA --out ppl.json`."""
 
-    s = settings(config, "ppl")
+    s = PplSettings.of(config)
     device = pick_device(args.device)
     loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema, study_config=config)
-    data = load_split(args.data, s["split"], loaded.info["layout"])
-    n_seq = min(len(data), int(s["max_sequences"]))
-    batches = eval_batches(data, int(s["batch_size"]), n_seq)
-    values = evaluate_ppl(loaded.method, batches, mc=int(s["mc"]), seed=int(s["seed"]),
-                          total=math.ceil(n_seq / int(s["batch_size"])))
-    settings_out = {**s, "ema": not args.no_ema, "denominator": "predicted_tokens (fixed: L-1; varlen: content+1)",
+    data = load_split(args.data, s.split, loaded.info["layout"])
+    n_seq = len(data) if s.max_sequences is None else min(len(data), s.max_sequences)   # null: every sequence
+    batches = eval_batches(data, s.batch_size, n_seq)
+    values = evaluate_ppl(loaded.method, batches, mc=s.mc, seed=s.seed, total=math.ceil(n_seq / s.batch_size))
+    settings_out = {**s.as_dict(), "ema": not args.no_ema,
+                    "denominator": "predicted_tokens (fixed: L-1; varlen: content+1)",
                     "aggregation": "token-weighted sum B / sum N", "stderr": "ratio estimator across sequences",
-                    "sequences": f"the first {n_seq} of the {s['split']} split, in order (the same for every method)"}
+                    "sequences": f"the first {n_seq} of the {s.split} split, in order (the same for every method)"}
     write_result(args.out, "ppl", provenance(config, loaded.info, device), settings_out, values)
     pc = values["paper_convention"]
     print(f"ppl {loaded.info.get('run')}: strict {values['nats_per_token']:.4f} nats/token, PPL {values['ppl']:.2f} "

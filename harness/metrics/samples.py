@@ -26,10 +26,11 @@ import torch
 from harness.core.methods import UserError
 from harness.core.records import atomic_write_jsonl, provenance, read_jsonl, read_result, write_result
 from harness.core.runtime import pick_device, progress, synchronize
+from harness.core.settings import EvaluateSettings
 from harness.data.manifest import load_tokenizer
 from harness.data.storage import load_split
 from harness.data.tokenizer import render
-from harness.metrics.common import reference_count, settings, steps_list
+from harness.metrics.common import steps_list
 from harness.run.recipe import load_run
 
 
@@ -181,15 +182,13 @@ def load_samples(summary_path) -> tuple[dict, dict[int, list[dict]]]:
 
 
 # --- CLI --------------------------------------------------------------------------------------
-def _write_references(config: dict, data_dir, layout: str, tokenizer, out) -> list[dict]:
-
-    s = settings(config, "references")
-    n = reference_count(config)
-    rows = reference_rows(load_split(data_dir, s["split"], layout), tokenizer, n, int(s["seed"]))
+def _write_references(ev: EvaluateSettings, data_dir, layout: str, tokenizer, out) -> list[dict]:
+    s, n = ev.references, ev.reference_count()
+    rows = reference_rows(load_split(data_dir, s.split, layout), tokenizer, n, s.seed)
     if len(rows) < n:
-        print(f"warning: the {s['split']} split has only {len(rows)} sequences; {n} references were asked for")
+        print(f"warning: the {s.split} split has only {len(rows)} sequences; {n} references were asked for")
     for r in rows:
-        r.update(split=s["split"], layout=layout)
+        r.update(split=s.split, layout=layout)
     atomic_write_jsonl(out, rows)
     return rows
 
@@ -198,19 +197,19 @@ def run(args, config: dict) -> dict:
     """`evaluate samples --config C --run RUN --data DATA --out EVAL/samples.json`
     [--jsonl EVAL/samples.jsonl] [--references EVAL/references.jsonl]."""
 
-    s = settings(config, "samples")
+    ev = EvaluateSettings.of(config)
+    s = ev.samples
     out = Path(args.out)
     jsonl = Path(args.jsonl) if args.jsonl else out.with_suffix(".jsonl")
     if jsonl.resolve().parent != out.resolve().parent:
         raise UserError(f"--jsonl must be in the same folder as --out ({out.parent}), got {jsonl}")
     device = pick_device(args.device)
     loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema, study_config=config)
-    refs = _write_references(config, args.data, loaded.info["layout"], loaded.tokenizer, args.references)
-    rows, by_steps = generate(loaded.method, loaded.tokenizer, steps=steps_list(s["steps"]), n=int(s["n"]),
-                              batch_size=int(s["batch_size"]), seed=int(s["seed"]), top_p=float(s["top_p"]),
-                              trajectory=bool(s["trajectory"]))
+    refs = _write_references(ev, args.data, loaded.info["layout"], loaded.tokenizer, args.references)
+    rows, by_steps = generate(loaded.method, loaded.tokenizer, steps=steps_list(s.steps), n=s.n,
+                              batch_size=s.batch_size, seed=s.seed, top_p=float(s.top_p), trajectory=s.trajectory)
     atomic_write_jsonl(jsonl, rows)
-    settings_out = {**s, "steps": steps_list(s["steps"]), "jsonl": jsonl.name, "ema": not args.no_ema,
+    settings_out = {**s.as_dict(), "steps": steps_list(s.steps), "jsonl": jsonl.name, "ema": not args.no_ema,
                     "float64_sampling": True, "seeding": "SeedSequence([seed, steps, batch])",
                     "max_length": int(loaded.method.max_len) - 1, "tokenizer": getattr(loaded.tokenizer, "name", None),
                     "specials": list(loaded.tokenizer.vocab.specials), "references": str(args.references),
@@ -230,7 +229,7 @@ def run_references(args, config: dict) -> list[dict]:
 
     if not args.layout:
         raise UserError("evaluate references needs --layout fixed|varlen")
-    rows = _write_references(config, args.data, args.layout, load_tokenizer(args.data), args.out)
+    rows = _write_references(EvaluateSettings.of(config), args.data, args.layout, load_tokenizer(args.data), args.out)
     print(f"references: {len(rows)} {args.layout} texts, mean length "
           f"{np.mean([r['length'] for r in rows]) if rows else 0:.1f} -> {args.out}")
     return rows

@@ -22,8 +22,9 @@ import torch
 from harness.core.methods import UserError
 from harness.core.records import provenance, write_result
 from harness.core.runtime import pick_device, progress, synchronize
+from harness.core.settings import EvaluateSettings
 from harness.data.storage import load_split
-from harness.metrics.common import settings, steps_list
+from harness.metrics.common import steps_list
 from harness.run.recipe import load_run
 
 
@@ -92,17 +93,17 @@ def sample_cost(method, steps: list[int], *, n: int, warmup: int, repeats: int, 
 def run(args, config: dict) -> dict:
     """`evaluate speed --config C --run RUN --data DATA --out speed.json`."""
 
-    s = settings(config, "speed")
-    steps = steps_list(settings(config, "samples")["steps"])
+    ev = EvaluateSettings.of(config)
+    s, steps = ev.speed, steps_list(ev.samples.steps)
     device = pick_device(args.device)
     loaded = load_run(args.run, data_dir=args.data, device=device, ema=not args.no_ema, study_config=config)
-    train = train_throughput(Path(args.run) / "history.csv", int(s["skip_rows"]))
-    sample = sample_cost(loaded.method, steps, n=int(s["n"]), warmup=int(s["warmup"]), repeats=int(s["repeats"]))
+    train = train_throughput(Path(args.run) / "history.csv", s.skip_rows)
+    sample = sample_cost(loaded.method, steps, n=s.n, warmup=s.warmup, repeats=s.repeats)
     data = load_split(args.data, "test", loaded.info["layout"])
-    batch = data.batch(list(range(min(len(data), int(s["n"]))))).to(device)
+    batch = data.batch(list(range(min(len(data), s.n)))).to(device)
     flops = float(loaded.method.flops_per_token(batch))
     values = {"train": train, "sample": sample, "flops_per_token": flops}
-    settings_out = {**s, "steps": steps, "device": str(device), "threads": torch.get_num_threads(),
+    settings_out = {**s.as_dict(), "steps": steps, "device": str(device), "threads": torch.get_num_threads(),
                     "flops_batch": int(batch.size), "history": str(Path(args.run) / "history.csv")}
     write_result(args.out, "speed", provenance(config, loaded.info, device), settings_out, values)
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

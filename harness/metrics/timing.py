@@ -75,11 +75,9 @@ def ratio_summary(values, reference) -> dict | None:
     return summary([a / b for a, b in pairs]) if pairs and len(pairs) == len(values) else None
 
 
-def reference_method(layout: str, config: dict | None = None) -> str:
-    """The ratio denominator of a layout: the registry's reference (`Method.reference_in`: DID), or
-    `report.reference` of the config (the same override as analysis.frames.reference_methods)."""
-    override = ((config or {}).get("report") or {}).get("reference") or {}
-    return override.get(layout, methods.reference_methods().get(layout, ""))
+def reference_method(layout: str) -> str:
+    """The ratio denominator of a layout: the registry's reference (`Method.reference_in`: DID)."""
+    return methods.reference_methods().get(layout, "")
 
 
 def train_step(model, optimizer, batch, device: torch.device, use_bf16: bool, grad_clip: float = 0.0) -> dict:

@@ -32,6 +32,7 @@ from harness.core.runtime import pick_device
 from harness.data.batches import eval_batches
 from harness.data.manifest import load_manifest, load_tokenizer
 from harness.data.storage import TokenData
+from harness.core.settings import ZeroshotSettings
 from harness.data.zeroshot import load_prepared, prepare_sets, save_prepared, settings_of
 from harness.run.recipe import load_run
 
@@ -44,19 +45,19 @@ def run_data(args, config: dict) -> dict:
     seq_len = int(load_manifest(args.data)["seq_len"])
     prepared = prepare_sets(s, tokenizer, seq_len)
     save_prepared(args.out, prepared)
-    print(f"zeroshot-data: {len(prepared['datasets'])} of {len(s['datasets'])} sets prepared"
+    print(f"zeroshot-data: {len(prepared['datasets'])} of {len(s.datasets)} sets prepared"
           + (f", missing: {', '.join(prepared['missing'])}" if prepared["missing"] else "") + f" -> {args.out}")
     return prepared
 
 
-def _per_set_values(method, rows, s: dict, seq_len: int) -> dict:
+def _per_set_values(method, rows, s: ZeroshotSettings, seq_len: int) -> dict:
     """ppl.json's values (harness.core.bounds.evaluate_ppl) of the first max_sequences rows."""
 
     data = TokenData({"layout": "fixed", "vocab": method.vocab.to_dict(), "tokens": rows.long(), "seq_len": seq_len},
                      "zero-shot rows")
-    n_seq = len(data) if s["max_sequences"] is None else min(len(data), int(s["max_sequences"]))
-    bs = int(s["batch_size"])
-    values = evaluate_ppl(method, list(eval_batches(data, bs, n_seq)), mc=int(s["mc"]), seed=int(s["seed"]),
+    n_seq = len(data) if s.max_sequences is None else min(len(data), s.max_sequences)
+    bs = s.batch_size
+    values = evaluate_ppl(method, list(eval_batches(data, bs, n_seq)), mc=s.mc, seed=s.seed,
                           total=math.ceil(n_seq / bs))
     values.pop("per_sequence", None)
     pc = values["paper_convention"]
@@ -81,11 +82,11 @@ def run(args, config: dict) -> dict:
         prepared = load_prepared(sets_path, loaded.method.vocab, seq_len)
     else:
         prepared = prepare_sets(s, load_tokenizer(args.data), seq_len)
-    lacking = [n for n in s["datasets"] if n not in prepared["datasets"] and n not in prepared["missing"]]
+    lacking = [n for n in s.datasets if n not in prepared["datasets"] and n not in prepared["missing"]]
     if lacking:
         raise UserError(f"{sets_path} holds no entry for {', '.join(lacking)}: run `evaluate zeroshot-data` again")
     datasets, missing = {}, {}
-    for name in s["datasets"]:
+    for name in s.datasets:
         if name in prepared["missing"]:
             missing[name] = prepared["missing"][name]
             continue
@@ -98,12 +99,12 @@ def run(args, config: dict) -> dict:
         print(f"zeroshot {loaded.info.get('run')} {name}: strict {values['nats_per_token']:.4f} nats/token, "
               f"PPL {values['ppl']:.2f} (± {values['stderr'] or float('nan'):.4f}); paper convention PPL "
               f"{pc['ppl']:.2f} (/seq_len: {pc['divided_by_seq_len']['ppl']:.2f}); {values['n_sequences']} rows")
-    if s.get("required") and missing:
+    if s.required and missing:
         raise UserError(f"zero-shot set(s) {', '.join(missing)} required (evaluate.zeroshot.required) but missing: "
                         + "; ".join(f"{k}: {v}" for k, v in missing.items()))
     for name, reason in missing.items():
         print(f"zeroshot {loaded.info.get('run')} {name}: missing ({reason})")
-    settings_out = {**s, "ema": not args.no_ema, "seq_len": seq_len,
+    settings_out = {**s.as_dict(), "ema": not args.no_ema, "seq_len": seq_len,
                     "sets": str(Path(sets_path)) if sets_path else "prepared in this process",
                     "denominator": "predicted_tokens (seq_len - 1 per row); paper_convention.divided_by_seq_len: "
                                    "seq_len per row (the paper's exp(loss / 1024))",
@@ -111,7 +112,7 @@ def run(args, config: dict) -> dict:
                     "chunking": "documents detokenised, tokenised with the study's tokenizer, each followed by EOS, "
                                 "joined, cut into rows [BOS] + (seq_len - 1) tokens (harness.data.prepare.build_fixed)",
                     "sequences": "the first max_sequences rows of each set, in order (all if null)"}
-    values = {"datasets": datasets, "missing": missing, "datasets_requested": list(s["datasets"])}
+    values = {"datasets": datasets, "missing": missing, "datasets_requested": list(s.datasets)}
     write_result(args.out, "zeroshot", provenance(config, loaded.info, device), settings_out, values)
     print(f"zeroshot {loaded.info.get('run')}: {len(datasets)} sets scored, {len(missing)} missing -> {args.out}")
     return values

@@ -12,7 +12,8 @@ import torch
 from harness.core.config import match_targets
 from harness.core.errors import UserError
 from harness.data.batches import batch_indices
-from harness.run.recipe import TrainSettings, build_method
+from harness.core.settings import TrainSettings
+from harness.run.recipe import build_method
 
 
 def matched_steps(config: dict, entry: dict, model, train_data, settings: TrainSettings, seed: int, world: int,

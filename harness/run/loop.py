@@ -252,7 +252,7 @@ class Training:
     def _load_data(self) -> None:
         s, layout, data_dir = self.settings, self.layout, self.data_dir
         self.manifest = load_manifest(data_dir)
-        check_data_fits(self.config, layout, self.manifest, data_dir)
+        check_data_fits(self.config["data"], layout, self.manifest, data_dir)
         self.tokenizer = load_tokenizer(data_dir)
         self.train_data = load_split(data_dir, "train", layout)
         if len(self.train_data) < s.batch_size:

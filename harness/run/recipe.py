@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from harness.core.atomic import atomic_write
@@ -19,44 +19,12 @@ from harness.core.config import config_hash, match_targets, parse_run_name, run_
 from harness.core.errors import UserError
 from harness.core.methods import Method, build
 from harness.core.records import read_json_object
+from harness.core.settings import TrainSettings
 from harness.data.manifest import load_manifest, load_tokenizer
 from harness.data.settings import config_hash as data_config_hash, hashed_config
 
 
 MAX_STEPS = 10**9  # the most optimizer steps a run may ask for (the schema's train.steps maximum)
-
-
-@dataclass
-class TrainSettings:
-    """The `train:` section of a study config (defaults live in the config schema)."""
-
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup: int = 20
-    cosine: bool = True
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
-    ema: float = 0.99
-    dropout: float = 0.0
-    accumulate: int = 1
-    checkpoint_every: int = 100
-    log_every: int = 10
-    precision: str = "auto"
-    valid_mc: int = 4
-    valid_sequences: int = 64
-    valid_every: int = 50
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, section: dict) -> "TrainSettings":
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in section.items() if k in known}
-        if "betas" in kwargs:
-            kwargs["betas"] = tuple(kwargs["betas"])
-        return cls(**kwargs)
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
@@ -115,8 +83,9 @@ def method_options(config: dict, method: str, dropout: float | None, run_options
     return options
 
 
-def max_len_of(config: dict, layout: str) -> int:
-    return int(config["data"]["seq_len"] if layout == "fixed" else config["data"]["max_len"])
+def max_len_of(data: dict, layout: str) -> int:
+    """A layout's sequence length from the study's `data:` section (seq_len fixed, max_len varlen)."""
+    return int(data["seq_len"] if layout == "fixed" else data["max_len"])
 
 
 def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, dropout: float | None = None,
@@ -124,7 +93,7 @@ def build_method(config: dict, method: str, layout: str, manifest: dict, vocab, 
     """Instantiate the registered method for this run from the study config. `options`: the
     constructor options a checkpoint recorded, or a run's own (over `methods.<method>`)."""
     options = method_options(config, method, dropout, options)
-    return build(method, vocab, config.get("size", "tiny"), layout, max_len_of(config, layout), **options)
+    return build(method, vocab, config.get("size", "tiny"), layout, max_len_of(config["data"], layout), **options)
 
 
 def resolve_run(config: dict, label: str, layout: str) -> dict:
@@ -151,7 +120,7 @@ def settings_for(config: dict, entry: dict, steps: int | None) -> TrainSettings:
 def recipe_extra(config: dict, entry: dict, manifest: dict, vocab, settings: TrainSettings, layout: str) -> dict:
     """What besides the settings and the seed the weights depend on (see recipe_hash)."""
     extra = {"options": method_options(config, entry["method"], settings.dropout, entry["options"]),
-             "data_hash": manifest.get("config_hash"), "vocab": vocab.to_dict(), "max_len": max_len_of(config, layout),
+             "data_hash": manifest.get("config_hash"), "vocab": vocab.to_dict(), "max_len": max_len_of(config["data"], layout),
              "method": entry["method"], "layout": layout}
     if entry["match"] == "flops":   # the matched steps follow from the runs it is matched to
         extra["match"] = {"flops": match_targets(config, entry)}
@@ -167,19 +136,19 @@ def expected_recipe(config: dict, label: str, layout: str, seed: int, manifest: 
     return recipe_hash(settings, seed, recipe_extra(config, entry, manifest, vocab, settings, layout))
 
 
-def check_data_fits(config: dict, layout: str, manifest: dict, data_dir) -> None:
-    """One-line UserError when the prepared data is not the data the config's `data` section names:
+def check_data_fits(data: dict, layout: str, manifest: dict, data_dir) -> None:
+    """One-line UserError when the prepared data is not the data the study's `data:` section names:
     cut at another length, or prepared from another corpus, split or tokenizer (the manifest's
     config_hash), so a run is never trained or scored on data its config does not describe."""
     key = "seq_len" if layout == "fixed" else "max_len"
-    want, have = config["data"].get(key), manifest.get(key)
+    want, have = data.get(key), manifest.get(key)
     if have is not None and want is not None and int(have) != int(want):
         raise UserError(f"data.{key} is {want} in the config but the data in {data_dir} was prepared with "
                         f"{key}={have}: prepare it again (or fix the config)")
-    prepared, wanted = manifest.get("config_hash"), data_config_hash(config["data"])
+    prepared, wanted = manifest.get("config_hash"), data_config_hash(data)
     if prepared is not None and prepared != wanted:
-        differ = sorted(k for k in set(manifest.get("config") or {}) | set(hashed_config(config["data"]))
-                        if (manifest.get("config") or {}).get(k) != hashed_config(config["data"]).get(k))
+        differ = sorted(k for k in set(manifest.get("config") or {}) | set(hashed_config(data))
+                        if (manifest.get("config") or {}).get(k) != hashed_config(data).get(k))
         raise UserError(f"the data in {data_dir} was prepared from another data config than this study's "
                         f"(differs in data.{', data.'.join(differ) or '?'}): prepare it again from this config, "
                         "or point at the study's own data")
@@ -289,7 +258,7 @@ def load_run(run_dir: str, data_dir: str | None = None, device: str | torch.devi
         raise UserError(f"checkpoint {path} was trained on other data than {data_dir} (another data config): "
                         "evaluate it on its own data, or retrain")
     if study_config is not None:
-        check_data_fits(study_config, info["layout"], manifest, data_dir)
+        check_data_fits(study_config["data"], info["layout"], manifest, data_dir)
         check_recipe(path, info, study_config, manifest, tokenizer.vocab)
     method = build_method(config, info["method"], info["layout"], manifest, tokenizer.vocab,
                           options=info.get("options"))   # the options it was trained with (a run may have its own)

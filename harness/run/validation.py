@@ -12,7 +12,8 @@ from harness.core.batch import predicted_tokens
 from harness.core.bounds import nll_statistics
 from harness.data.batches import eval_batches
 from harness.data.storage import load_split
-from harness.run.recipe import EMA, TrainSettings
+from harness.core.settings import TrainSettings
+from harness.run.recipe import EMA
 
 
 VALID_SEED_OFFSET = 17  # the validation generator's seed is seed + 17, at every evaluation
