@@ -67,6 +67,10 @@ bench: $(STAMP)
 		--out results/default/bench/train-small-cpu.json | tee results/default/bench/train-small-cpu.log
 	$(PY) -m harness bench sample --study-dir results/default --steps 16 64 --n 8 --repeats 5 \
 		--out results/default/bench/sample-cpu.json | tee results/default/bench/sample-cpu.log
+	$(PY) -m did.bench_dp --repeats 5 --out results/default/bench/dp-cpu.json | tee results/default/bench/dp-cpu.log
+	DIDBENCH_DP=numba $(PY) -m harness bench train --data results/default/data --sizes tiny --fixed-lengths 1024 \
+		--no-varlen --methods did-fixed radd --repeats 5 --balanced-seed \
+		--out results/default/bench/train-dp-numba-cpu.json | tee results/default/bench/train-dp-numba-cpu.log
 	$(PY) -m analysis results/default
 
 clean-study:

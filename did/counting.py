@@ -15,7 +15,9 @@ get no target.
 Counts reach C(1023, 511) ~ 1e306, so the tables hold log-counts and the recurrence is a
 logaddexp. One recurrence serves the whole batch: we loop only over the x0 index p, with the
 prefix DP and the suffix DP (run backwards in p, with its q axis reversed so that both read
-their left neighbour) stacked on one axis. Cost O(B * m * n) with n = the longest x_t.
+their left neighbour) stacked on one axis. Cost O(B * m * n) with n = the longest x_t. The
+recurrence itself runs in did.dp_kernels (PyTorch, or one fused kernel: numba on a CPU,
+Triton on CUDA).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from did import dp_kernels
 
 _PAD_A = -1  # filler in x0[1:] beyond a row's length: never equals a token
 _PAD_B = -2  # filler in x_t[1:]: never equals a token, nor _PAD_A
@@ -40,6 +44,7 @@ class SparseTargets:
     tokens: torch.LongTensor  # [K]
     values: torch.Tensor  # [K]
     n_rows: int
+    backend: str = "torch"  # the did.dp_kernels backend that ran the recurrence
 
     def to_dense(self, vocab_size: int, dtype=torch.float64) -> torch.Tensor:
         out = torch.zeros(self.n_rows, vocab_size, dtype=dtype, device=self.values.device)
@@ -55,6 +60,7 @@ class _Tables:
     m: torch.LongTensor  # [B] |x0| - anchor
     n: torch.LongTensor  # [B] |x_t| - anchor
     anchor: torch.LongTensor  # [B] anchored prefix length; table column q is slot anchor - 1 + q
+    backend: str = "torch"  # which did.dp_kernels backend ran the recurrence
 
     def entries(self, log_floor: float = float("-inf")):
         """(p, b, q, C) for every term C = P[p][q] S[p+1][q] / N with log C >= log_floor (and > -inf)."""
@@ -99,7 +105,7 @@ def _dp_inputs(x0: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, anch
 
 
 @torch.no_grad()
-def _tables(x0, keep, lengths, dtype, protect=None) -> _Tables:
+def _tables(x0, keep, lengths, dtype, protect=None, backend: str | None = None) -> _Tables:
     lengths = lengths.to(x0.device)
     anchor = _anchor(protect, lengths)
     a, b, m, n = _dp_inputs(x0, keep, lengths, anchor)
@@ -117,29 +123,20 @@ def _tables(x0, keep, lengths, dtype, protect=None) -> _Tables:
     b_suffix = torch.cat([b, fill], 1).flip(1)  # [B, Q+1], entry c-1 is b[Q-(c-1)]
     b_cols = torch.stack([b_prefix, b_suffix])  # [2, B, Q+1]
     a_steps = torch.stack([a, a.flip(1)]).permute(2, 0, 1)  # [M, 2, B]
-    # 0 where the x0 token matches, -inf elsewhere: X[c] <- logaddexp(X[c], X[c-1] + gate) is the
-    # recurrence (logaddexp(x, -inf) = x exactly), two kernels per step and no Python slicing
-    gate = torch.zeros((M, 2, B, Q + 1), dtype=dtype, device=device)
-    gate.masked_fill_(a_steps[..., None] != b_cols[None], ninf)  # [M, 2, B, Q+1]
-
     hist = torch.empty((M + 1, 2, B, Q + 2), dtype=dtype, device=device)
     hist[:, :, :, 0].fill_(ninf)  # (fill_, not `= ninf`: a strided copy_ is ~50x slower on CPU)
     hist[0, :, :, 1:].fill_(ninf)
     hist[0, 0, :, 1] = 0.0  # P[0][0] = 1 (the empty prefix embeds once)
     hist[0, 1, torch.arange(B, device=device), 1 + Q - n] = 0.0  # S[M][n] = 1
-    lefts, rights, gates = hist[..., :-1].unbind(0), hist[..., 1:].unbind(0), gate.unbind(0)
-    shifted = torch.empty((2, B, Q + 1), dtype=dtype, device=device)
-    for k in range(M):
-        torch.add(lefts[k], gates[k], out=shifted)
-        torch.logaddexp(rights[k], shifted, out=rights[k + 1])
-    del gate
+    # X[c] <- logaddexp(X[c], X[c-1]) where the x0 token matches column c's x_t token (did.dp_kernels)
+    used = dp_kernels.recurrence(a_steps, b_cols, hist, backend)
 
     log_n = hist[M, 0, torch.arange(B, device=device), 1 + n]  # N(x_t, x0) after the anchor
     if not bool(torch.isfinite(log_n).all()):
         raise ValueError("x_t is not a subsequence of x0 (keep mask inconsistent with x0)")
     # P[p][q] + S[p+1][q] for p = 0..M-1: the suffix half is stored reversed in p and in q
     log_pair = hist[:M, 0, :, 1:] + hist[:M, 1, :, 1:].flip((0, 2))
-    return _Tables(log_pair=log_pair, log_n=log_n, a=a, m=m, n=n, anchor=anchor)
+    return _Tables(log_pair=log_pair, log_n=log_n, a=a, m=m, n=n, anchor=anchor, backend=used)
 
 
 @torch.no_grad()
@@ -152,6 +149,7 @@ def dense_insertion_targets(
     dp_dtype: torch.dtype = torch.float64,
     out_dtype: torch.dtype = torch.float32,
     protect: torch.LongTensor | int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Targets r as a dense [B, L, vocab_size] tensor (L = x0.shape[1]), nothing dropped.
 
@@ -183,6 +181,7 @@ def sparse_insertion_targets(
     dp_dtype: torch.dtype = torch.float32,
     threshold: float = 1e-6,
     protect: torch.LongTensor | int | None = None,
+    backend: str | None = None,
 ) -> SparseTargets:
     """Targets of a batch in packed-row sparse form: the training path (spec §5.3).
 
@@ -190,7 +189,7 @@ def sparse_insertion_targets(
     §12.13). Terms of one (slot, token) sum below threshold / |x0| are dropped before
     coalescing, so a kept entry is off by less than `threshold` in absolute value.
     """
-    tab = _tables(x0, keep, lengths, dp_dtype, protect)
+    tab = _tables(x0, keep, lengths, dp_dtype, protect, backend)
     M = tab.log_pair.shape[0]
     n_rows_seq = tab.anchor + tab.n  # slots per sequence = |x_t|
     offset = torch.cumsum(n_rows_seq, 0) - n_rows_seq
@@ -203,5 +202,6 @@ def sparse_insertion_targets(
     big = values >= threshold
     uniq, values = uniq[big], values[big]
     return SparseTargets(
-        rows=uniq // vocab_size, tokens=uniq % vocab_size, values=values, n_rows=int(n_rows_seq.sum())
+        rows=uniq // vocab_size, tokens=uniq % vocab_size, values=values, n_rows=int(n_rows_seq.sum()),
+        backend=tab.backend,
     )

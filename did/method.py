@@ -118,6 +118,7 @@ class _DIDBase(Method):
         self.backbone = Backbone(cfg, vocab.size)
         self.head = self.head_cls(cfg.d_model, vocab, max_len)
         self.last_bound_stats: dict = {}
+        self.dp_backends: set[str] = set()   # did.dp_kernels backends used (runtime_info)
 
     # --- the network ---------------------------------------------------------------------
     def score(self, tokens, lengths, sigma=None, blocked=None, seq_len=None) -> torch.Tensor:
@@ -148,6 +149,7 @@ class _DIDBase(Method):
         targets = counting.sparse_insertion_targets(
             batch.x0, d.keep, batch.lengths, self.vocab.size, dp_dtype=dp_dtype, threshold=self.threshold
         )
+        self.dp_backends.add(targets.backend)
         _sync(device)
         t1 = time.perf_counter()
         log_s = self.score(d.tokens, d.lengths, self._sigma(d.t))
@@ -179,6 +181,11 @@ class _DIDBase(Method):
         return (1 - p_any) * none + p_any * some
 
     # --- the interface -------------------------------------------------------------------
+    def runtime_info(self) -> dict:
+        """The DP backend(s) that computed this process's insertion targets (did.dp_kernels:
+        they agree to the rounding of a logaddexp, not bitwise)."""
+        return {"dp_backend": ", ".join(sorted(self.dp_backends))} if self.dp_backends else {}
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         self._check_layout(batch)
         per_seq, d, dp_s, fwd_s = self._per_sequence(batch, None, None, self.loss_kind, self.dp_dtype, torch.float32)

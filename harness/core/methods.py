@@ -144,6 +144,11 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def runtime_info(self) -> dict:
+        """What this run's numbers depend on besides its recipe: implementation choices made at
+        run time (e.g. DID's DP backend, did.dp_kernels), recorded in train.json. JSON values."""
+        return {}
+
     # --- helpers shared by every method ---------------------------------------------------
     def flops_per_token(self, batch: Batch) -> float:
         """Estimated training FLOPs per clean token (forward+backward = 3x forward), for DID-F."""

@@ -455,6 +455,7 @@ class Training:
                 "tokens_per_s": _steady_tokens_per_s(history),
                 "flops_per_step": None if self.flops_per_step is None else float(f"{self.flops_per_step:.6g}"),
                 **self.clip.summary(history, total),
+                **self.model.runtime_info(),
             }
         )
         if self.ctx.main:
