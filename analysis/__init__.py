@@ -27,16 +27,12 @@ def is_synthetic(study: Study) -> bool:
     return len(study.bound_gap) > 0 or study.corpus == "synthetic"
 
 
-#: the Study frames that hold evaluation results (what a headline table compares)
-EVALUATIONS = ("ppl", "genppl", "mauve", "diversity", "lengths", "samples", "exact", "bound_gap", "speed_sample")
-
-
 def headline(study: Study, config: dict | None) -> Table:
     """The summary's table: a sweep's grid, a synthetic study's exact metrics, else the headline;
     a study whose runs were trained but never evaluated (a recipe study) shows how they trained."""
     if (config or {}).get("sweep"):
         return sweep_table(study, config)
-    if len(study.runs) and not any(len(getattr(study, kind)) for kind in EVALUATIONS):
+    if len(study.runs) and not study.evaluated():
         return training_table(study, config)
     return synthetic_summary(study, config) if is_synthetic(study) else summary_table(study, config)
 

@@ -95,6 +95,16 @@ class Study:
     #: runs the study's config lists that have no training summary (not trained, or deleted)
     missing_runs: list[str] = field(default_factory=list)
 
+    #: the frames that hold per-run evaluation results (not training, cost or job records)
+    EVALUATION_FRAMES = ("ppl", "genppl", "mauve", "diversity", "lengths", "samples", "exact", "bound_gap",
+                         "speed_sample", "zeroshot")
+
+    def evaluated(self) -> bool:
+        """Whether any run has an evaluation result (a plugin metric's included): a study whose runs
+        were trained but never evaluated (a recipe study) is summarised by how they trained."""
+        return (any(len(getattr(self, k)) for k in self.EVALUATION_FRAMES)
+                or any(len(f) for f in self.extra.values()))
+
 
 def read_json(path: Path, problems: list[str]) -> dict | None:
     """The parsed JSON object at `path`, or None if absent; a broken file is noted, not raised."""
