@@ -158,6 +158,7 @@ def cost_sample_rows(study: Study, ref: dict) -> pd.DataFrame:
             "gen_tokens_per_s_max": c["gen_tokens_per_s_max"], "nfe": c["nfe"], "nfe_min": c["nfe_min"],
             "nfe_max": c["nfe_max"], "mean_length": c["mean_length"], "mean_length_min": c["mean_length_min"],
             "mean_length_max": c["mean_length_max"], "peak_mem_mb": c["peak_mem_mb"],
+            "flops_per_sample": c["flops_per_sample"], "flops_per_gen_token": c["flops_per_gen_token"],
             "reference": _ref_column(c, ref)}))
     speed = study.speed_sample
     if len(speed):
@@ -175,7 +176,7 @@ _COST_SAMPLE_DATA = ["method", "layout", "size", "steps", "source", "n_seeds", "
                      "s_per_sample_min", "s_per_sample_max", "s_per_sample_sd", "s_per_sample_ratio",
                      "s_per_sample_ratio_min", "s_per_sample_ratio_max", "gen_tokens_per_s", "gen_tokens_per_s_min",
                      "gen_tokens_per_s_max", "nfe", "nfe_min", "nfe_max", "mean_length", "mean_length_min",
-                     "mean_length_max", "peak_mem_mb", "reference"]
+                     "mean_length_max", "peak_mem_mb", "flops_per_sample", "flops_per_gen_token", "reference"]
 
 
 def cost_sample_table(study: Study, config: dict | None) -> Table:
@@ -201,6 +202,9 @@ def cost_sample_table(study: Study, config: dict | None) -> Table:
                        "Gen tokens/s": [_measured(r, "gen_tokens_per_s", "int") for r in rows],
                        "NFE": [count_range(r, "nfe") for r in rows],
                        "Mean length": [count_range(r, "mean_length") for r in rows],
+                       "GFLOPs/sample": [fmt(v / 1e9) if not missing(v) else DASH for v in agg["flops_per_sample"]],
+                       "MFLOPs/gen token": [fmt(v / 1e6) if not missing(v) else DASH
+                                            for v in agg["flops_per_gen_token"]],
                        "Samples/call": fmt_column(agg, "n", "int"), "Peak GPU MB": fmt_column(agg, "peak_mem_mb"),
                        "Measured by": [_SOURCE_SHORT.get(r.get("source"), DASH) for r in rows],
                        "Reference": agg["reference"].fillna("")})
@@ -218,6 +222,10 @@ def cost_sample_table(study: Study, config: dict | None) -> Table:
                      "timed while other workflow jobs shared the machine; mean ± sd over seeds.")
     notes.append("NFE: network forward calls for the whole batch of samples of one call (cost/speed file, else "
                  "samples.json); mean length from samples.json where the cost job has none.")
+    notes.append("FLOPs (machine-independent): matmul and attention FLOPs of one sampling call counted by "
+                 "torch.utils.flop_counter.FlopCounterMode on the real sampler (the cost job; causal attention "
+                 "counted whole, elementwise work and the draws not counted), per sample and per generated content "
+                 "token; \"–\" for a cost file written before they were counted.")
     return Table("cost_sample", title, agg[_COST_SAMPLE_DATA], disp, notes)
 
 

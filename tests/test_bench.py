@@ -143,6 +143,22 @@ def test_interleaved_sample_network_numbers(toy_data):
         assert 0 < e["network_seconds"][0] <= e["times"][0] and e["tokens_per_call"][0] >= e["row_length_per_call"][0]
         assert not m.backbone._forward_pre_hooks and not m.backbone._forward_hooks and "decode" not in vars(m.backbone)
     assert timings[("radd", 3)]["row_length_per_call"] == [16]
+    for name in samplers:                     # the counted call is the timed calls' work (same seed)
+        e = timings[(name, 3)]
+        assert e["flops"] > 0 and e["flops_content_tokens"] == e["content_tokens"][0]
+    # RADD scores the whole canvas every step: more FLOPs per call than DID's growing sequences
+    assert timings[("radd", 3)]["flops"] > timings[("did", 3)]["flops"]
+
+
+def test_counted_flops_are_the_matmuls_and_the_cpu_attention():
+    import torch.nn.functional as F
+
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    out, flops = timing.counted_flops(lambda: a @ b)
+    assert flops == 2 * 3 * 5 * 7 and out.shape == (3, 7)
+    q = torch.randn(2, 4, 16, 8)                                  # B, heads, L, head dim
+    _, flops = timing.counted_flops(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert flops == 4 * 2 * 4 * 16 * 16 * 8                         # QK^T and AV, the whole matrix
 
 
 # --- the study's cost job (harness/metrics/cost.py) on a micro study ------------------------------------

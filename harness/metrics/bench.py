@@ -440,7 +440,9 @@ def bench_sample(args) -> dict:
                    "s_per_sample": summary([s / args.n for s in t["times"]]),
                    "gen_tokens_per_s": summary([c / s for c, s in zip(t["content_tokens"], t["times"])]),
                    "nfe": statistics.median(t["nfe"]), "mean_length": statistics.mean(t["mean_length"]),
-                   "peak_mem_mb": t["peak_mem_mb"], **network_numbers(t)}
+                   "peak_mem_mb": t["peak_mem_mb"], "flops_per_sample": t["flops"] / args.n,
+                   "flops_per_gen_token": t["flops"] / t["flops_content_tokens"] if t["flops_content_tokens"] else None,
+                   **network_numbers(t)}
             if ref:
                 row["ratio_to_did"] = ratio_summary(t["times"], timing[(ref, steps)]["times"])
                 row["reference"] = ref
@@ -448,8 +450,11 @@ def bench_sample(args) -> dict:
             q = row.get("ratio_to_did") or {"median": float("nan")}
             net = (f" tok/call={row['tokens_per_call']:.0f} len/call={row['row_length_per_call']:.1f} "
                    f"outside={row['outside_fraction']['median']:.1%}") if row["network_calls"] is not None else ""
+            per_tok = row["flops_per_gen_token"]
             print(f"{name:>22} steps={steps:<5} s/sample={row['s_per_sample']['median']:.4f} NFE={row['nfe']:<6} "
-                  f"len={row['mean_length']:.1f}{net} x DID={q['median']:.2f}", flush=True)
+                  f"len={row['mean_length']:.1f}{net} x DID={q['median']:.2f} "
+                  f"GFLOP/sample={row['flops_per_sample'] / 1e9:.3f} "
+                  f"MFLOP/token={'-' if per_tok is None else format(per_tok / 1e6, '.1f')}", flush=True)
     return {"kind": "bench-sample", "device": machine_description(device), "repeats": args.repeats, "warmup": args.warmup,
             "seed": args.seed, "threads": torch.get_num_threads(), "rows": rows}
 

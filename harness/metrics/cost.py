@@ -146,6 +146,9 @@ def measure_sample(samples: SamplesSettings, chosen: list[dict], data_dir: str, 
                          "gen_tokens_per_s": timing.summary([c / x for c, x in zip(t["content_tokens"], t["times"])]),
                          "nfe": timing.summary(t["nfe"]), "mean_length": timing.summary(t["mean_length"]),
                          "ratio": timing.ratio_summary(t["times"], ref["times"]) if ref else None,
+                         "flops_per_sample": t["flops"] / n,
+                         "flops_per_gen_token": t["flops"] / t["flops_content_tokens"] if t["flops_content_tokens"]
+                         else None,
                          "peak_mem_mb": t["peak_mem_mb"], "times": t["times"]})
     del loaded
     if device.type == "cuda":

@@ -231,6 +231,29 @@ class NetworkProbe:
         return statistics.mean(t / r for t, r in zip(self.tokens, self.rows)) if self.tokens else 0.0
 
 
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of CPU SDPA (aten._scaled_dot_product_flash_attention_for_cpu), which FlopCounterMode
+    does not count by itself: the same formula as its GPU kernels (QK^T and AV, full matrices)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def counted_flops(fn) -> tuple[object, float]:
+    """(fn(), the FLOPs of its matmuls and attention): torch.utils.flop_counter.FlopCounterMode on
+    the real code path, a count that does not depend on the machine (elementwise work, the float64
+    draws and splicing are not FLOPs here; causal attention counts the whole matrix, as on GPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    extra = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        extra[cpu_sdpa] = _sdpa_cpu_flops                 # keyed by the op packet, as FlopCounterMode looks up
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        out = fn()
+    return out, float(counter.get_total_flops())
+
+
 def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int, repeats: int, seed: int,
                        top_p: float = 1.0) -> dict[tuple[str, int], dict]:
     """Time `sample(n, k)` of several methods at each k of `steps`, methods interleaved per repeat.
@@ -245,7 +268,8 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
     "outside_fraction" (1 - network seconds / call seconds, clipped to [0, 1])}} (lists: one
     value per repeat), where the content tokens of a sample are its generated ids that are not
     BOS/EOS/PAD/MASK (the length `evaluate samples` reports), mean_length their mean over the
-    call's samples.
+    call's samples. "flops" and "flops_content_tokens": the FLOPs (`counted_flops`) of one more,
+    untimed call with the same seed (the same work as every timed call) and its content tokens.
     """
     def call(method, k):
         gen = torch.Generator(device=method.device).manual_seed(int(seed))
@@ -290,4 +314,9 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
                 e["row_length_per_call"].append(probe.row_length_per_call())
                 e["network_seconds"].append(probe.seconds)
                 e["outside_fraction"].append(min(1.0, max(0.0, 1.0 - probe.seconds / dt)) if dt > 0 else 0.0)
+        for name, method in samplers.items():          # the machine-independent cost: one counted call
+            res, flops = counted_flops(lambda: call(method, k))
+            specials = set(method.vocab.specials)
+            out[(name, k)]["flops"] = flops
+            out[(name, k)]["flops_content_tokens"] = sum(1 for ids in res.tokens for t in ids if int(t) not in specials)
     return out

@@ -201,7 +201,8 @@ def cost_metrics(values: dict, method: str) -> list:
     reference's, median over repeats, with _min/_max), cost/train_dp_fraction,
     cost/flops_per_token, cost/train_peak_mem_mb; per steps value k: cost/s_per_sample_<k>steps,
     cost/gen_tokens_per_s_<k>steps, cost/nfe_<k>steps, cost/mean_length_<k>steps,
-    cost/sample_ratio_to_did_<k>steps (with _min/_max) and the curve steps/cost_s_per_sample.
+    cost/sample_ratio_to_did_<k>steps (with _min/_max), cost/flops_per_sample_<k>steps and
+    cost/flops_per_gen_token_<k>steps (counted, machine-independent) and the curve steps/cost_s_per_sample.
     """
     m: list = []
 
@@ -232,6 +233,8 @@ def cost_metrics(values: dict, method: str) -> list:
         stat(f"cost/mean_length_{k}steps", r.get("mean_length"))
         stat(f"cost/sample_ratio_to_did_{k}steps", r.get("ratio"), True)
         _add(m, f"cost/sample_peak_mem_mb_{k}steps", r.get("peak_mem_mb"))
+        _add(m, f"cost/flops_per_sample_{k}steps", r.get("flops_per_sample"))
+        _add(m, f"cost/flops_per_gen_token_{k}steps", r.get("flops_per_gen_token"))
         _add(m, "steps/cost_s_per_sample", (r.get("s_per_sample") or {}).get("median")
              if isinstance(r.get("s_per_sample"), dict) else None, step=k)
     return m

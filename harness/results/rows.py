@@ -173,7 +173,7 @@ COST_SAMPLE_COLS = [
     "steps", "n", "s_per_sample_min", "s_per_sample_median", "s_per_sample_max", "gen_tokens_per_s_min",
     "gen_tokens_per_s_median", "gen_tokens_per_s_max", "nfe", "nfe_min", "nfe_max", "mean_length",
     "mean_length_min", "mean_length_max", "ratio_min", "ratio_median", "ratio_max", "reference", "peak_mem_mb",
-    "repeats", "device", "threads", "file"]
+    "flops_per_sample", "flops_per_gen_token", "repeats", "device", "threads", "file"]
 
 
 def _stat(d, prefix: str) -> dict:
@@ -229,7 +229,8 @@ def load_cost(path: Path, obj: dict, out: dict) -> None:
             "nfe": nfe["nfe_median"], "nfe_min": nfe["nfe_min"], "nfe_max": nfe["nfe_max"],
             "mean_length": length["mean_length_median"], "mean_length_min": length["mean_length_min"],
             "mean_length_max": length["mean_length_max"], **_stat(r.get("ratio"), "ratio"), "reference": ref,
-            "peak_mem_mb": num(r.get("peak_mem_mb")), "repeats": num(sample.get("repeats")), **common})
+            "peak_mem_mb": num(r.get("peak_mem_mb")), "flops_per_sample": num(r.get("flops_per_sample")),
+            "flops_per_gen_token": num(r.get("flops_per_gen_token")), "repeats": num(sample.get("repeats")), **common})
 
 
 _EXACT_KEYS = ("n", "nats_per_token", "stderr", "invalid", "invalid_fraction", "unigram_entropy_mean")
