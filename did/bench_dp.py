@@ -29,46 +29,56 @@ from did import counting, dp_kernels, process
 from harness.core.atomic import atomic_write_text
 
 
-def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> float:
     """Bytes per second of a large float32 tensor copy (read + write counted once): the machine's
     memory-bound limit for a kernel that streams a table."""
-    src = torch.ones(mb * (1 << 20) // 4)
+    src = torch.ones(mb * (1 << 20) // 4, device=device)
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return src.numel() * 4 / statistics.median(times)
 
 
-def case(L: int, tokens: int, vocab: int, seed: int):
-    """x0 [B, L] (BOS = 0, content 4..vocab-1), its lengths and a t = 0.5 deletion's keep mask."""
+def case(L: int, tokens: int, vocab: int, seed: int, device: torch.device):
+    """x0 [B, L] (BOS = 0, content 4..vocab-1), its lengths and a t = 0.5 deletion's keep mask, on `device`."""
     B = max(1, tokens // L)
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randint(4, vocab, (B, L), generator=g)
     x0[:, 0] = 0
     lengths = torch.full((B,), L)
     d = process.delete(x0, lengths, t=torch.full((B,), 0.5, dtype=torch.float64), generator=g)
-    return x0, lengths, d.keep
+    return x0.to(device), lengths.to(device), d.keep.to(device)
 
 
 def time_backend(backend: str, x0, lengths, keep, vocab: int) -> tuple[float, float, counting.SparseTargets]:
     """(wall seconds, process CPU seconds, targets) of one call."""
+    _sync(x0.device)
     c0, t0 = time.process_time(), time.perf_counter()
     out = counting.sparse_insertion_targets(x0, keep, lengths, vocab, dp_dtype=torch.float32, threshold=1e-6,
                                             backend=backend)
+    _sync(x0.device)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def run(lengths: list[int], tokens: int, vocab: int, repeats: int, backends: list[str], seed: int) -> dict:
-    bandwidth = copy_bandwidth()
-    print(f"DP cost per sequence ({torch.get_num_threads()} torch threads; float32 DP, t = 0.5; copy bandwidth "
+def run(lengths: list[int], tokens: int, vocab: int, repeats: int, backends: list[str], seed: int,
+        device: torch.device) -> dict:
+    bandwidth = copy_bandwidth(device)
+    print(f"DP cost per sequence on {device.type} ({torch.get_num_threads()} torch threads; float32 DP, t = 0.5; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s = the memory-bound limit of the table's traffic)")
     print(f"{'L':>6} {'B':>4} {'backend':>8} {'ms/seq':>9} {'cpu ms/seq':>10} {'x torch':>8} {'table GB/s':>10}")
     rows = []
     for L in lengths:
-        x0, lens, keep = case(L, tokens, vocab, seed)
+        x0, lens, keep = case(L, tokens, vocab, seed, device)
         B = x0.shape[0]
         for name in backends:                       # warm-up: compile the kernel, fault the pages in
             time_backend(name, x0[:1], lens[:1], keep[:1], vocab)
@@ -96,7 +106,8 @@ def run(lengths: list[int], tokens: int, vocab: int, repeats: int, backends: lis
             rows.append(row)
             print(f"{L:>6} {B:>4} {name:>8} {row['ms_per_seq']:>9.3f} {row['cpu_ms_per_seq']:>10.3f} "
                   f"{row['speedup_vs_torch']:>8.2f} {row['table_gb_per_s']:>10.2f}")
-    return {"threads": torch.get_num_threads(), "copy_bandwidth_gb_per_s": bandwidth / 1e9, "tokens": tokens,
+    return {"device": str(device), "threads": torch.get_num_threads(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+            "tokens": tokens,
             "vocab": vocab, "repeats": repeats, "rows": rows}
 
 
@@ -109,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=None,
                    help="did.dp_kernels backends, the reference first (default: every one available here)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    backends = args.backends or dp_kernels.available(torch.device("cpu"))
-    result = run(args.lengths, args.tokens, args.vocab, args.repeats, backends, args.seed)
+    device = torch.device(args.device)
+    backends = args.backends or dp_kernels.available(device)
+    result = run(args.lengths, args.tokens, args.vocab, args.repeats, backends, args.seed, device)
     if args.out:
         atomic_write_text(args.out, json.dumps({**result, "argv": sys.argv[1:] if argv is None else argv}, indent=1))
         print(f"wrote {args.out}")

@@ -5,7 +5,8 @@
 #   scripts/gpu_bench.sh OUT_DIR [DATA_DIR]
 # DATA_DIR must be a prepared data directory (copy results/default/data from a CPU machine, or
 # run `python -m harness prepare --config config/default.yaml --out DATA_DIR`). Everything lands
-# in OUT_DIR: env.txt, tests.log, bench-attention-gpu.{json,log}, bench-train-gpu.{json,log}.
+# in OUT_DIR: env.txt, tests.log, bench-attention-gpu.{json,log}, bench-dp-gpu.{json,log},
+# bench-train-gpu.{json,log}.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [DATA_DIR]}
 data=${2:-results/default/data}
@@ -29,6 +30,10 @@ fi
 echo "== packed attention on CUDA (bf16): varlen kernel vs per-sequence vs padded vs dense =="
 timeout 60 python -m harness bench attention --device cuda --cases 1024x16 1024x64 128x256 --repeats 5 \
     --out "$out/bench-attention-gpu.json" 2>&1 | tee "$out/bench-attention-gpu.log" || status=1
+
+echo "== the DP's cost against L on CUDA: PyTorch path vs the Triton kernel (did.dp_kernels) =="
+timeout 120 python -m did.bench_dp --device cuda --repeats 3 --out "$out/bench-dp-gpu.json" \
+    2>&1 | tee "$out/bench-dp-gpu.log" || status=1
 
 echo "== training step cost (bf16, synchronised, methods interleaved) =="
 if [ -s "$data/manifest.json" ]; then

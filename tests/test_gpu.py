@@ -92,3 +92,24 @@ def test_bench_train_on_cuda_reports_peak_memory_and_limits(toy_data, tmp_path):
     for row in result["rows"]:
         assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] > 0
         assert row["s_per_step"]["median"] > 0
+
+
+def test_the_triton_dp_kernel_matches_the_torch_path_on_cuda():
+    """did.dp_kernels' Triton kernel compiled for the GPU (the interpreter test runs on a CPU)."""
+    pytest.importorskip("triton")
+    from did import counting
+
+    g = torch.Generator().manual_seed(3)
+    B, L, V = 4, 300, 12
+    x0 = torch.randint(1, V, (B, L), generator=g)
+    x0[:, 0] = 0
+    lengths = torch.tensor([L, L - 7, L // 3, 2])
+    keep = torch.rand(B, L, generator=g) < 0.5
+    x0, lengths, keep = x0.cuda(), lengths.cuda(), keep.cuda()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        ref = counting._tables(x0, keep, lengths, dtype, backend="torch")
+        got = counting._tables(x0, keep, lengths, dtype, backend="triton")
+        assert got.backend == "triton"
+        assert torch.equal(torch.isfinite(ref.log_pair), torch.isfinite(got.log_pair))
+        fin = torch.isfinite(ref.log_pair)
+        torch.testing.assert_close(got.log_pair[fin], ref.log_pair[fin], rtol=tol, atol=tol)
