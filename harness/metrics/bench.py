@@ -41,8 +41,11 @@ of a study at several step counts: seconds per sample, generated tokens/s and NF
 generator seeded identically for every repeat and method. Hooks on each method's backbone
 (`NetworkProbe`) also count, in the timed calls, the network calls, the tokens the network
 processes per call (dense [B, N] = B * N, packed = T) and the mean row length per call, and time
-every call (synchronised on CUDA), giving the fraction of the wall time spent outside the network
-(sampling, bookkeeping, transfers).
+every call (synchronised on CUDA); hooks on its output layers (every other child module: DID's
+insertion head, the baselines' vocabulary projections; `HeadTimer`) time those too. The network
+is both, as in the training limit (backbone + output layer), and the rest of the wall time is
+"outside the network": the sampler's own work (draws, splicing, bookkeeping, transfers). Each
+row also gives the counted FLOPs per sample and per generated token (machine-independent).
 
 The two timing loops, `interleaved_train` and `interleaved_sample`, are also what the study's
 cost job (`python -m harness cost`, harness/metrics/cost.py) runs on a study's trained checkpoints.

@@ -231,6 +231,42 @@ class NetworkProbe:
         return statistics.mean(t / r for t, r in zip(self.tokens, self.rows)) if self.tokens else 0.0
 
 
+class HeadTimer:
+    """Times the calls of a method's output layers (every child module but the backbone: DID's
+    insertion head, RADD's and AR's vocabulary projection, ILM's stop head...) inside a `with`, so
+    "outside the network" counts neither the backbone nor the layer that turns its states into
+    scores: only the sampler's own work (the draws, splicing, bookkeeping)."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device):
+        self.modules, self.device = modules, torch.device(device)
+        self.seconds = 0.0
+        self._t0: dict[int, float] = {}
+        self._handles: list = []
+
+    def _pre(self, module, args):
+        sync_device(self.device)
+        self._t0[id(module)] = time.perf_counter()
+
+    def _post(self, module, args, output):
+        sync_device(self.device)
+        self.seconds += time.perf_counter() - self._t0.pop(id(module))
+
+    def __enter__(self) -> "HeadTimer":
+        for m in self.modules:
+            self._handles += [m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def output_layers(method: nn.Module, backbone: nn.Module | None) -> list[nn.Module]:
+    """The method's child modules other than its backbone (its output layers)."""
+    return [m for m in method.children() if m is not backbone]
+
+
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of CPU SDPA (aten._scaled_dot_product_flash_attention_for_cpu), which FlopCounterMode
     does not count by itself: the same formula as its GPU kernels (QK^T and AV, full matrices)."""
@@ -264,8 +300,9 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
     every method, so the rounds are identical work). Returns {(name, k): {"times": [s per call],
     "nfe": [...], "mean_length": [...], "content_tokens": [...], "peak_mem_mb", and, measured by
     a NetworkProbe on the method's `backbone` during the timed call (None for a method without
-    one): "network_calls", "tokens_per_call", "row_length_per_call", "network_seconds",
-    "outside_fraction" (1 - network seconds / call seconds, clipped to [0, 1])}} (lists: one
+    one): "network_calls", "tokens_per_call", "row_length_per_call", "network_seconds" (the
+    backbone's and the output layers' time: HeadTimer), "output_layer_seconds", "outside_fraction"
+    (1 - network seconds / call seconds, clipped to [0, 1])}} (lists: one
     value per repeat), where the content tokens of a sample are its generated ids that are not
     BOS/EOS/PAD/MASK (the length `evaluate samples` reports), mean_length their mean over the
     call's samples. "flops" and "flops_content_tokens": the FLOPs (`counted_flops`) of one more,
@@ -285,10 +322,11 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
                 device = method.device
                 net = getattr(method, "backbone", None)
                 probe = NetworkProbe(net, device) if isinstance(net, nn.Module) else None
+                heads = HeadTimer(output_layers(method, net), device) if probe is not None else None
                 sync_device(device)
                 reset_peak(device)
                 before, own = allocated_bytes(device), own_bytes(method) if device.type == "cuda" else 0
-                with probe or contextlib.nullcontext():
+                with probe or contextlib.nullcontext(), heads or contextlib.nullcontext():
                     t0 = time.perf_counter()
                     res = call(method, k)
                     sync_device(device)
@@ -312,8 +350,10 @@ def interleaved_sample(samplers: dict, steps: list[int], *, n: int, warmup: int,
                 e["network_calls"].append(probe.calls)
                 e["tokens_per_call"].append(probe.tokens_per_call())
                 e["row_length_per_call"].append(probe.row_length_per_call())
-                e["network_seconds"].append(probe.seconds)
-                e["outside_fraction"].append(min(1.0, max(0.0, 1.0 - probe.seconds / dt)) if dt > 0 else 0.0)
+                e["network_seconds"].append(probe.seconds + heads.seconds)
+                e.setdefault("output_layer_seconds", []).append(heads.seconds)
+                e["outside_fraction"].append(min(1.0, max(0.0, 1.0 - (probe.seconds + heads.seconds) / dt))
+                                             if dt > 0 else 0.0)
         for name, method in samplers.items():          # the machine-independent cost: one counted call
             res, flops = counted_flops(lambda: call(method, k))
             specials = set(method.vocab.specials)
