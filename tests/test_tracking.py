@@ -63,6 +63,12 @@ def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
         assert ("w1_64steps" in r.data.metrics) == ("varlen" in name)
         assert ("tokens_per_s" in r.data.metrics) == (name != "ilm-varlen-tiny-s0")
         assert r.data.params["data.corpus.name"] == "fakecorpus" and r.data.params["seed"] == name[-1]
+        # params are the run's inputs; what training measured is a metric (sortable, chartable)
+        assert not {"final_loss", "wall_seconds", "tokens_per_s", "created"} & set(r.data.params), name
+        i = [run_name(*r) for r in RUNS].index(name)                         # fake_study's train.json values
+        assert r.data.metrics["final_loss"] == pytest.approx(2.5 - 0.1 * i)
+        assert r.data.metrics["train_wall_seconds"] == pytest.approx(10.0 + i)
+        assert r.data.params["params"] == str(12345 + i)                      # the model's size: an input
     r, v = runs["did-varlen-tiny-s1"][0], values["did-varlen-tiny-s1"]
     assert r.data.metrics["s_per_sample_16steps"] == pytest.approx(v["speed"]["sample"][0]["s_per_sample"])
     assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, 11))

@@ -26,7 +26,7 @@ from harness.results.study import all_eval_files, benchmark_files, benchmark_rul
 
 
 #: bump when what a run records changes, so existing runs are logged again
-TRACKING_FORMAT = "2"
+TRACKING_FORMAT = "3"
 
 
 KEY_TAG = "didbench.key"
@@ -48,6 +48,12 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 MAX_PARAM_VALUE = 6000     # MLflow's limit on a parameter value
+
+
+#: train.json keys that are results of the training (logged as metrics, or as the run's times),
+#: never params: MLflow's params are a run's inputs, its metrics what it measured
+TRAIN_RESULTS = ("final_loss", "wall_seconds", "tokens_per_s", "flops_per_step", "clipped_fraction",
+                 "grad_norm_median", "valid_nats_per_token", "valid_ppl", "valid_stderr", "created")
 
 
 # result-file keys -> metric names (suffix `_<steps>steps` for per-steps entries)
@@ -291,7 +297,8 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
         run_cfg = config                       # unreadable run config: the study config stands in
     ident = {**parse_run_name(run_dir.name), **identity_of(train)}
     p = Payload(name=run_dir.name, key=f"{study}/{run_dir.name}")
-    p.params = {**flatten(run_cfg if isinstance(run_cfg, dict) else {}), **flatten(train)}
+    inputs = {k: v for k, v in train.items() if k not in TRAIN_RESULTS}       # results are metrics, not params
+    p.params = {**flatten(run_cfg if isinstance(run_cfg, dict) else {}), **flatten(inputs)}
     files: list[tuple[Path, str | None]] = [(run_dir / f, None) for f in ("train.json", "history.csv", "config.yaml")]
     if checkpoints:
         files.append((run_dir / "checkpoint.pt", "checkpoint"))
@@ -325,6 +332,9 @@ def run_payload(run_dir: Path, study_dir: Path, study: str, config: dict | None,
     _add(p.metrics, "train_loop_tokens_per_s", train.get("tokens_per_s"))
     _add(p.metrics, "clipped_fraction", train.get("clipped_fraction"))       # of all steps (history: per window)
     _add(p.metrics, "grad_norm_median", train.get("grad_norm_median"))       # before clipping
+    _add(p.metrics, "train_flops_per_step", train.get("flops_per_step"))
+    _add(p.metrics, "valid_nats_per_token", train.get("valid_nats_per_token"))   # the final validation bound
+    _add(p.metrics, "valid_nats_per_token_stderr", train.get("valid_stderr"))
     p.metrics += history_metrics(run_dir / "history.csv", start_ms)
     p.start_ms, p.end_ms = start_ms, end_ms
     # the held-out reference rows (data/*) are the same in every run of a layout: study params
