@@ -13,7 +13,7 @@ from harness.core.methods import UserError
 from harness.results.study import EVAL_FILES, all_eval_files, Study, load_study, run_dirs
 from analysis.cost_figures import bench_figure
 from analysis.figures import all_figures
-from analysis.frames import Table, to_markdown, write_table
+from analysis.frames import Table, to_html, to_markdown, write_table
 from analysis.sweep import sweep_figure, sweep_table
 from analysis.synthetic import bound_gap_table, exact_samples_table, synthetic_figures, synthetic_summary
 from analysis.tables import all_tables, summary_table
@@ -58,6 +58,8 @@ def write_summary(study: Study, config: dict | None, path, files: list[Path]) ->
         lines += ["## Files left out, unreadable or non-finite", ""] + [f"- {p}" for p in study.problems] + [""]
     lines += ["## Files", ""]
     lines += [f"- [{p.relative_to(root)}]({p.relative_to(root)})" for p in files]
+    # the report's landing page opens on this: the headline table with its significance line
+    atomic_write_text(root / "tables" / "summary.html", to_html(table, extra=significance_line(table)))
     return atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 

@@ -168,6 +168,8 @@ def bench_rows(obj: dict) -> tuple[str, list[dict]]:
     kind = str(obj.get("kind") or "")
     if kind == "bench-attention":
         return "attention", rows
+    if kind == "bench-dp":
+        return "dp", rows
     if kind.endswith("sample") or (not kind and any("s_per_sample" in r for r in rows)):
         return "sample", rows
     return "train", rows
@@ -201,6 +203,8 @@ def bench_plot(obj: dict, title: str) -> Figure | None:
         return None
     if kind == "attention":
         return attention_plot(obj, rows, title)
+    if kind == "dp":
+        return dp_plot(obj, rows, title)
 
     def stat(r, key):          # (median, min, max); a missing min/max falls back to the median
         d = r.get(key) if isinstance(r.get(key), dict) else {"median": r.get(key)}
@@ -249,6 +253,39 @@ def bench_plot(obj: dict, title: str) -> Figure | None:
                xlabel=f"{'s/sample' if kind == 'sample' else 's/step'} relative to DID (> 1: slower than DID)")
     a2.tick_params(axis="y", labelleft=False)
     method_legend(fig, df["method"], colors)
+    return fig
+
+
+def dp_plot(obj: dict, rows: list[dict], title: str) -> Figure | None:
+    """`python -m did.bench_dp`: the insertion targets' time per sequence against L for each DP
+    backend (left, log-log, with the L^2 slope of the recurrence for reference) and each backend's
+    speed-up over the PyTorch path (right)."""
+    df = pd.DataFrame([{"L": num(r.get("L")), "backend": str(r.get("backend")), "ms": num(r.get("ms_per_seq")),
+                        "cpu_ms": num(r.get("cpu_ms_per_seq")), "speedup": num(r.get("speedup_vs_torch"))}
+                       for r in rows]).dropna(subset=["L", "ms"])
+    if df.empty:
+        return None
+    sub = (f"{obj.get('device', '')}, {obj.get('threads', '?')} threads, {obj.get('repeats', '?')} repeats (median); "
+           f"copy bandwidth {num(obj.get('copy_bandwidth_gb_per_s')):.1f} GB/s")
+    fig, (a1, a2) = new_figure(2, f"{title}\n{sub}", height=4.2, width=6.0)
+    for i, (backend, g) in enumerate(df.groupby("backend", sort=False)):
+        g = g.sort_values("L")
+        color = f"C{i}"
+        a1.plot(g["L"], g["ms"], "o-", color=color, label=f"{backend} (wall)")
+        a1.plot(g["L"], g["cpu_ms"], "x:", color=color, alpha=0.7, label=f"{backend} (process CPU)")
+        a2.plot(g["L"], g["speedup"], "o-", color=color, label=backend)
+    first = df.sort_values("L").iloc[0]
+    Ls = np.array(sorted(df["L"].unique()), dtype=float)
+    a1.plot(Ls, first["ms"] * (Ls / first["L"]) ** 2, color="0.6", lw=0.8, ls="--", label="∝ L² (the recurrence)")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L (t = 0.5: about L/2 tokens kept)")
+    a1.set_yscale("log")
+    a1.set_ylabel("ms per sequence (insertion targets, float32 DP)")
+    a2.set_ylabel("speed-up over the PyTorch path (wall)")
+    a2.axhline(1.0, color="0.5", lw=0.8)
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=8)
     return fig
 
 

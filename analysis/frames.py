@@ -1,11 +1,15 @@
 """What every table shares: the `Table` type, number formatting, seed aggregation, the
-reference rows, and writing CSV (full precision), Markdown and LaTeX (by hand, `booktabs`).
+reference rows, and writing CSV (full precision), Markdown, LaTeX (by hand, `booktabs`) and HTML
+(the report's page for the table, the CSV inside it as a download).
 
-A missing value is an empty CSV cell and "–" in Markdown/LaTeX.
+A missing value is an empty CSV cell and "–" in Markdown/LaTeX/HTML.
 """
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +23,6 @@ from analysis import convergence
 
 
 DASH = "–"
-
-
-#: default reference ("DID") per layout for every ratio column; config `report.reference` overrides
 
 
 @dataclass
@@ -287,9 +288,48 @@ def to_latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the HTML tables' look, scoped to their class (the report's page has its own styles)
+HTML_STYLE = ("<style>table.didbench{border-collapse:collapse;font:13px/1.35 system-ui,sans-serif;margin:.4em 0}"
+              "table.didbench th,table.didbench td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right;"
+              "white-space:nowrap}table.didbench th{background:#f4f4f4;border-bottom:2px solid #999}"
+              "table.didbench td:nth-child(-n+3),table.didbench th:nth-child(-n+3){text-align:left}"
+              "div.didbench p{font:13px/1.4 system-ui,sans-serif;max-width:70em;margin:.3em 0}"
+              "div.didbench div.scroll{overflow-x:auto;max-width:100%}</style>")
+
+
+def _inline_markdown(text: str) -> str:
+    """A note's **bold** and *italic* as HTML (the notes and the significance line are Markdown)."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", out)
+
+
+def to_html(table: Table, extra: str = "") -> str:
+    """The table as an HTML fragment the report shows in its page: title, the display table, the
+    notes (and `extra`, e.g. the significance line), and the full-precision CSV as a download."""
+    d = table.display
+    body = ("<p><em>No results for this table in this study.</em></p>" if d.empty else
+            '<div class="scroll">' + d.to_html(index=False, escape=True, border=0, classes="didbench", na_rep=DASH)
+            + "</div>")
+    csv = table.data.to_csv(index=False, na_rep="")
+    uri = "data:text/csv;base64," + base64.b64encode(csv.encode("utf-8")).decode("ascii")
+    notes = "".join(f"<p>{_inline_markdown(n)}</p>" for n in ([extra] if extra else []) + list(table.notes))
+    return (f'<div class="didbench">{HTML_STYLE}<h3>{html.escape(table.title)}</h3>{body}{notes}'
+            f'<p><a download="{table.name}.csv" href="{uri}">{table.name}.csv</a> (every number at full precision, '
+            "one column per value)</p></div>\n")
+
+
 def write_table(table: Table, out_dir) -> list[Path]:
-    """tables/<name>.csv (numbers), .md and .tex (display). Returns the three paths."""
+    """tables/<name>.csv (numbers), .md and .tex (display), and .html (the report's page) for a
+    table with rows: the report shows only the tables that apply to the study, while the CSV,
+    Markdown and LaTeX files are written for every table. Returns the paths written."""
     out_dir = Path(out_dir)
-    return [atomic_write_text(out_dir / f"{table.name}.csv", table.data.to_csv(index=False, na_rep="")),
-            atomic_write_text(out_dir / f"{table.name}.md", to_markdown(table)),
-            atomic_write_text(out_dir / f"{table.name}.tex", to_latex(table))]
+    paths = [atomic_write_text(out_dir / f"{table.name}.csv", table.data.to_csv(index=False, na_rep="")),
+             atomic_write_text(out_dir / f"{table.name}.md", to_markdown(table)),
+             atomic_write_text(out_dir / f"{table.name}.tex", to_latex(table))]
+    html_path = out_dir / f"{table.name}.html"
+    if table.display.empty:
+        html_path.unlink(missing_ok=True)      # a table that no longer applies leaves the report too
+    else:
+        paths.append(atomic_write_text(html_path, to_html(table)))
+    return paths

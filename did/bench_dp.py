@@ -106,7 +106,7 @@ def run(lengths: list[int], tokens: int, vocab: int, repeats: int, backends: lis
             rows.append(row)
             print(f"{L:>6} {B:>4} {name:>8} {row['ms_per_seq']:>9.3f} {row['cpu_ms_per_seq']:>10.3f} "
                   f"{row['speedup_vs_torch']:>8.2f} {row['table_gb_per_s']:>10.2f}")
-    return {"device": str(device), "threads": torch.get_num_threads(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+    return {"kind": "bench-dp", "device": str(device), "threads": torch.get_num_threads(), "copy_bandwidth_gb_per_s": bandwidth / 1e9,
             "tokens": tokens,
             "vocab": vocab, "repeats": repeats, "rows": rows}
 

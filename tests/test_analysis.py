@@ -1,6 +1,7 @@
 """analysis/: tables, figures and summary from a FAKE study directory (tests/fake_study.py)."""
 from __future__ import annotations
 
+import base64
 import json
 import math
 import sys
@@ -46,9 +47,15 @@ def test_main_writes_every_table_and_figure(full):
     study_dir, _, _, files = full
     expected = {study_dir / "tables" / f"{n}.{ext}" for n in TABLE_NAMES for ext in ("csv", "md", "tex")}
     expected |= {study_dir / "figures" / f"{n}.png" for n in FIGURE_NAMES} | {study_dir / "summary.md"}
+    # the report's HTML pages: only the tables with rows (a real-text study has no synthetic tables)
+    expected |= {study_dir / "tables" / f"{n}.html" for n in TABLE_NAMES if n not in ("bound_gap", "exact_samples")}
     assert set(files) == expected
+    assert not (study_dir / "tables" / "bound_gap.html").exists()
     for f in files:
         assert f.stat().st_size > 0
+    page = (study_dir / "tables" / "summary.html").read_text()
+    assert "<table" in page and ("Significant at 95%" in page or "**" not in page and "Significance" in page)
+    assert 'download="summary.csv" href="data:text/csv;base64,' in page
     for n in FIGURE_NAMES:
         assert_png(study_dir / "figures" / f"{n}.png")
     assert not list(study_dir.rglob("*.tmp"))                       # atomic writes left nothing behind
@@ -432,3 +439,15 @@ def test_missing_evaluations_follow_the_schemas_metrics_for_the_corpus(tmp_path)
     config["runs"] = [{"method": "did", "layout": "varlen"}]
     gaps = analysis._missing_evaluations(load_study(study_dir, config), config)
     assert gaps == {run_name(*runs[0]): ["exact"]}
+
+
+def test_html_table_escapes_cells_and_renders_the_notes_markdown():
+    from analysis.frames import Table, to_html
+
+    t = Table("x", "A <title>", pd.DataFrame({"v": [1.5]}), pd.DataFrame({"Method": ["<b>ar</b>"], "PPL": ["2 ± 1"]}),
+              ["**Bold** then *italic*; 2 * 3 = 6."])
+    page = to_html(t)
+    assert "&lt;b&gt;ar&lt;/b&gt;" in page and "<b>ar</b>" not in page and "A &lt;title&gt;" in page
+    assert "<strong>Bold</strong> then <em>italic</em>; 2 * 3 = 6." in page
+    csv = base64.b64decode(page.split("base64,")[1].split('"')[0]).decode()
+    assert csv == "v\n1.5\n"                                         # the numbers, at full precision

@@ -15,7 +15,8 @@ rule report:
         results=study_results(),
     output:
         # report(): `snakemake --report report.html` shows every table and figure with its caption
-        tables=report(directory(f"{RESULTS}/tables"), patterns=["{name}.csv"], caption="../report/table.rst",
+        # the tables as HTML (each with its CSV inside as a download), only those with rows
+        tables=report(directory(f"{RESULTS}/tables"), patterns=["{name}.html"], caption="../report/table.rst",
                       category="Tables", labels={"table": "{name}"}),
         figures=report(directory(f"{RESULTS}/figures"), patterns=["{name}.png"], caption="../report/figure.rst",
                        category="Figures", labels={"figure": "{name}"}),
