@@ -351,5 +351,5 @@ for _rule, _resources, _metrics in (
         conda:
             CONDA_ENV
         shell:
-            "python -m harness evaluate {wildcards.metric} --config {params.cfg:q} --run {params.run:q}"
+            "python -m harness evaluate {wildcards.metric:q} --config {params.cfg:q} --run {params.run:q}"
             " --data {params.data:q} --out {output.result:q} > {log:q} 2>&1"
