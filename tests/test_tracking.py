@@ -94,6 +94,8 @@ def test_log_twice_default_store_no_duplicates(tmp_path, monkeypatch):
         end = 946684800000 + 60000 * i                                      # train.json created, 2000-01-01
         assert (r.info.start_time, r.info.end_time) == (end - 1000 * (10 + i), end)   # minus wall_seconds
     assert study_run.info.start_time == min(r[0].info.start_time for n, r in runs.items() if n != "study")
+    # its end: the last training or result (created stamps), not when the tables were written today
+    assert study_run.info.end_time == max(r[0].info.end_time for n, r in runs.items() if n != "study")
     exp = client.get_experiment_by_name("fake")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(exp.tags[tracking.VIEW_TAG])

@@ -280,6 +280,21 @@ def training_times(train: dict, fallback_ms: int) -> tuple[int, int]:
     return (end - int(1000 * wall) if math.isfinite(wall) and wall >= 0 else end), end
 
 
+def result_times(study_dir: Path) -> list[int]:
+    """The `created` times (ms) of a study's result files: every run's eval/*.json and cost/*.json,
+    i.e. when each evaluation job finished (unreadable files and missing stamps are skipped)."""
+    import datetime as _dt
+
+    out = []
+    for path in [*Path(study_dir).glob("runs/*/eval/*.json"), *Path(study_dir).glob(f"{COST_DIR}/*.json")]:
+        try:
+            created = json.loads(path.read_text()).get("created")
+            out.append(int(_dt.datetime.fromisoformat(str(created)).timestamp() * 1000))
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return out
+
+
 def source_tags(name: str) -> dict[str, str]:
     return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL",
             "mlflow.user": os.environ.get("USER") or os.environ.get("LOGNAME") or "didbench"}
@@ -368,7 +383,7 @@ def study_payload(study_dir: Path, study: str, config: dict | None, n_runs: int,
                   children: list[Payload] | None = None) -> Payload:
     """The study-level (parent) run: the study config and the reference statistics of its runs
     as params, tables/, figures/ and summary.md as artifacts; no metrics, so it stays out of the
-    run charts. Its times span its runs' trainings."""
+    run charts. Its times span the study: its first training's start to its last result's creation."""
     p = Payload(name=STUDY_RUN, key=f"{study}/{STUDY_RUN}")
     p.params = flatten(config or {})
     for child in children or []:
@@ -383,8 +398,10 @@ def study_payload(study_dir: Path, study: str, config: dict | None, n_runs: int,
     p.files = [(f, None) for f in (study_dir / "summary.md", study_dir / "data" / "manifest.json") if f.is_file()]
     hashed = [f for f, _ in p.files] + [f for d, _ in p.dirs for f in d.rglob("*") if f.is_file()]
     p.content_hash = _hash(hashed, {"params": p.params, "n_runs": n_runs})
-    ends = [int(f.stat().st_mtime * 1000) for f in hashed] + [c.end_ms for c in children or [] if c.end_ms]
-    p.end_ms = max(ends) if ends else None            # when its last table or run was made, not the log time
+    # the study's real span: its first training's start to its last result's `created` (file times
+    # would say when the files were checked out or re-rendered: days after the study ran)
+    ends = [c.end_ms for c in children or [] if c.end_ms] + result_times(study_dir)
+    p.end_ms = max(ends) if ends else None
     p.tags = {KEY_TAG: p.key, RULE_TAG: "log", "didbench.format": TRACKING_FORMAT, "didbench.study": study,
               **source_tags(f"snakemake (didbench study {study})"), HASH_TAG: p.content_hash}
     return p
